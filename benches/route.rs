@@ -1,0 +1,92 @@
+//! Micro-benchmarks of the pipeline stages: verify, decode, route (100 and 1,000 rules), render.
+//!
+//! Run: `cargo bench --bench route`. Figures are in the README.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use switchyard::config::secret::Secret;
+use switchyard::config::{load_dir, LoadOptions, Mode};
+use switchyard::routing::{route, Ruleset};
+use switchyard::sources::port::PortSource;
+use switchyard::sources::{Decoded, Request, Source};
+
+/// A rules directory with `n` rules: a realistic mix of blueprint and property conditions, of
+/// which exactly three match the CPU-spike fixture (the last three).
+pub fn ruleset(n: usize) -> Ruleset {
+    let dir = tempfile::tempdir().unwrap();
+    let mut y = String::from("sources:\n  port: { port: { client_secret: \"${BENCH_SECRET:-bench}\" } }\ndestinations:\n  sink: { stdout: {} }\nrules:\n");
+    for i in 0..n.saturating_sub(3) {
+        let cond = match i % 4 {
+            0 => format!("$.blueprint == \"Blueprint{i}\""),
+            1 => format!("$.after.properties.cpuUtil crosses_above {}", 95 + (i % 5)),
+            2 => format!("$.after.properties.healthStatus changed_to \"State{i}\""),
+            _ => format!("$.entity.identifier matches \"^svc-{i}-\""),
+        };
+        y.push_str(&format!("  - id: r{i}\n    on: port/entity.updated\n    where: ['{cond}', '$.after.properties.memoryUtil > 10']\n    send: [{{ to: sink, template: msg }}]\n"));
+    }
+    for j in 0..3.min(n) {
+        y.push_str(&format!("  - id: hit{j}\n    on: port/entity.updated\n    where: ['$.blueprint == \"DeploymentConfig\"', '$.after.properties.cpuUtil crosses_above 80']\n    send: [{{ to: sink, template: msg }}]\n"));
+    }
+    std::fs::write(dir.path().join("bench.yaml"), y).unwrap();
+    std::fs::create_dir(dir.path().join("templates")).unwrap();
+    std::fs::write(
+        dir.path().join("templates/msg.hbs"),
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/templates/cpu-hot.hbs"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (rs, diags) = load_dir(dir.path(), &LoadOptions::new(Mode::Check));
+    rs.unwrap_or_else(|| panic!("{diags:#?}"))
+}
+
+fn spike() -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/events/cpu-spike.json"))
+        .unwrap()
+}
+
+fn benches(c: &mut Criterion) {
+    let body = spike();
+    let port = PortSource {
+        secrets: vec![Secret::new("bench")],
+        ..PortSource::default()
+    };
+    let ts = "1790000000";
+    let sig = switchyard::sources::port::sign("bench", ts, &body);
+    let mut headers = BTreeMap::new();
+    headers.insert("x-port-timestamp".to_string(), ts.to_string());
+    headers.insert("x-port-signature".to_string(), sig);
+    let req = Request {
+        headers,
+        body: &body,
+        path_token: None,
+    };
+    c.bench_function("verify (port HMAC, 2 KiB body)", |b| {
+        b.iter(|| port.verify(black_box(&req), 1_790_000_000).unwrap())
+    });
+    c.bench_function("decode (port changelog)", |b| {
+        b.iter(|| port.decode("port", black_box(&req)).unwrap())
+    });
+    let Decoded::Event(ev) = port.decode("port", &req).unwrap() else {
+        unreachable!()
+    };
+    let mut miss = (*ev).clone();
+    miss.data["after"]["properties"]["cpuUtil"] = 50.into();
+    for n in [100, 1000] {
+        let rs = ruleset(n);
+        assert_eq!(route(&rs, &ev).len(), 3);
+        assert_eq!(route(&rs, &miss).len(), 0);
+        c.bench_function(&format!("route {n} rules, no match"), |b| {
+            b.iter(|| route(black_box(&rs), black_box(&miss)))
+        });
+        c.bench_function(&format!("route {n} rules, 3 matches rendered"), |b| {
+            b.iter(|| route(black_box(&rs), black_box(&ev)))
+        });
+    }
+}
+
+criterion_group!(benches_group, benches);
+criterion_main!(benches_group);

@@ -1,0 +1,206 @@
+//! Diagnostics: what `check`, `serve` and reload say about a rules directory.
+//!
+//! Every diagnostic names a file and a `line:column` when it has one, says what is wrong in one
+//! sentence and, where we can tell, how to fix it. Rendering uses `miette`'s graphical handler
+//! (the offending line with a caret under it); `--format json` prints the same data as JSON.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::yaml::Pos;
+
+/// How bad a diagnostic is. Errors make `check` exit 1 and a reload fail; warnings do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One finding about the rules.
+#[derive(Debug, Clone, Serialize)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    /// A stable short name of the class of problem, e.g. `unknown-key`, `bad-jsonpath`.
+    pub code: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    #[serde(skip)]
+    pub pos: Option<Pos>,
+}
+
+impl Diagnostic {
+    /// An error with no location yet.
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            file: None,
+            line: None,
+            column: None,
+            hint: None,
+            pos: None,
+        }
+    }
+    /// A warning with no location yet.
+    pub fn warning(code: &'static str, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::error(code, message)
+        }
+    }
+    /// Places the diagnostic at `pos` in `file`.
+    pub fn at(mut self, file: &Path, pos: Pos) -> Self {
+        self.file = Some(file.to_path_buf());
+        if pos.line > 0 {
+            self.line = Some(pos.line);
+            self.column = Some(pos.column);
+            self.pos = Some(pos);
+        }
+        self
+    }
+    /// Names the file without a position.
+    pub fn in_file(mut self, file: &Path) -> Self {
+        self.file = Some(file.to_path_buf());
+        self
+    }
+    /// Adds a hint.
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+    /// True for errors.
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+    /// `file:line:column`, or what part of it is known.
+    pub fn location(&self) -> String {
+        match (&self.file, self.line, self.column) {
+            (Some(f), Some(l), Some(c)) => format!("{}:{l}:{c}", f.display()),
+            (Some(f), _, _) => f.display().to_string(),
+            _ => String::new(),
+        }
+    }
+    /// One line: `file:line:column: error: message (hint: ...)`, for logs and `/status`.
+    pub fn one_line(&self) -> String {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        let loc = self.location();
+        let mut s = if loc.is_empty() {
+            format!("{sev}: {}", self.message)
+        } else {
+            format!("{loc}: {sev}: {}", self.message)
+        };
+        if let Some(h) = &self.hint {
+            s.push_str(&format!(" (hint: {h})"));
+        }
+        s
+    }
+}
+
+/// Renders a diagnostic for a terminal: the `file:line:column` line, the source line with a
+/// caret, and the hint. `source` is the file's text when available.
+pub fn render(d: &Diagnostic, source: Option<&Arc<str>>, color: bool) -> String {
+    use miette::{
+        GraphicalReportHandler, GraphicalTheme, LabeledSpan, MietteDiagnostic, NamedSource,
+    };
+    let sev = match d.severity {
+        Severity::Error => miette::Severity::Error,
+        Severity::Warning => miette::Severity::Warning,
+    };
+    let mut md = MietteDiagnostic::new(d.message.clone()).with_severity(sev);
+    if let Some(h) = &d.hint {
+        md = md.with_help(h.clone());
+    }
+    let header = format!("{}\n", d.one_line_header());
+    let (Some(file), Some(pos), Some(src)) = (&d.file, d.pos, source) else {
+        let mut s = header;
+        if let Some(h) = &d.hint {
+            s.push_str(&format!("  help: {h}\n"));
+        }
+        return s;
+    };
+    let offset = pos.offset.min(src.len());
+    // A snippet of a huge line (minified or garbage input) helps nobody.
+    let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = src[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(src.len());
+    if line_end - line_start > 400 || !src.is_char_boundary(offset) {
+        let mut s = header;
+        if let Some(h) = &d.hint {
+            s.push_str(&format!("  help: {h}\n"));
+        }
+        return s;
+    }
+    let len = pos
+        .len
+        .min(src.len().saturating_sub(offset))
+        .max(if src.is_empty() { 0 } else { 1 });
+    let offset = if offset == src.len() && offset > 0 {
+        offset - 1
+    } else {
+        offset
+    };
+    md = md.with_label(LabeledSpan::at(
+        offset..offset + len.min(src.len() - offset),
+        "here",
+    ));
+    let report = miette::Report::new(md).with_source_code(
+        NamedSource::new(file.display().to_string(), src.to_string()).with_language("yaml"),
+    );
+    let theme = if color {
+        GraphicalTheme::unicode()
+    } else {
+        GraphicalTheme::unicode_nocolor()
+    };
+    let mut out = String::new();
+    let handler = GraphicalReportHandler::new_themed(theme).with_context_lines(1);
+    if handler.render_report(&mut out, report.as_ref()).is_err() {
+        return header;
+    }
+    format!("{header}{out}")
+}
+
+impl Diagnostic {
+    fn one_line_header(&self) -> String {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        let loc = self.location();
+        if loc.is_empty() {
+            format!("{sev}[{}]: {}", self.code, self.message)
+        } else {
+            format!("{loc}: {sev}[{}]: {}", self.code, self.message)
+        }
+    }
+}
+
+/// The closest candidate to `word`, for "did you mean" hints.
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    let mut best: Option<(f64, &str)> = None;
+    for c in candidates {
+        let score = strsim::jaro_winkler(word, c);
+        if score > 0.7 && best.is_none_or(|(s, _)| score > s) {
+            best = Some((score, c));
+        }
+    }
+    best.map(|(_, c)| c.to_string())
+}

@@ -1,0 +1,1457 @@
+//! Loading a rules directory into a [`Ruleset`], collecting diagnostics with positions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::diag::{did_you_mean, Diagnostic};
+use super::env::{expand_tree, Unset};
+use super::secret::Secret;
+use super::spec::{DestinationSpec, RulesFile, SendSpec, SourceSpec};
+use super::yaml::{self, join_index, join_key, Limits, Pos, SpanMap};
+use super::{
+    parse_duration, parse_size, DestinationConfig, DestinationKind, LoadedFile, RuleTest,
+    SourceEntry,
+};
+use crate::event::EVENT_TYPES;
+use crate::render::{TemplateOrigin, Templates};
+use crate::routing::condition;
+use crate::routing::path::JsonPathExpr;
+use crate::routing::{Rule, Ruleset, SendStep};
+use crate::sources::coder::CoderSource;
+use crate::sources::port::PortSource;
+use crate::sources::slack::SlackSource;
+use crate::sources::Source;
+
+/// Which command is loading: it decides what an unset variable means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `check` and `simulate`: unset variables are warnings (CI has no secrets).
+    Check,
+    /// `serve`: a destination whose variables are unset uses its `fallback` or is an error;
+    /// a source whose secret is unset is disabled (answers 503 naming the variable).
+    Serve,
+}
+
+/// Reads a variable (the process environment, or a map in tests).
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// How to load.
+#[derive(Clone)]
+pub struct LoadOptions {
+    pub mode: Mode,
+    /// Environment lookup (the process environment, or a map in tests).
+    pub env: EnvLookup,
+    pub limits: Limits,
+}
+
+impl LoadOptions {
+    /// Options reading the process environment.
+    pub fn new(mode: Mode) -> Self {
+        LoadOptions {
+            mode,
+            env: Arc::new(super::env::process_env),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A parsed file with what is needed to place diagnostics.
+struct Parsed {
+    path: PathBuf,
+    dir: PathBuf,
+    text: Arc<str>,
+    spans: SpanMap,
+    raw: Value,
+    unset: Vec<Unset>,
+    spec: RulesFile,
+}
+
+impl Parsed {
+    fn at(&self, d: Diagnostic, path: &str) -> Diagnostic {
+        d.at(&self.path, self.spans.value(path))
+    }
+    fn at_key(&self, d: Diagnostic, path: &str) -> Diagnostic {
+        d.at(&self.path, self.spans.key(path))
+    }
+    fn unset_under(&self, prefix: &str) -> Vec<&Unset> {
+        self.unset
+            .iter()
+            .filter(|u| {
+                u.path == prefix
+                    || u.path.starts_with(&format!("{prefix}."))
+                    || u.path.starts_with(&format!("{prefix}["))
+            })
+            .collect()
+    }
+    /// The string at `path` as written (before `${}` expansion).
+    fn raw_str(&self, path: &str) -> Option<&str> {
+        let mut v = &self.raw;
+        for part in split_path(path) {
+            v = match part {
+                Part::Key(k) => v.get(k)?,
+                Part::Index(i) => v.get(i)?,
+            };
+        }
+        v.as_str()
+    }
+}
+
+enum Part<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn split_path(path: &str) -> Vec<Part<'_>> {
+    let mut out = Vec::new();
+    for seg in path.split('.') {
+        let (key, rest) = match seg.find('[') {
+            Some(i) => (&seg[..i], &seg[i..]),
+            None => (seg, ""),
+        };
+        if !key.is_empty() {
+            out.push(Part::Key(key));
+        }
+        for idx in rest.split('[').filter(|s| !s.is_empty()) {
+            if let Ok(i) = idx.trim_end_matches(']').parse() {
+                out.push(Part::Index(i));
+            }
+        }
+    }
+    out
+}
+
+/// Loads and compiles every `*.yaml`/`*.yml` file and `templates/*.hbs` under `dir`.
+/// Returns the ruleset when there is no error, and every diagnostic found.
+pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let files = match list_files(dir, &["yaml", "yml"]) {
+        Ok(f) => f,
+        Err(d) => return (None, vec![d]),
+    };
+    if files.is_empty() {
+        diags.push(
+            Diagnostic::error(
+                "no-rules",
+                format!("no rules files (*.yaml) in {}", dir.display()),
+            )
+            .hint("point --rules at the directory holding your rules files"),
+        );
+        return (None, diags);
+    }
+    let mut parsed = Vec::new();
+    for f in &files {
+        if let Some(p) = parse_file(f, opts, &mut diags) {
+            parsed.push(p);
+        }
+    }
+    let loaded: Vec<LoadedFile> = parsed
+        .iter()
+        .map(|p| LoadedFile {
+            path: p.path.clone(),
+            text: p.text.clone(),
+        })
+        .collect();
+
+    let mut templates = Templates::new();
+    load_templates(dir, &mut templates, &mut diags);
+
+    // Sources and destinations first: rules refer to them.
+    let mut sources = BTreeMap::new();
+    let mut dests: BTreeMap<String, DestinationConfig> = BTreeMap::new();
+    let mut seen_src: HashMap<String, (PathBuf, Pos)> = HashMap::new();
+    let mut seen_dst: HashMap<String, (PathBuf, Pos)> = HashMap::new();
+    for p in &parsed {
+        for (name, spec) in &p.spec.sources {
+            let path = join_key("sources", name);
+            if let Some(prev) = duplicate(&mut seen_src, name, p, &path) {
+                diags.push(p.at_key(
+                    Diagnostic::error(
+                        "duplicate",
+                        format!("source `{name}` is defined twice (also at {prev})"),
+                    ),
+                    &path,
+                ));
+                continue;
+            }
+            if let Some(e) = build_source(p, name, spec, &path, opts, &mut diags) {
+                sources.insert(name.clone(), e);
+            }
+        }
+        for (name, spec) in &p.spec.destinations {
+            let path = join_key("destinations", name);
+            if let Some(prev) = duplicate(&mut seen_dst, name, p, &path) {
+                diags.push(p.at_key(
+                    Diagnostic::error(
+                        "duplicate",
+                        format!("destination `{name}` is defined twice (also at {prev})"),
+                    ),
+                    &path,
+                ));
+                continue;
+            }
+            if let Some(d) =
+                build_destination(p, name, spec, &path, opts, &mut templates, &mut diags)
+            {
+                dests.insert(name.clone(), d);
+            }
+        }
+    }
+    resolve_fallbacks(&parsed, &mut dests, opts, &mut diags);
+
+    let mut rules = Vec::new();
+    let mut seen_rule: HashMap<String, (PathBuf, Pos)> = HashMap::new();
+    for p in &parsed {
+        for (i, r) in p.spec.rules.iter().enumerate() {
+            let path = join_index("rules", i);
+            if r.id.trim().is_empty() {
+                diags.push(p.at(
+                    Diagnostic::error("bad-rule", "a rule needs a non-empty `id`"),
+                    &join_key(&path, "id"),
+                ));
+                continue;
+            }
+            if let Some(prev) = duplicate(&mut seen_rule, &r.id, p, &join_key(&path, "id")) {
+                diags.push(p.at(
+                    Diagnostic::error(
+                        "duplicate",
+                        format!("rule id `{}` is used twice (also at {prev})", r.id),
+                    ),
+                    &join_key(&path, "id"),
+                ));
+                continue;
+            }
+            if let Some(rule) = compile_rule(p, r, &path, &dests, &mut templates, &mut diags) {
+                rules.push(rule);
+            }
+        }
+    }
+
+    let mut tests = Vec::new();
+    for p in &parsed {
+        for (i, t) in p.spec.tests.iter().enumerate() {
+            let path = join_index("tests", i);
+            if let Some(t) = load_test(p, t, &path, &sources, &mut diags) {
+                tests.push(t);
+            }
+        }
+    }
+
+    let rs = Ruleset::new(rules, sources, dests, templates, tests, loaded);
+    check_secret_routing(&rs, &parsed, &mut diags);
+    if diags.iter().any(Diagnostic::is_error) {
+        (None, diags)
+    } else {
+        (Some(rs), diags)
+    }
+}
+
+fn duplicate(
+    seen: &mut HashMap<String, (PathBuf, Pos)>,
+    name: &str,
+    p: &Parsed,
+    path: &str,
+) -> Option<String> {
+    let pos = p.spans.key(path);
+    if let Some((f, at)) = seen.get(name) {
+        return Some(format!("{}:{}:{}", f.display(), at.line, at.column));
+    }
+    seen.insert(name.to_string(), (p.path.clone(), pos));
+    None
+}
+
+fn list_files(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, Diagnostic> {
+    let rd = std::fs::read_dir(dir).map_err(|e| {
+        Diagnostic::error(
+            "io",
+            format!("cannot read the rules directory {}: {e}", dir.display()),
+        )
+        .hint("pass an existing directory with --rules (default: rules/)")
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| exts.contains(&e))
+        })
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads a text file with the size and encoding checks every input gets.
+pub(crate) fn read_text(path: &Path, max: usize) -> Result<String, Diagnostic> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Diagnostic::error("io", format!("cannot read {}: {e}", path.display())).in_file(path)
+    })?;
+    if meta.len() as usize > max {
+        return Err(Diagnostic::error(
+            "too-large",
+            format!(
+                "file is {} bytes, over the limit of {max} bytes",
+                meta.len()
+            ),
+        )
+        .in_file(path)
+        .hint("rules files are small; is this the right file?"));
+    }
+    let bytes = std::fs::read(path).map_err(|e| {
+        Diagnostic::error("io", format!("cannot read {}: {e}", path.display())).in_file(path)
+    })?;
+    if bytes.contains(&0) {
+        return Err(Diagnostic::error(
+            "binary",
+            "file contains NUL bytes: it is binary, not YAML text",
+        )
+        .in_file(path)
+        .hint("only text files belong in the rules directory"));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Diagnostic::error(
+            "encoding",
+            format!(
+                "file is not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+        .in_file(path)
+        .hint("save the file as UTF-8")
+    })
+}
+
+fn parse_file(path: &Path, opts: &LoadOptions, diags: &mut Vec<Diagnostic>) -> Option<Parsed> {
+    let text = match read_text(path, opts.limits.max_bytes) {
+        Ok(t) => t,
+        Err(d) => {
+            diags.push(d);
+            return None;
+        }
+    };
+    let (value, spans) = match yaml::parse(&text, opts.limits) {
+        Ok(x) => x,
+        Err(e) => {
+            let mut d = Diagnostic::error("yaml", e.message).at(path, e.pos);
+            if let Some(h) = e.hint {
+                d = d.hint(h);
+            }
+            diags.push(d);
+            return None;
+        }
+    };
+    if !(value.is_object()) {
+        diags.push(
+            Diagnostic::error(
+                "bad-file",
+                "a rules file is a mapping with `sources`, `destinations`, `rules` and `tests`",
+            )
+            .at(path, spans.value("")),
+        );
+        return None;
+    }
+    let raw = value.clone();
+    let mut expanded = value;
+    let env = opts.env.clone();
+    let unset = expand_tree(&mut expanded, &move |n| env(n));
+    let spec: RulesFile = match serde_path_to_error::deserialize(&expanded) {
+        Ok(s) => s,
+        Err(e) => {
+            diags.push(serde_diag(path, &spans, &e));
+            return None;
+        }
+    };
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Some(Parsed {
+        path: path.to_path_buf(),
+        dir,
+        text: Arc::from(text),
+        spans,
+        raw,
+        unset,
+        spec,
+    })
+}
+
+/// Turns a deserialization error into a positioned diagnostic with a "did you mean" hint.
+fn serde_diag(
+    file: &Path,
+    spans: &SpanMap,
+    e: &serde_path_to_error::Error<serde_json::Error>,
+) -> Diagnostic {
+    let mut path = String::new();
+    for seg in e.path().iter() {
+        match seg {
+            serde_path_to_error::Segment::Seq { index } => path = join_index(&path, *index),
+            serde_path_to_error::Segment::Map { key } => path = join_key(&path, key),
+            serde_path_to_error::Segment::Enum { variant } => path = join_key(&path, variant),
+            serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    let msg = e.inner().to_string();
+    // serde_json appends " at line X column Y" for text input; a Value has none, but be safe.
+    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        let expected: Vec<&str> = rest
+            .split("expected ")
+            .nth(1)
+            .map(|s| s.split('`').skip(1).step_by(2).collect())
+            .unwrap_or_default();
+        let key_path = if path.ends_with(field) {
+            path.clone()
+        } else {
+            join_key(&path, field)
+        };
+        let hint = match did_you_mean(field, expected.iter().copied()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None if !expected.is_empty() => format!("allowed keys here: {}", expected.join(", ")),
+            None => "remove this key".into(),
+        };
+        return Diagnostic::error("unknown-key", format!("unknown key `{field}`"))
+            .at(file, spans.key(&key_path))
+            .hint(hint);
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        return Diagnostic::error("missing-key", format!("missing required key `{field}`"))
+            .at(file, spans.value(&path))
+            .hint(format!("add `{field}:` here"));
+    }
+    let place = if path.is_empty() {
+        String::new()
+    } else {
+        format!(" at `{path}`")
+    };
+    Diagnostic::error("bad-value", format!("invalid value{place}: {msg}"))
+        .at(file, spans.value(&path))
+        .hint("see schemas/rules.schema.json for the expected shape")
+}
+
+fn load_templates(dir: &Path, templates: &mut Templates, diags: &mut Vec<Diagnostic>) {
+    let tdir = dir.join("templates");
+    if !tdir.is_dir() {
+        return;
+    }
+    let files = match list_files(&tdir, &["hbs"]) {
+        Ok(f) => f,
+        Err(d) => {
+            diags.push(d);
+            return;
+        }
+    };
+    for f in files {
+        let name = f
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("")
+            .to_string();
+        let text = match read_text(&f, 1024 * 1024) {
+            Ok(t) => t,
+            Err(d) => {
+                diags.push(d);
+                continue;
+            }
+        };
+        let origin = TemplateOrigin {
+            file: f.clone(),
+            line_offset: 1,
+            inline: false,
+        };
+        if let Err(e) = templates.add(&name, &text, origin) {
+            diags
+                .push(template_diag(&f, &text, &e, 1).hint(
+                    "check that every {{#block}} has its {{/block}} and braces are balanced",
+                ));
+        }
+    }
+}
+
+/// A diagnostic at a position inside a template file.
+pub(crate) fn template_diag(
+    file: &Path,
+    text: &str,
+    e: &crate::render::TemplateError,
+    line_offset: usize,
+) -> Diagnostic {
+    let d = Diagnostic::error(
+        "template",
+        format!("template `{}`: {}", e.template, e.message),
+    );
+    match (e.line, e.column) {
+        (Some(l), Some(c)) => {
+            let offset = text
+                .lines()
+                .take(l.saturating_sub(1))
+                .map(|x| x.len() + 1)
+                .sum::<usize>()
+                + c.saturating_sub(1);
+            d.at(
+                file,
+                Pos {
+                    line: l + line_offset - 1,
+                    column: c,
+                    offset: offset.min(text.len()),
+                    len: 1,
+                },
+            )
+        }
+        _ => d.in_file(file),
+    }
+}
+
+/// Collects a secret from `value` (expanded), or `file`. Reports unset variables and literal
+/// secrets. Returns `(secrets, unset variable names)`.
+fn secrets_of(
+    p: &Parsed,
+    path: &str,
+    values: Option<Vec<String>>,
+    file_key: &str,
+    file: Option<&String>,
+    diags: &mut Vec<Diagnostic>,
+) -> (Vec<Secret>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut unset = Vec::new();
+    if let Some(vals) = values {
+        for (i, v) in vals.iter().enumerate() {
+            let one = if p.raw_str(path).is_some() {
+                path.to_string()
+            } else {
+                join_index(path, i)
+            };
+            if let Some(raw) = p.raw_str(&one) {
+                if !raw.contains("${") && !raw.is_empty() {
+                    diags.push(
+                        p.at(Diagnostic::warning("literal-secret", "a secret is written literally in the rules file"), &one)
+                            .hint("use `${VAR}` (or a `*_file` path) so the secret stays out of version control"),
+                    );
+                }
+            }
+            let missing = p.unset_under(&one);
+            if !missing.is_empty() {
+                unset.extend(missing.iter().map(|u| u.var.clone()));
+            } else if !v.is_empty() {
+                out.push(Secret::new(v.clone()));
+            }
+        }
+    }
+    if let Some(f) = file {
+        let fpath = p.dir.join(f);
+        match std::fs::read_to_string(&fpath) {
+            Ok(t) => out.extend(
+                t.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(Secret::new),
+            ),
+            Err(e) => diags.push(
+                p.at(
+                    Diagnostic::warning(
+                        "secret-file",
+                        format!("cannot read `{file_key}` {}: {e}", fpath.display()),
+                    ),
+                    &join_key(&path[..path.rfind('.').unwrap_or(0)], file_key),
+                )
+                .hint("the path is relative to the rules file"),
+            ),
+        }
+    }
+    (out, unset)
+}
+
+fn build_source(
+    p: &Parsed,
+    name: &str,
+    spec: &SourceSpec,
+    path: &str,
+    opts: &LoadOptions,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<SourceEntry> {
+    let kinds = [
+        spec.port.is_some(),
+        spec.coder.is_some(),
+        spec.slack.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        diags.push(
+            p.at_key(
+                Diagnostic::error(
+                    "bad-source",
+                    format!("source `{name}` must have exactly one kind"),
+                )
+                .hint("one of `port:`, `coder:`, `slack:`"),
+                path,
+            ),
+        );
+        return None;
+    }
+    let max_body = match &spec.max_body {
+        None => 1024 * 1024,
+        Some(s) => match parse_size(s) {
+            Some(n) => n,
+            None => {
+                diags.push(
+                    p.at(
+                        Diagnostic::error("bad-value", format!("`{s}` is not a size"))
+                            .hint("e.g. `1MiB`, `256KiB`"),
+                        &join_key(path, "max_body"),
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    let mut dedup_window = Duration::from_secs(24 * 3600);
+    let (kind, source, secrets_unset, has_secret): (
+        &'static str,
+        Arc<dyn Source>,
+        Vec<String>,
+        bool,
+    ) = if let Some(s) = &spec.port {
+        let sp = join_key(path, "port");
+        let (secrets, unset) = secrets_of(
+            p,
+            &join_key(&sp, "client_secret"),
+            s.client_secret.as_ref().map(|c| c.to_vec()),
+            "client_secret_file",
+            s.client_secret_file.as_ref(),
+            diags,
+        );
+        let tolerance = match &s.tolerance {
+            None => 300,
+            Some(t) => match parse_duration(t) {
+                Some(d) => d.as_secs() as i64,
+                None => {
+                    diags.push(
+                        p.at(
+                            Diagnostic::error("bad-value", format!("`{t}` is not a duration"))
+                                .hint("e.g. `5m`"),
+                            &join_key(&sp, "tolerance"),
+                        ),
+                    );
+                    300
+                }
+            },
+        };
+        let run_id_path = match &s.run_id_path {
+            None => None,
+            Some(rp) => match JsonPathExpr::compile(rp) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    diags.push(p.at(
+                        Diagnostic::error("bad-jsonpath", format!("invalid JSONPath `{rp}`: {e}")),
+                        &join_key(&sp, "run_id_path"),
+                    ));
+                    None
+                }
+            },
+        };
+        if s.insecure_no_signature {
+            diags.push(
+                p.at(
+                    Diagnostic::warning("insecure", format!("source `{name}` accepts unsigned requests (`insecure_no_signature: true`)")),
+                    &join_key(&sp, "insecure_no_signature"),
+                )
+                .hint("anyone who can reach the engine can inject events; set `client_secret` instead"),
+            );
+        } else if s.client_secret.is_none() && s.client_secret_file.is_none() {
+            diags.push(p.at_key(
+                Diagnostic::error("missing-secret", format!("Port source `{name}` has no `client_secret`"))
+                    .hint("add `client_secret: \"${PORT_CLIENT_SECRET}\"`, or `insecure_no_signature: true` for local experiments"),
+                &sp,
+            ));
+        }
+        let has = !secrets.is_empty() || s.insecure_no_signature;
+        let src = PortSource {
+            secrets,
+            insecure_no_signature: s.insecure_no_signature,
+            tolerance,
+            run_id_path,
+            action: s.action.clone(),
+        };
+        ("port", Arc::new(src), unset, has)
+    } else if let Some(s) = &spec.coder {
+        let sp = join_key(path, "coder");
+        let (tokens, unset) = secrets_of(
+            p,
+            &join_key(&sp, "token"),
+            s.token.as_ref().map(|c| c.to_vec()),
+            "token_file",
+            s.token_file.as_ref(),
+            diags,
+        );
+        if s.token.is_none() && s.token_file.is_none() {
+            diags.push(
+                p.at_key(
+                    Diagnostic::error(
+                        "missing-secret",
+                        format!("Coder source `{name}` has no `token`"),
+                    )
+                    .hint("add `token: \"${CODER_WEBHOOK_TOKEN}\"`"),
+                    &sp,
+                ),
+            );
+        }
+        if let Some(w) = &s.dedup_window {
+            match parse_duration(w) {
+                Some(d) => dedup_window = d,
+                None => diags.push(
+                    p.at(
+                        Diagnostic::error("bad-value", format!("`{w}` is not a duration"))
+                            .hint("e.g. `24h`"),
+                        &join_key(&sp, "dedup_window"),
+                    ),
+                ),
+            }
+        }
+        let has = !tokens.is_empty();
+        ("coder", Arc::new(CoderSource { tokens }), unset, has)
+    } else {
+        let s = spec.slack.as_ref()?;
+        let sp = join_key(path, "slack");
+        let (secrets, unset) = secrets_of(
+            p,
+            &join_key(&sp, "signing_secret"),
+            s.signing_secret.as_ref().map(|c| c.to_vec()),
+            "signing_secret_file",
+            s.signing_secret_file.as_ref(),
+            diags,
+        );
+        if s.signing_secret.is_none() && s.signing_secret_file.is_none() {
+            diags.push(
+                p.at_key(
+                    Diagnostic::error(
+                        "missing-secret",
+                        format!("Slack source `{name}` has no `signing_secret`"),
+                    )
+                    .hint("add `signing_secret: \"${SLACK_SIGNING_SECRET}\"`"),
+                    &sp,
+                ),
+            );
+        }
+        let has = !secrets.is_empty();
+        ("slack", Arc::new(SlackSource { secrets }), unset, has)
+    };
+    let mut disabled = None;
+    if !secrets_unset.is_empty() {
+        let vars = secrets_unset.join(", ");
+        let msg = format!("source `{name}`: variable {vars} is unset");
+        match opts.mode {
+            Mode::Check => diags.push(
+                p.at(Diagnostic::warning("unset-var", msg), &first_unset(p, path))
+                    .hint("fine in CI; `serve` disables this source until it is set"),
+            ),
+            Mode::Serve => {
+                diags.push(p.at(
+                    Diagnostic::warning(
+                        "unset-var",
+                        format!("{msg}: the source is disabled and answers 503"),
+                    ),
+                    &first_unset(p, path),
+                ));
+            }
+        }
+        if !has_secret {
+            disabled = Some(format!("source `{name}` is not configured: set {vars}"));
+        }
+    }
+    Some(SourceEntry {
+        name: name.to_string(),
+        kind,
+        source,
+        disabled,
+        max_body,
+        dedup_window,
+        file: p.path.clone(),
+    })
+}
+
+fn build_destination(
+    p: &Parsed,
+    name: &str,
+    spec: &DestinationSpec,
+    path: &str,
+    opts: &LoadOptions,
+    templates: &mut Templates,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<DestinationConfig> {
+    let n = [
+        spec.slack_webhook.is_some(),
+        spec.slack.is_some(),
+        spec.webhook.is_some(),
+        spec.stdout.is_some(),
+    ]
+    .iter()
+    .filter(|k| **k)
+    .count();
+    if n != 1 {
+        diags.push(
+            p.at_key(
+                Diagnostic::error(
+                    "bad-destination",
+                    format!("destination `{name}` must have exactly one kind"),
+                )
+                .hint("one of `slack_webhook:`, `slack:`, `webhook:`, `stdout:`"),
+                path,
+            ),
+        );
+        return None;
+    }
+    let before = diags.len();
+    let secret = |key: &str,
+                  sub: &str,
+                  v: &Option<String>,
+                  file_key: &str,
+                  file: &Option<String>,
+                  diags: &mut Vec<Diagnostic>|
+     -> Option<Secret> {
+        let kp = join_key(&join_key(path, sub), key);
+        if v.is_none() && file.is_none() {
+            diags.push(p.at_key(
+                Diagnostic::error("missing-key", format!("destination `{name}` needs `{key}`")),
+                &join_key(path, sub),
+            ));
+            return None;
+        }
+        let (mut s, _) = secrets_of(
+            p,
+            &kp,
+            v.clone().map(|x| vec![x]),
+            file_key,
+            file.as_ref(),
+            diags,
+        );
+        Some(if s.is_empty() {
+            Secret::new("")
+        } else {
+            s.remove(0)
+        })
+    };
+    let kind = if let Some(s) = &spec.slack_webhook {
+        let url = secret(
+            "url",
+            "slack_webhook",
+            &s.url,
+            "url_file",
+            &s.url_file,
+            diags,
+        )?;
+        DestinationKind::SlackWebhook { url }
+    } else if let Some(s) = &spec.slack {
+        let token = secret(
+            "token",
+            "slack",
+            &s.token,
+            "token_file",
+            &s.token_file,
+            diags,
+        )?;
+        let mut api_url = s
+            .api_url
+            .clone()
+            .unwrap_or_else(|| "https://slack.com/api/".into());
+        if !api_url.ends_with('/') {
+            api_url.push('/');
+        }
+        DestinationKind::Slack { token, api_url }
+    } else if let Some(s) = &spec.webhook {
+        let url = secret("url", "webhook", &s.url, "url_file", &s.url_file, diags)?;
+        let method = s
+            .method
+            .clone()
+            .unwrap_or_else(|| "POST".into())
+            .to_ascii_uppercase();
+        if !matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
+            diags.push(
+                p.at(
+                    Diagnostic::error(
+                        "bad-value",
+                        format!("method `{method}` cannot carry a body"),
+                    )
+                    .hint("use POST, PUT or PATCH"),
+                    &join_key(path, "webhook.method"),
+                ),
+            );
+        }
+        let mut headers = Vec::new();
+        for (h, v) in &s.headers {
+            let tname = format!("dest:{name}:header:{h}");
+            if let Err(e) = templates.add_plain(&tname, v) {
+                diags.push(p.at(
+                    Diagnostic::error("template", format!("header `{h}`: {}", e.message)),
+                    &join_key(path, &format!("webhook.headers.{h}")),
+                ));
+            }
+            headers.push((h.clone(), tname));
+        }
+        if let Some(t) = &s.template {
+            if !templates.has(t) {
+                diags.push(missing_template(
+                    p,
+                    &join_key(path, "webhook.template"),
+                    t,
+                    templates,
+                ));
+            }
+        }
+        DestinationKind::Webhook {
+            url,
+            method,
+            headers,
+            template: s.template.clone(),
+        }
+    } else {
+        DestinationKind::Stdout
+    };
+    let timeout = match &spec.timeout {
+        None => Duration::from_secs(10),
+        Some(t) => parse_duration(t).unwrap_or_else(|| {
+            diags.push(
+                p.at(
+                    Diagnostic::error("bad-value", format!("`{t}` is not a duration"))
+                        .hint("e.g. `10s`"),
+                    &join_key(path, "timeout"),
+                ),
+            );
+            Duration::from_secs(10)
+        }),
+    };
+    if let Some(r) = spec.rate_per_second {
+        if !(r > 0.0 && r.is_finite()) {
+            diags.push(p.at(
+                Diagnostic::error("bad-value", "`rate_per_second` must be above 0"),
+                &join_key(path, "rate_per_second"),
+            ));
+        }
+    }
+    let slackish = matches!(
+        kind,
+        DestinationKind::SlackWebhook { .. } | DestinationKind::Slack { .. }
+    );
+    let unset: Vec<String> = p.unset_under(path).iter().map(|u| u.var.clone()).collect();
+    let mut use_fallback = false;
+    if !unset.is_empty() {
+        let vars = unset.join(", ");
+        let path = &first_unset(p, path);
+        match (opts.mode, &spec.fallback) {
+            (Mode::Check, _) => diags.push(
+                p.at(
+                    Diagnostic::warning(
+                        "unset-var",
+                        format!("destination `{name}`: variable {vars} is unset"),
+                    ),
+                    path,
+                )
+                .hint("fine in CI; `serve` needs it set (or a `fallback`)"),
+            ),
+            (Mode::Serve, Some(f)) => {
+                use_fallback = true;
+                diags.push(p.at(
+                    Diagnostic::warning(
+                        "fallback",
+                        format!("destination `{name}`: {vars} unset, delivering to `{f}` instead"),
+                    ),
+                    path,
+                ));
+            }
+            (Mode::Serve, None) => diags.push(
+                p.at(
+                    Diagnostic::error(
+                        "unset-var",
+                        format!("destination `{name}`: variable {vars} is unset"),
+                    ),
+                    path,
+                )
+                .hint("set it, or add `fallback: <destination>`"),
+            ),
+        }
+    }
+    if diags[before..].iter().any(Diagnostic::is_error) {
+        return None;
+    }
+    Some(DestinationConfig {
+        name: name.to_string(),
+        kind,
+        fallback: spec.fallback.clone(),
+        use_fallback,
+        timeout,
+        max_attempts: spec.max_attempts.unwrap_or(8).max(1),
+        rate_per_second: spec
+            .rate_per_second
+            .or(if slackish { Some(1.0) } else { None }),
+        concurrency: spec.concurrency.unwrap_or(4).clamp(1, 256),
+        file: p.path.clone(),
+    })
+}
+
+/// The path of the first string under `prefix` that referenced an unset variable.
+fn first_unset(p: &Parsed, prefix: &str) -> String {
+    p.unset_under(prefix)
+        .first()
+        .map(|u| u.path.clone())
+        .unwrap_or_else(|| prefix.to_string())
+}
+
+fn resolve_fallbacks(
+    parsed: &[Parsed],
+    dests: &mut BTreeMap<String, DestinationConfig>,
+    _opts: &LoadOptions,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let names: Vec<String> = dests.keys().cloned().collect();
+    for p in parsed {
+        for (name, spec) in &p.spec.destinations {
+            let Some(f) = &spec.fallback else { continue };
+            let path = join_key(&join_key("destinations", name), "fallback");
+            match dests.get(f) {
+                None => diags.push(
+                    p.at(
+                        Diagnostic::error(
+                            "unknown-destination",
+                            format!("fallback `{f}` is not a destination"),
+                        )
+                        .hint(
+                            did_you_mean(f, names.iter().map(String::as_str))
+                                .map(|s| format!("did you mean `{s}`?"))
+                                .unwrap_or_else(|| format!("known: {}", names.join(", "))),
+                        ),
+                        &path,
+                    ),
+                ),
+                Some(d) if d.fallback.is_some() || f == name => diags.push(
+                    p.at(
+                        Diagnostic::error(
+                            "bad-fallback",
+                            format!("fallback `{f}` has a fallback itself"),
+                        )
+                        .hint("a fallback must be a plain destination such as `stdout`"),
+                        &path,
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+fn missing_template(p: &Parsed, path: &str, name: &str, templates: &Templates) -> Diagnostic {
+    let hint = match did_you_mean(name, templates.names()) {
+        Some(s) => format!("did you mean `{s}`? (templates live in templates/<name>.hbs)"),
+        None => {
+            format!("create templates/{name}.hbs next to the rules files, or use inline `blocks:`")
+        }
+    };
+    p.at(
+        Diagnostic::error(
+            "missing-template",
+            format!("template `{name}` does not exist"),
+        ),
+        path,
+    )
+    .hint(hint)
+}
+
+fn compile_rule(
+    p: &Parsed,
+    r: &super::spec::RuleSpec,
+    path: &str,
+    dests: &BTreeMap<String, DestinationConfig>,
+    templates: &mut Templates,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Rule> {
+    let before = diags.len();
+    let on = r.on.to_vec();
+    for (i, t) in on.iter().enumerate() {
+        let known = EVENT_TYPES.contains(&t.as_str())
+            || t == "*"
+            || t.strip_suffix('*')
+                .is_some_and(|pre| EVENT_TYPES.iter().any(|e| e.starts_with(pre)));
+        if !known {
+            let tp = if matches!(r.on, super::spec::OneOrMany::One(_)) {
+                join_key(path, "on")
+            } else {
+                join_index(&join_key(path, "on"), i)
+            };
+            let hint = did_you_mean(t, EVENT_TYPES.iter().copied())
+                .map(|s| format!("did you mean `{s}`?"))
+                .unwrap_or_else(|| format!("known types: {}", EVENT_TYPES.join(", ")));
+            diags.push(
+                p.at(
+                    Diagnostic::error("unknown-event-type", format!("unknown event type `{t}`")),
+                    &tp,
+                )
+                .hint(hint),
+            );
+        }
+    }
+    let mut conditions = Vec::new();
+    for (i, c) in r.conditions.iter().enumerate() {
+        let cp = join_index(&join_key(path, "where"), i);
+        match condition::compile(c) {
+            Ok(c) => conditions.push(c),
+            Err(e) => diags.push(condition_diag(p, &cp, &e)),
+        }
+    }
+    if r.send.is_empty() {
+        diags.push(
+            p.at(
+                Diagnostic::error("bad-rule", format!("rule `{}` has an empty `send`", r.id))
+                    .hint("add at least one `- to: <destination>`"),
+                &join_key(path, "send"),
+            ),
+        );
+    }
+    let names: Vec<&str> = dests.keys().map(String::as_str).collect();
+    let mut sends = Vec::new();
+    for (i, s) in r.send.iter().enumerate() {
+        let sp = join_index(&join_key(path, "send"), i);
+        if let Some(step) = compile_send(p, &r.id, s, &sp, dests, &names, templates, diags) {
+            sends.push(step);
+        }
+    }
+    if diags[before..].iter().any(Diagnostic::is_error) {
+        return None;
+    }
+    Some(Rule {
+        id: r.id.clone(),
+        description: r.description.clone(),
+        on,
+        conditions,
+        sends,
+        stop: r.stop,
+        file: p.path.clone(),
+    })
+}
+
+fn condition_diag(p: &Parsed, cp: &str, e: &condition::ConditionError) -> Diagnostic {
+    let code = if e.message.contains("JSONPath") {
+        "bad-jsonpath"
+    } else if e.message.contains("regular expression") {
+        "bad-regex"
+    } else {
+        "bad-condition"
+    };
+    let mut d = Diagnostic::error(code, e.message.clone());
+    if let Some(h) = &e.hint {
+        d = d.hint(h.clone());
+    }
+    match e.offset {
+        Some(off) => {
+            let mut pos = p.spans.value(cp);
+            // Quoted scalars start one character before their text.
+            let quoted = p
+                .text
+                .as_bytes()
+                .get(pos.offset)
+                .is_some_and(|b| *b == b'"' || *b == b'\'');
+            let shift = off + usize::from(quoted);
+            pos.column += shift;
+            pos.offset += shift;
+            pos.len = e.len;
+            d.at(&p.path, pos)
+        }
+        None => {
+            let sub = format!("{cp}{}", e.subpath);
+            if e.subpath.starts_with(".") && e.message.starts_with("unknown key") {
+                p.at_key(d, &sub)
+            } else {
+                p.at(d, &sub)
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_send(
+    p: &Parsed,
+    rule_id: &str,
+    s: &SendSpec,
+    sp: &str,
+    dests: &BTreeMap<String, DestinationConfig>,
+    names: &[&str],
+    templates: &mut Templates,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<SendStep> {
+    let Some(dest) = dests.get(&s.to) else {
+        let hint = did_you_mean(&s.to, names.iter().copied())
+            .map(|x| format!("did you mean `{x}`?"))
+            .unwrap_or_else(|| format!("defined destinations: {}", names.join(", ")));
+        diags.push(
+            p.at(
+                Diagnostic::error(
+                    "unknown-destination",
+                    format!("destination `{}` does not exist", s.to),
+                ),
+                &join_key(sp, "to"),
+            )
+            .hint(hint),
+        );
+        return None;
+    };
+    let is_bot = matches!(dest.kind, DestinationKind::Slack { .. });
+    for (key, present) in [
+        ("channel", s.channel.is_some()),
+        ("user_email", s.user_email.is_some()),
+        ("thread_ts", s.thread_ts.is_some()),
+    ] {
+        if present && !is_bot {
+            diags.push(
+                p.at_key(
+                    Diagnostic::error(
+                        "bad-send",
+                        format!(
+                            "`{key}` only applies to `slack` (bot) destinations; `{}` is `{}`",
+                            s.to,
+                            dest.kind.name()
+                        ),
+                    ),
+                    &join_key(sp, key),
+                )
+                .hint("an incoming webhook's channel is fixed when it is created"),
+            );
+        }
+    }
+    if is_bot && s.channel.is_none() && s.user_email.is_none() {
+        diags.push(p.at(
+            Diagnostic::error(
+                "bad-send",
+                format!(
+                    "sending to Slack bot destination `{}` needs `channel` or `user_email`",
+                    s.to
+                ),
+            ),
+            sp,
+        ));
+    }
+    let template = match (&s.template, &s.blocks) {
+        (Some(_), Some(_)) => {
+            diags.push(p.at_key(
+                Diagnostic::error("bad-send", "give either `template` or `blocks`, not both"),
+                &join_key(sp, "blocks"),
+            ));
+            return None;
+        }
+        (Some(t), None) => {
+            if !templates.has(t) {
+                diags.push(missing_template(p, &join_key(sp, "template"), t, templates));
+                return None;
+            }
+            t.clone()
+        }
+        (None, blocks) => {
+            if blocks.is_none() && s.text.is_none() {
+                diags.push(p.at(
+                    Diagnostic::error(
+                        "bad-send",
+                        "a send step needs `template`, or inline `blocks`/`text`",
+                    ),
+                    sp,
+                ));
+                return None;
+            }
+            let mut msg = serde_json::Map::new();
+            if let Some(b) = blocks {
+                msg.insert("blocks".into(), b.clone());
+            }
+            if let Some(t) = &s.text {
+                msg.insert("text".into(), Value::String(t.clone()));
+            }
+            let name = format!("rule:{rule_id}:{sp}");
+            let text = serde_json::to_string(&Value::Object(msg)).unwrap_or_default();
+            let origin = TemplateOrigin {
+                file: p.path.clone(),
+                line_offset: p.spans.value(sp).line,
+                inline: true,
+            };
+            if let Err(e) = templates.add(&name, &text, origin) {
+                let at = if s.blocks.is_some() {
+                    join_key(sp, "blocks")
+                } else {
+                    join_key(sp, "text")
+                };
+                diags.push(p.at(
+                    Diagnostic::error("template", format!("inline template: {}", e.message)),
+                    &at,
+                ));
+                return None;
+            }
+            name
+        }
+    };
+    let mut small = |key: &str, v: &Option<String>| -> Option<String> {
+        let v = v.as_ref()?;
+        let name = format!("rule:{rule_id}:{sp}:{key}");
+        match templates.add_plain(&name, v) {
+            Ok(()) => Some(name),
+            Err(e) => {
+                diags.push(p.at(
+                    Diagnostic::error("template", format!("`{key}`: {}", e.message)),
+                    &join_key(sp, key),
+                ));
+                None
+            }
+        }
+    };
+    Some(SendStep {
+        to: s.to.clone(),
+        template,
+        channel: small("channel", &s.channel),
+        user_email: small("user_email", &s.user_email),
+        thread_ts: small("thread_ts", &s.thread_ts),
+        reply_broadcast: s.reply_broadcast,
+    })
+}
+
+fn load_test(
+    p: &Parsed,
+    t: &super::spec::TestSpec,
+    path: &str,
+    sources: &BTreeMap<String, SourceEntry>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<RuleTest> {
+    let ep = join_key(path, "event");
+    if !sources.contains_key(&t.event.source) {
+        let names: Vec<&str> = sources.keys().map(String::as_str).collect();
+        let hint = did_you_mean(&t.event.source, names.iter().copied())
+            .map(|x| format!("did you mean `{x}`?"))
+            .unwrap_or_else(|| format!("defined sources: {}", names.join(", ")));
+        diags.push(
+            p.at(
+                Diagnostic::error(
+                    "unknown-source",
+                    format!("source `{}` does not exist", t.event.source),
+                ),
+                &join_key(&ep, "source"),
+            )
+            .hint(hint),
+        );
+        return None;
+    }
+    let body = match (&t.event.file, &t.event.body) {
+        (Some(f), None) => {
+            let fp = p.dir.join(f);
+            match std::fs::read(&fp) {
+                Ok(b) if b.len() <= 4 * 1024 * 1024 => b,
+                Ok(_) => {
+                    diags.push(p.at(
+                        Diagnostic::error(
+                            "too-large",
+                            format!("event file {} is over 4 MiB", fp.display()),
+                        ),
+                        &join_key(&ep, "file"),
+                    ));
+                    return None;
+                }
+                Err(e) => {
+                    diags.push(
+                        p.at(
+                            Diagnostic::error(
+                                "missing-file",
+                                format!("cannot read event file {}: {e}", fp.display()),
+                            ),
+                            &join_key(&ep, "file"),
+                        )
+                        .hint("the path is relative to this rules file"),
+                    );
+                    return None;
+                }
+            }
+        }
+        (None, Some(b)) => serde_json::to_vec(b).unwrap_or_default(),
+        _ => {
+            diags.push(p.at(
+                Diagnostic::error(
+                    "bad-test",
+                    "a test event needs exactly one of `file` or `body`",
+                ),
+                &ep,
+            ));
+            return None;
+        }
+    };
+    let expect_pos = (0..t.expect.len())
+        .map(|i| p.spans.value(&join_index(&join_key(path, "expect"), i)))
+        .collect();
+    Some(RuleTest {
+        name: t.name.clone(),
+        file: p.path.clone(),
+        pos: p.spans.value(path),
+        source: t.event.source.clone(),
+        body,
+        headers: t
+            .event
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+        expect: t.expect.clone(),
+        expect_pos,
+    })
+}
+
+/// A rule that could send a One-Time Passcode anywhere but its owner's DM is an error.
+///
+/// The check evaluates each rule that covers `coder/notification` against a representative OTP
+/// notification: if the rule's conditions let it through, every send step must be a Slack bot
+/// DM whose `user_email` renders to the recipient. The engine enforces the same at run time.
+fn check_secret_routing(rs: &Ruleset, parsed: &[Parsed], diags: &mut Vec<Diagnostic>) {
+    let Ok(ev) = crate::sources::coder::decode_value("coder", sample_otp(), None) else {
+        return;
+    };
+    for d in crate::routing::route(rs, &ev) {
+        if let Err(crate::routing::DispatchError::Refused(reason)) = &d.message {
+            let Some(rule) = rs.rules.iter().find(|r| r.id == d.rule) else {
+                continue;
+            };
+            let Some(p) = parsed.iter().find(|p| p.path == rule.file) else {
+                continue;
+            };
+            let idx = p
+                .spec
+                .rules
+                .iter()
+                .position(|r| r.id == d.rule)
+                .unwrap_or(0);
+            diags.push(
+                p.at(
+                    Diagnostic::error("otp-leak", format!("rule `{}` could send One-Time Passcode notifications to `{}`: {reason}", d.rule, d.to)),
+                    &join_key(&join_index("rules", idx), "send"),
+                )
+                .hint("exclude them (`$.template.id != \"62f86a30-2330-4b61-a26d-311ff3b608cf\"`) or send only `user_email: \"{{user.email}}\"` via a `slack` destination"),
+            );
+        }
+    }
+}
+
+fn sample_otp() -> Value {
+    serde_json::json!({
+        "_version": "1.1",
+        "msg_id": "00000000-0000-0000-0000-000000000000",
+        "payload": {
+            "_version": "1.1",
+            "notification_name": "One-Time Passcode",
+            "notification_template_id": crate::sources::coder::OTP_TEMPLATE_ID,
+            "user_id": "00000000-0000-0000-0000-000000000001",
+            "user_email": "owner@example.com",
+            "user_name": "Owner",
+            "user_username": "owner",
+            "actions": [{"label": "Reset password", "url": "https://coder.example.com/reset-password/change?otp=x&email=owner%40example.com"}],
+            "labels": {"one_time_passcode": "x"},
+            "data": null,
+            "targets": null
+        },
+        "title": "Reset your password for Coder",
+        "title_markdown": "Reset your password for Coder",
+        "body": "Use the link below to reset your password.",
+        "body_markdown": "Use the link below to reset your password."
+    })
+}

@@ -1,0 +1,131 @@
+//! The rules directory: reading files, `${VAR}` expansion, validation with positions, and
+//! compilation into an immutable [`Ruleset`].
+//!
+//! [`load_dir`] never panics and never stops at the first problem it can survive: it collects
+//! every diagnostic it can (per file, per rule) so `check` shows them all at once. A ruleset is
+//! returned only when there is no error.
+
+pub mod diag;
+pub mod env;
+mod load;
+pub mod secret;
+pub mod spec;
+pub mod yaml;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use load::{load_dir, EnvLookup, LoadOptions, Mode};
+
+use crate::sources::Source;
+use secret::Secret;
+use yaml::Pos;
+
+/// A rules file as read, kept for rendering diagnostics.
+#[derive(Debug, Clone)]
+pub struct LoadedFile {
+    pub path: PathBuf,
+    pub text: Arc<str>,
+}
+
+/// A configured source.
+#[derive(Debug, Clone)]
+pub struct SourceEntry {
+    pub name: String,
+    /// `port`, `coder`, `slack`.
+    pub kind: &'static str,
+    /// The verifier and decoder.
+    pub source: Arc<dyn Source>,
+    /// Set when the source cannot accept requests (its secret is unset); the reason names the
+    /// variable, never a value.
+    pub disabled: Option<String>,
+    /// Largest accepted body in bytes.
+    pub max_body: usize,
+    /// Dedup window for sources that need one (Coder `msg_id`).
+    pub dedup_window: Duration,
+    pub file: PathBuf,
+}
+
+/// What a destination is.
+#[derive(Debug, Clone)]
+pub enum DestinationKind {
+    SlackWebhook {
+        url: Secret,
+    },
+    Slack {
+        token: Secret,
+        api_url: String,
+    },
+    Webhook {
+        url: Secret,
+        method: String,
+        /// Header name and the name of its (plain) template.
+        headers: Vec<(String, String)>,
+        /// Body template name; `None` sends the rendered message.
+        template: Option<String>,
+    },
+    Stdout,
+}
+
+impl DestinationKind {
+    /// The kind as written in rules files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DestinationKind::SlackWebhook { .. } => "slack_webhook",
+            DestinationKind::Slack { .. } => "slack",
+            DestinationKind::Webhook { .. } => "webhook",
+            DestinationKind::Stdout => "stdout",
+        }
+    }
+}
+
+/// A configured destination with its delivery settings.
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    pub name: String,
+    pub kind: DestinationKind,
+    pub fallback: Option<String>,
+    /// True when variables this destination needs are unset and `fallback` delivers instead.
+    pub use_fallback: bool,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    /// Messages per second; `None` is unlimited.
+    pub rate_per_second: Option<f64>,
+    pub concurrency: u32,
+    pub file: PathBuf,
+}
+
+/// A rule test, with its event body already read.
+#[derive(Debug, Clone)]
+pub struct RuleTest {
+    pub name: String,
+    pub file: PathBuf,
+    pub pos: Pos,
+    pub source: String,
+    pub body: Vec<u8>,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub expect: Vec<spec::Expectation>,
+    /// Position of each expectation (for diagnostics).
+    pub expect_pos: Vec<Pos>,
+}
+
+/// Parses `1MiB`, `512KiB`, `100000` (bytes).
+pub fn parse_size(s: &str) -> Option<usize> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Parses `10s`, `5m`, `24h`, `500ms`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    humantime::parse_duration(s.trim()).ok()
+}

@@ -1,0 +1,371 @@
+//! The rules-file format as Rust types: what the loader deserializes and what
+//! `switchyard schema` turns into JSON Schema. These types are the *user-facing contract*;
+//! everything here is plain data, compiled into a [`crate::routing::Ruleset`] by the loader.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One rules file. Every file in a rules directory has this shape; the loader merges them.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "switchyard rules file")]
+pub struct RulesFile {
+    /// Named inputs. Each is served at `POST /hooks/<name>`.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceSpec>,
+    /// Named outputs that rules send to.
+    #[serde(default)]
+    pub destinations: BTreeMap<String, DestinationSpec>,
+    /// Rules, evaluated in file order (files in name order).
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    /// Rule tests run by `switchyard check`.
+    #[serde(default)]
+    pub tests: Vec<TestSpec>,
+}
+
+/// A string, or a list of strings.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The values as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// A source: exactly one of the kinds below.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Port webhooks (automations, legacy changelog destinations, action runs), HMAC-signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortSourceSpec>,
+    /// Coder notification webhooks, protected by a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coder: Option<CoderSourceSpec>,
+    /// Slack interactivity (button clicks), signed with the app's signing secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<SlackSourceSpec>,
+    /// Largest accepted body (e.g. `1MiB`, `256KiB`). Default 1 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<String>,
+}
+
+/// Settings of a Port source.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortSourceSpec {
+    /// The Port client secret(s) that sign requests; several allow rotation.
+    /// Use `${VAR}`; a literal value is a `check` warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<OneOrMany>,
+    /// A file holding the client secret (one secret per line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<String>,
+    /// Accept unsigned requests. Only for local experiments; `check` warns about it.
+    #[serde(default)]
+    pub insecure_no_signature: bool,
+    /// Allowed clock difference for `X-Port-Timestamp`, e.g. `5m` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<String>,
+    /// JSONPath of the run id in author-defined action bodies, tried after the built-in places.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id_path: Option<String>,
+    /// The action identifier to assume for author-defined run bodies that do not name one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+}
+
+/// Settings of a Coder source.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CoderSourceSpec {
+    /// The token(s) Coder presents as the URL's last path segment or as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<OneOrMany>,
+    /// A file holding the token (one per line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// How long a `msg_id` is remembered to drop re-deliveries, e.g. `24h` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_window: Option<String>,
+}
+
+/// Settings of a Slack interactivity source.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlackSourceSpec {
+    /// The app's signing secret(s) (Basic Information page), not the bot token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<OneOrMany>,
+    /// A file holding the signing secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_file: Option<String>,
+}
+
+/// A destination: exactly one of the kinds below, plus delivery settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSpec {
+    /// A Slack incoming webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack_webhook: Option<SlackWebhookSpec>,
+    /// The Slack Web API with a bot token (channels and DMs by email).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<SlackBotSpec>,
+    /// Any HTTP endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
+    /// Print each message as one JSON line on standard output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<StdoutSpec>,
+    /// Another destination to use instead while this one's variables are unset
+    /// (e.g. `console`, so example rules work without credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// Per-request timeout, e.g. `10s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Most delivery attempts before a message becomes a dead letter (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Messages per second (default 1 for Slack, as Slack asks; unlimited otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_second: Option<f64>,
+    /// Concurrent deliveries (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+}
+
+/// Slack incoming webhook settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlackWebhookSpec {
+    /// The webhook URL (a secret: use `${VAR}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<String>,
+}
+
+/// Slack Web API settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlackBotSpec {
+    /// The bot token `xoxb-…` (a secret: use `${VAR}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file holding the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// Base URL of the Web API, default `https://slack.com/api/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+}
+
+/// Generic webhook settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// The URL (may hold a secret: use `${VAR}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<String>,
+    /// HTTP method, default POST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Extra headers; values are Handlebars templates over the event.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A template (in `templates/`) for the body. Without it the rendered message is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+}
+
+/// Standard output settings (none yet).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSpec {}
+
+/// One rule.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Unique id across all files.
+    pub id: String,
+    /// What the rule is for (shown by `simulate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Event type(s): `port/entity.updated`, `coder/notification`, `port/*`, `*`...
+    pub on: OneOrMany,
+    /// Conditions that must all hold.
+    #[serde(default, rename = "where")]
+    #[schemars(with = "Vec<ConditionSchema>")]
+    pub conditions: Vec<Value>,
+    /// Messages to send when the rule matches.
+    pub send: Vec<SendSpec>,
+    /// Stop evaluating later rules when this one matches.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// Where and what to send.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendSpec {
+    /// A destination name.
+    pub to: String,
+    /// A template in `templates/<name>.hbs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Inline Block Kit blocks (strings are Handlebars templates), instead of `template`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Value>,
+    /// Inline notification text (Handlebars); the fallback when blocks do not show.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Slack bot only: a channel (`#name` or an id), Handlebars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Slack bot only: DM the user with this email, Handlebars (e.g. `{{user.email}}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_email: Option<String>,
+    /// Slack bot only: reply in this thread, Handlebars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_ts: Option<String>,
+    /// Slack bot only: also show the thread reply in the channel.
+    #[serde(default)]
+    pub reply_broadcast: bool,
+}
+
+/// A rule test: one event in, the expected dispatches out.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestSpec {
+    /// What the test shows.
+    pub name: String,
+    /// The event to route.
+    pub event: TestEvent,
+    /// Every dispatch expected, in any order; `[]` means nothing is sent.
+    pub expect: Vec<Expectation>,
+}
+
+/// The event of a rule test: a raw body, as the source would receive it.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestEvent {
+    /// The source name (its kind decides the decoder).
+    pub source: String,
+    /// A file with the raw webhook body, relative to this rules file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The body inline, instead of `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+    /// Request headers the decoder may read (e.g. `RUN_ID`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// One expected dispatch.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Expectation {
+    /// The rule id.
+    pub rule: String,
+    /// The destination name.
+    pub to: String,
+    /// A subset of the rendered message that must be present (objects match key by key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Value>,
+}
+
+/// A condition in `where` (schema only; conditions are parsed by the rule compiler).
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum ConditionSchema {
+    /// One line: `<jsonpath> <op> [value]`, e.g. `$.after.properties.cpuUtil crosses_above 80`.
+    Line(String),
+    /// Structured form.
+    Structured(StructuredCondition),
+    /// All must hold.
+    All { all: Vec<ConditionSchema> },
+    /// At least one must hold.
+    Any { any: Vec<ConditionSchema> },
+    /// Must not hold.
+    Not { not: Box<ConditionSchema> },
+}
+
+/// `{path, op, value}`.
+#[derive(JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct StructuredCondition {
+    /// An RFC 9535 JSONPath into the event envelope.
+    path: String,
+    /// The operator.
+    op: OpSchema,
+    /// The operand (absent for `exists` and `changed`).
+    #[serde(default)]
+    value: Option<Value>,
+}
+
+/// Operators.
+#[derive(JsonSchema)]
+#[allow(dead_code, non_camel_case_types)]
+pub enum OpSchema {
+    #[serde(rename = "==")]
+    Eq,
+    #[serde(rename = "!=")]
+    Ne,
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = ">=")]
+    Ge,
+    #[serde(rename = "<")]
+    Lt,
+    #[serde(rename = "<=")]
+    Le,
+    #[serde(rename = "in")]
+    In,
+    #[serde(rename = "contains")]
+    Contains,
+    #[serde(rename = "matches")]
+    Matches,
+    #[serde(rename = "exists")]
+    Exists,
+    #[serde(rename = "changed")]
+    Changed,
+    #[serde(rename = "changed_from")]
+    ChangedFrom,
+    #[serde(rename = "changed_to")]
+    ChangedTo,
+    #[serde(rename = "crosses_above")]
+    CrossesAbove,
+    #[serde(rename = "crosses_below")]
+    CrossesBelow,
+}
+
+/// The JSON Schema of a rules file, as checked in at `schemas/rules.schema.json`.
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(RulesFile);
+    let mut s = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    s.push('\n');
+    s
+}

@@ -1,0 +1,365 @@
+//! Template helpers. Handlebars' built-ins (`if`, `each`, `with`, `eq`, `ne`, `gt`, `gte`,
+//! `lt`, `lte`, `and`, `or`, `not`, `len`) are kept; these add what message authors need.
+//!
+//! Value helpers return JSON values, so they compose as sub-expressions
+//! (`{{#each (changed_properties before after)}}`) and their output is escaped like any value.
+//! `json`, `raw_json` and `plain` write directly and do their own escaping.
+
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, HelperResult, Output, RenderContext, RenderError,
+    RenderErrorReason, ScopedJson,
+};
+use serde_json::{json, Value};
+
+use super::{escape_json, escape_mrkdwn};
+
+type ValueFn = fn(&[Value]) -> Result<Value, String>;
+
+struct ValueHelper {
+    name: &'static str,
+    f: ValueFn,
+}
+
+impl HelperDef for ValueHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let args: Vec<Value> = h.params().iter().map(|p| p.value().clone()).collect();
+        (self.f)(&args)
+            .map(ScopedJson::Derived)
+            .map_err(|e| RenderErrorReason::Other(format!("{}: {e}", self.name)).into())
+    }
+}
+
+/// Writes a whole JSON value; `mrkdwn` escapes `& < >` inside its strings.
+struct JsonHelper {
+    mrkdwn: bool,
+}
+
+impl HelperDef for JsonHelper {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let v = h.param(0).map(|p| p.value().clone()).unwrap_or(Value::Null);
+        let v = if self.mrkdwn {
+            map_strings(v, &|s| escape_mrkdwn(s))
+        } else {
+            v
+        };
+        out.write(&serde_json::to_string(&v).unwrap_or_else(|_| "null".into()))?;
+        Ok(())
+    }
+}
+
+/// Writes a value JSON-string-escaped, without mrkdwn escaping.
+struct PlainHelper;
+
+impl HelperDef for PlainHelper {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let v = h.param(0).map(|p| p.value().clone()).unwrap_or(Value::Null);
+        out.write(&escape_json(&to_text(&v)))?;
+        Ok(())
+    }
+}
+
+/// Writes CommonMark (as Coder's `*_markdown` fields carry it) as Slack mrkdwn: `**b**` → `*b*`,
+/// `[t](u)` → `<u|t>`, backslash escapes resolved, `& < >` escaped everywhere else; then
+/// JSON-string-escaped.
+struct MrkdwnHelper;
+
+impl HelperDef for MrkdwnHelper {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let v = h.param(0).map(|p| p.value().clone()).unwrap_or(Value::Null);
+        out.write(&escape_json(&markdown_to_mrkdwn(&to_text(&v))))?;
+        Ok(())
+    }
+}
+
+/// Converts a small subset of CommonMark to Slack mrkdwn, escaping everything else.
+pub fn markdown_to_mrkdwn(md: &str) -> String {
+    let chars: Vec<char> = md.chars().collect();
+    let mut out = String::with_capacity(md.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '\\' && i + 1 < chars.len() && chars[i + 1].is_ascii_punctuation() {
+            out.push_str(&escape_mrkdwn(&chars[i + 1].to_string()));
+            i += 2;
+            continue;
+        }
+        if c == '*' && chars.get(i + 1) == Some(&'*') {
+            out.push('*');
+            i += 2;
+            continue;
+        }
+        if c == '[' {
+            // [text](url)
+            if let Some(close) = chars[i + 1..]
+                .iter()
+                .position(|&x| x == ']')
+                .map(|p| p + i + 1)
+            {
+                if chars.get(close + 1) == Some(&'(') {
+                    if let Some(end) = chars[close + 2..]
+                        .iter()
+                        .position(|&x| x == ')')
+                        .map(|p| p + close + 2)
+                    {
+                        let text: String = chars[i + 1..close].iter().collect();
+                        let url: String = chars[close + 2..end].iter().collect();
+                        out.push_str(&format!(
+                            "<{}|{}>",
+                            escape_mrkdwn(&url),
+                            escape_mrkdwn(&text.replace('|', "¦"))
+                        ));
+                        i = end + 1;
+                        continue;
+                    }
+                }
+            }
+        }
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            _ => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn map_strings(v: Value, f: &dyn Fn(&str) -> String) -> Value {
+    match v {
+        Value::String(s) => Value::String(f(&s)),
+        Value::Array(a) => Value::Array(a.into_iter().map(|x| map_strings(x, f)).collect()),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, x)| (k, map_strings(x, f))).collect())
+        }
+        other => other,
+    }
+}
+
+/// How a value reads as text: strings as they are, null as empty, the rest as JSON.
+pub fn to_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// Cuts `s` to `max` characters, with an ellipsis when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    super::blockkit::truncate_chars(s, max)
+}
+
+fn arg(args: &[Value], i: usize) -> &Value {
+    static NULL: Value = Value::Null;
+    args.get(i).unwrap_or(&NULL)
+}
+
+fn h_default(a: &[Value]) -> Result<Value, String> {
+    let v = arg(a, 0);
+    let empty = v.is_null() || v.as_str().is_some_and(str::is_empty);
+    Ok(if empty { arg(a, 1).clone() } else { v.clone() })
+}
+
+fn h_truncate(a: &[Value]) -> Result<Value, String> {
+    let n = arg(a, 1)
+        .as_u64()
+        .ok_or("the second argument is a length")? as usize;
+    Ok(Value::String(clip(&to_text(arg(a, 0)), n)))
+}
+
+fn h_upper(a: &[Value]) -> Result<Value, String> {
+    Ok(Value::String(to_text(arg(a, 0)).to_uppercase()))
+}
+
+fn h_lower(a: &[Value]) -> Result<Value, String> {
+    Ok(Value::String(to_text(arg(a, 0)).to_lowercase()))
+}
+
+fn h_join(a: &[Value]) -> Result<Value, String> {
+    let sep = a.get(1).map(to_text).unwrap_or_else(|| ", ".into());
+    Ok(Value::String(match arg(a, 0) {
+        Value::Array(items) => items.iter().map(to_text).collect::<Vec<_>>().join(&sep),
+        Value::Object(m) => m.keys().cloned().collect::<Vec<_>>().join(&sep),
+        other => to_text(other),
+    }))
+}
+
+/// `{{date ts "%Y-%m-%d %H:%M"}}`: RFC 3339 text or epoch seconds/milliseconds, shown in UTC.
+fn h_date(a: &[Value]) -> Result<Value, String> {
+    use chrono::{DateTime, Utc};
+    let fmt = a
+        .get(1)
+        .and_then(Value::as_str)
+        .unwrap_or("%Y-%m-%d %H:%M UTC");
+    let t: Option<DateTime<Utc>> = match arg(a, 0) {
+        Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+            .or_else(|| s.parse::<i64>().ok().and_then(epoch)),
+        Value::Number(n) => n.as_i64().and_then(epoch),
+        Value::Null => return Ok(Value::String(String::new())),
+        _ => None,
+    };
+    let Some(t) = t else {
+        return Ok(Value::String(to_text(arg(a, 0))));
+    };
+    let mut out = String::new();
+    use std::fmt::Write;
+    if write!(out, "{}", t.format(fmt)).is_err() {
+        return Err(format!("invalid date format `{fmt}`"));
+    }
+    Ok(Value::String(out))
+}
+
+fn epoch(n: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    if n.abs() > 100_000_000_000 {
+        chrono::DateTime::from_timestamp_millis(n)
+    } else {
+        chrono::DateTime::from_timestamp(n, 0)
+    }
+}
+
+/// `(changed_properties before after)`: `[{name, before, after}]` for every property that
+/// differs between two entity objects (their `properties`, or the objects themselves).
+fn h_changed_properties(a: &[Value]) -> Result<Value, String> {
+    let props = |v: &Value| -> serde_json::Map<String, Value> {
+        match v.get("properties") {
+            Some(Value::Object(m)) => m.clone(),
+            _ => v.as_object().cloned().unwrap_or_default(),
+        }
+    };
+    let (b, af) = (props(arg(a, 0)), props(arg(a, 1)));
+    let mut names: Vec<&String> = b.keys().chain(af.keys()).collect();
+    names.sort();
+    names.dedup();
+    let out: Vec<Value> = names
+        .into_iter()
+        .filter_map(|n| {
+            let (x, y) = (
+                b.get(n).unwrap_or(&Value::Null),
+                af.get(n).unwrap_or(&Value::Null),
+            );
+            (x != y).then(|| json!({"name": n, "before": x, "after": y}))
+        })
+        .collect();
+    Ok(Value::Array(out))
+}
+
+pub(super) fn register(hb: &mut Handlebars<'static>) {
+    let value_helpers: &[(&'static str, ValueFn)] = &[
+        ("default", h_default),
+        ("truncate", h_truncate),
+        ("upper", h_upper),
+        ("lower", h_lower),
+        ("join", h_join),
+        ("date", h_date),
+        ("changed_properties", h_changed_properties),
+    ];
+    for (name, f) in value_helpers {
+        hb.register_helper(name, Box::new(ValueHelper { name, f: *f }));
+    }
+    hb.register_helper("json", Box::new(JsonHelper { mrkdwn: true }));
+    hb.register_helper("raw_json", Box::new(JsonHelper { mrkdwn: false }));
+    hb.register_helper("plain", Box::new(PlainHelper));
+    hb.register_helper("mrkdwn", Box::new(MrkdwnHelper));
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::render::{TemplateOrigin, Templates};
+    use handlebars::Context;
+    use serde_json::json;
+
+    fn render(tpl: &str, data: serde_json::Value) -> String {
+        let mut t = Templates::new();
+        t.add(
+            "t",
+            tpl,
+            TemplateOrigin {
+                file: "t".into(),
+                line_offset: 1,
+                inline: false,
+            },
+        )
+        .unwrap();
+        t.render_text("t", &Context::from(data)).unwrap()
+    }
+
+    #[test]
+    fn helpers_work() {
+        assert_eq!(render("{{default x \"n/a\"}}", json!({})), "n/a");
+        assert_eq!(render("{{default x \"n/a\"}}", json!({"x": "v"})), "v");
+        assert_eq!(
+            render("{{truncate s 5}}", json!({"s": "abcdefgh"})),
+            "abcd…"
+        );
+        assert_eq!(
+            render("{{upper s}}/{{lower s}}", json!({"s": "Ab"})),
+            "AB/ab"
+        );
+        assert_eq!(render("{{join l \", \"}}", json!({"l": ["a", 1]})), "a, 1");
+        assert_eq!(
+            render(
+                "{{date t \"%Y-%m-%d %H:%M\"}}",
+                json!({"t": "2026-09-21T17:00:03+02:00"})
+            ),
+            "2026-09-21 15:00"
+        );
+        assert_eq!(
+            render("{{date t}}", json!({"t": 1790000000})),
+            "2026-09-21 14:13 UTC"
+        );
+        assert_eq!(render("{{#if (eq a 1)}}y{{/if}}{{#if (gt a 0)}}g{{/if}}{{#if (ne a 2)}}n{{/if}}{{#if (lt a 2)}}l{{/if}}", json!({"a": 1})), "ygnl");
+        assert_eq!(
+            render(
+                "{{#each (changed_properties before after)}}{{name}}:{{before}}->{{after}};{{/each}}",
+                json!({"before": {"properties": {"cpu": 42, "h": "ok", "same": 1}}, "after": {"properties": {"cpu": 91, "h": "bad", "same": 1}}})
+            ),
+            "cpu:42->91;h:ok->bad;"
+        );
+        assert_eq!(
+            render("{{json x}}", json!({"x": {"a": "<b>"}})),
+            r#"{"a":"&lt;b&gt;"}"#
+        );
+        assert_eq!(
+            render("{{raw_json x}}", json!({"x": {"a": "<b>"}})),
+            r#"{"a":"<b>"}"#
+        );
+        assert_eq!(render("{{plain x}}", json!({"x": "a&b\"c"})), r#"a&b\"c"#);
+        assert_eq!(
+            render(
+                "{{mrkdwn x}}",
+                json!({"x": "Your **ws** was <deleted> \\< 1 [docs](https://x.io/?a=1&b=2) & more"})
+            ),
+            "Your *ws* was &lt;deleted&gt; &lt; 1 <https://x.io/?a=1&amp;b=2|docs> &amp; more"
+        );
+    }
+}

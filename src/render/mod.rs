@@ -1,0 +1,383 @@
+//! Handlebars templates that render Slack Block Kit JSON.
+//!
+//! Guarantees:
+//! - A template's output must parse as JSON, whatever the event holds: `{{value}}` writes the
+//!   value JSON-string-escaped (quotes, backslashes, newlines, control characters) **and**
+//!   Slack-mrkdwn-escaped (`&`→`&amp;`, `<`→`&lt;`, `>`→`&gt;`), so an entity title can neither
+//!   break the JSON nor ping `<!channel>`. Templates put `{{…}}` inside JSON strings.
+//! - `{{plain value}}` JSON-escapes only: for `plain_text` fields, URLs and button values,
+//!   where `&amp;` would show literally or break a link. `{{json value}}` writes a whole JSON
+//!   value (with mrkdwn escaping inside strings); `{{raw_json value}}` without it.
+//! - Every rendered message gets a plain-text `text` fallback (Slack shows it in notifications
+//!   and requires it for accessibility) when the template does not set one.
+//! - Rendering is pure CPU work; it is part of the routing step.
+
+pub mod blockkit;
+mod helpers;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use handlebars::{Context, Handlebars};
+use serde_json::{Map, Value};
+
+/// Escapes a string for inclusion inside a JSON string literal and for Slack mrkdwn.
+pub fn escape_mrkdwn_json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            _ => push_json_char(&mut out, c),
+        }
+    }
+    out
+}
+
+/// Escapes a string for inclusion inside a JSON string literal only.
+pub fn escape_json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        push_json_char(&mut out, c);
+    }
+    out
+}
+
+/// Escapes `& < >` for Slack mrkdwn (and nothing else, as Slack asks).
+pub fn escape_mrkdwn(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn push_json_char(out: &mut String, c: char) {
+    match c {
+        '"' => out.push_str("\\\""),
+        '\\' => out.push_str("\\\\"),
+        '\n' => out.push_str("\\n"),
+        '\r' => out.push_str("\\r"),
+        '\t' => out.push_str("\\t"),
+        c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+        c => out.push(c),
+    }
+}
+
+/// Where a template came from, for diagnostics.
+#[derive(Debug, Clone)]
+pub struct TemplateOrigin {
+    /// The file that holds the template text (`templates/x.hbs`, or the rules file for inline).
+    pub file: PathBuf,
+    /// Line and column offset of the template text inside `file` (1-based line of its start).
+    pub line_offset: usize,
+    /// True for inline `blocks:` templates (positions inside them are approximate).
+    pub inline: bool,
+}
+
+/// A problem found while compiling or rendering a template.
+#[derive(Debug, Clone)]
+pub struct TemplateError {
+    pub template: String,
+    pub message: String,
+    /// 1-based line and column inside the template text, when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+}
+
+/// All templates of a ruleset, compiled once.
+pub struct Templates {
+    hb: Handlebars<'static>,
+    /// Small strings (channels, emails, headers, keys): rendered without any escaping.
+    plain: Handlebars<'static>,
+    origins: BTreeMap<String, TemplateOrigin>,
+}
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Templates")
+            .field("names", &self.origins.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Templates {
+    /// An empty set with the escaping and helpers installed.
+    pub fn new() -> Self {
+        let mut hb = Handlebars::new();
+        hb.register_escape_fn(escape_mrkdwn_json);
+        hb.set_prevent_indent(true);
+        helpers::register(&mut hb);
+        let mut plain = Handlebars::new();
+        plain.register_escape_fn(handlebars::no_escape);
+        helpers::register(&mut plain);
+        Templates {
+            hb,
+            plain,
+            origins: BTreeMap::new(),
+        }
+    }
+
+    /// Compiles and registers a template (also usable as a partial `{{> name}}`).
+    pub fn add(
+        &mut self,
+        name: &str,
+        text: &str,
+        origin: TemplateOrigin,
+    ) -> Result<(), TemplateError> {
+        self.hb.register_template_string(name, text).map_err(|e| {
+            let pos = e.pos();
+            TemplateError {
+                template: name.to_string(),
+                message: format!("template syntax error: {}", e.reason()),
+                line: pos.map(|p| p.0),
+                column: pos.map(|p| p.1),
+            }
+        })?;
+        self.origins.insert(name.to_string(), origin);
+        Ok(())
+    }
+
+    /// Compiles a small unescaped template (a channel, an email, a header value).
+    pub fn add_plain(&mut self, name: &str, text: &str) -> Result<(), TemplateError> {
+        self.plain
+            .register_template_string(name, text)
+            .map_err(|e| {
+                let pos = e.pos();
+                TemplateError {
+                    template: name.to_string(),
+                    message: format!("template syntax error: {}", e.reason()),
+                    line: pos.map(|p| p.0),
+                    column: pos.map(|p| p.1),
+                }
+            })
+    }
+
+    /// Renders a template added with [`Templates::add_plain`].
+    pub fn render_plain(&self, name: &str, ctx: &Context) -> Result<String, TemplateError> {
+        self.plain
+            .render_with_context(name, ctx)
+            .map_err(|e| TemplateError {
+                template: name.to_string(),
+                message: format!("rendering failed: {}", e.reason()),
+                line: e.line_no,
+                column: e.column_no,
+            })
+    }
+
+    /// True when a template of that name exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.origins.contains_key(name)
+    }
+
+    /// Where a template came from.
+    pub fn origin(&self, name: &str) -> Option<&TemplateOrigin> {
+        self.origins.get(name)
+    }
+
+    /// Names of all templates.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.origins.keys().map(String::as_str)
+    }
+
+    /// Renders a template to text (for headers, channels and other small strings).
+    pub fn render_text(&self, name: &str, ctx: &Context) -> Result<String, TemplateError> {
+        self.hb
+            .render_with_context(name, ctx)
+            .map_err(|e| TemplateError {
+                template: name.to_string(),
+                message: format!("rendering failed: {}", e.reason()),
+                line: e.line_no,
+                column: e.column_no,
+            })
+    }
+
+    /// Renders a message template to a Slack message object with a `text` fallback.
+    pub fn render_message(&self, name: &str, ctx: &Context) -> Result<Value, TemplateError> {
+        let out = self.render_text(name, ctx)?;
+        let parsed: Value = serde_json::from_str(&out).map_err(|e| {
+            let line = out
+                .lines()
+                .nth(e.line().saturating_sub(1))
+                .unwrap_or("")
+                .trim();
+            TemplateError {
+                template: name.to_string(),
+                message: format!(
+                    "the rendered template is not valid JSON ({e}); the output line is `{}`",
+                    crate::render::helpers::clip(line, 120)
+                ),
+                line: None,
+                column: None,
+            }
+        })?;
+        Ok(normalize_message(parsed))
+    }
+
+    /// Renders a small inline template string (not registered) against `ctx`.
+    pub fn render_inline(&self, text: &str, ctx: &Context) -> Result<String, String> {
+        self.hb
+            .render_template_with_context(text, ctx)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Turns template output into a message object: a bare list is `blocks`, and a missing `text`
+/// is derived from the blocks.
+pub fn normalize_message(v: Value) -> Value {
+    let mut msg = match v {
+        Value::Array(blocks) => {
+            let mut m = Map::new();
+            m.insert("blocks".into(), Value::Array(blocks));
+            m
+        }
+        Value::Object(m) => m,
+        other => {
+            let mut m = Map::new();
+            m.insert(
+                "text".into(),
+                Value::String(
+                    other
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| other.to_string()),
+                ),
+            );
+            m
+        }
+    };
+    let has_text = msg
+        .get("text")
+        .and_then(Value::as_str)
+        .is_some_and(|t| !t.trim().is_empty());
+    if !has_text {
+        let derived = msg.get("blocks").map(fallback_text).unwrap_or_default();
+        let derived = if derived.trim().is_empty() {
+            "(message)".to_string()
+        } else {
+            derived
+        };
+        msg.insert("text".into(), Value::String(derived));
+    }
+    Value::Object(msg)
+}
+
+/// The first header, or else the first section text, as the notification fallback.
+fn fallback_text(blocks: &Value) -> String {
+    let Some(list) = blocks.as_array() else {
+        return String::new();
+    };
+    let text_of = |b: &Value| {
+        b.pointer("/text/text")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let header = list
+        .iter()
+        .find(|b| b["type"] == "header")
+        .and_then(text_of);
+    let section = list
+        .iter()
+        .find(|b| b["type"] == "section")
+        .and_then(text_of);
+    let s = match (header, section) {
+        (Some(h), _) => h,
+        (None, Some(s)) => s,
+        (None, None) => list.iter().find_map(text_of).unwrap_or_default(),
+    };
+    blockkit::truncate_chars(&s, 3000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn templates(name: &str, text: &str) -> Templates {
+        let mut t = Templates::new();
+        t.add(
+            name,
+            text,
+            TemplateOrigin {
+                file: "t.hbs".into(),
+                line_offset: 1,
+                inline: false,
+            },
+        )
+        .unwrap();
+        t
+    }
+
+    #[test]
+    fn hostile_titles_render_to_valid_json_and_harmless_mrkdwn() {
+        let t = templates(
+            "m",
+            r#"{"blocks":[{"type":"section","text":{"type":"mrkdwn","text":"*{{entity.title}}*"}},
+               {"type":"header","text":{"type":"plain_text","text":"{{plain entity.title}}"}}]}"#,
+        );
+        let title = "Say \"hi\"\n<!channel> & <@U123>\\";
+        let ctx = Context::from(json!({"entity": {"title": title}}));
+        let msg = t.render_message("m", &ctx).unwrap();
+        let text = msg["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert_eq!(text, "*Say \"hi\"\n&lt;!channel&gt; &amp; &lt;@U123&gt;\\*");
+        assert!(!text.contains("<!channel>"));
+        assert_eq!(msg["blocks"][1]["text"]["text"], title);
+        // The fallback text comes from the header.
+        assert_eq!(msg["text"], title);
+    }
+
+    #[test]
+    fn loops_render_one_button_per_action() {
+        let t = templates(
+            "m",
+            r#"{"blocks":[{"type":"actions","elements":[{{#each actions}}{{#unless @first}},{{/unless}}
+              {"type":"button","action_id":"coder_action_{{@index}}","text":{"type":"plain_text","text":"{{plain label}}"},"url":"{{plain url}}"}{{/each}}]}]}"#,
+        );
+        let ctx = Context::from(json!({"actions": [
+            {"label": "View", "url": "https://c.example.com/a?x=1&y=2"},
+            {"label": "Templates", "url": "https://c.example.com/t"}]}));
+        let msg = t.render_message("m", &ctx).unwrap();
+        let els = msg["blocks"][0]["elements"].as_array().unwrap();
+        assert_eq!(els.len(), 2);
+        assert_eq!(els[0]["url"], "https://c.example.com/a?x=1&y=2");
+        assert_eq!(els[1]["action_id"], "coder_action_1");
+    }
+
+    #[test]
+    fn invalid_json_output_is_reported() {
+        let t = templates("m", r#"{"text": {{entity.title}} }"#);
+        let e = t
+            .render_message("m", &Context::from(json!({"entity": {"title": "x"}})))
+            .unwrap_err();
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        let mut t = Templates::new();
+        let e = t
+            .add(
+                "m",
+                "{\n  \"text\": \"{{#if x}}\"\n}",
+                TemplateOrigin {
+                    file: "t.hbs".into(),
+                    line_offset: 1,
+                    inline: false,
+                },
+            )
+            .unwrap_err();
+        assert!(e.line.is_some(), "{e:?}");
+    }
+}

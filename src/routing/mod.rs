@@ -1,0 +1,325 @@
+//! The compiled ruleset and the routing step.
+//!
+//! [`route`] is a pure function of `(&Ruleset, &Event)`: no I/O, no clock, no randomness. The
+//! server, `check`, `simulate`, the rule tests and the benchmarks all call it, so what a test
+//! shows is what production does. It selects the rules for the event's type (precomputed
+//! index), evaluates their conditions in file order, stops after a matching rule with
+//! `stop: true`, and renders one message per `send` step.
+
+pub mod condition;
+pub mod path;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use handlebars::Context;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{DestinationConfig, DestinationKind, LoadedFile, RuleTest, SourceEntry};
+use crate::event::Event;
+use crate::render::Templates;
+use condition::{Condition, Trace};
+
+/// A compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    pub id: String,
+    pub description: Option<String>,
+    pub on: Vec<String>,
+    pub conditions: Vec<Condition>,
+    pub sends: Vec<SendStep>,
+    pub stop: bool,
+    /// The file that defines it.
+    pub file: PathBuf,
+}
+
+/// A compiled `send` step. Template fields name templates registered in [`Templates`].
+#[derive(Debug, Clone)]
+pub struct SendStep {
+    /// The destination as written in the rule.
+    pub to: String,
+    /// The message template.
+    pub template: String,
+    pub channel: Option<String>,
+    pub user_email: Option<String>,
+    pub thread_ts: Option<String>,
+    pub reply_broadcast: bool,
+}
+
+/// Where, within a destination, a message goes (Slack bot destinations use it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Target {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub channel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user_email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub thread_ts: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub reply_broadcast: bool,
+}
+
+/// Why a matched send produced no deliverable message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "reason", rename_all = "snake_case")]
+pub enum DispatchError {
+    /// The template failed for this event; the dispatch becomes a dead letter.
+    Render(String),
+    /// A safety rule forbids it (a One-Time Passcode to anything but its owner's DM).
+    Refused(String),
+}
+
+/// One message for one destination, decided by one rule.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dispatch {
+    pub rule: String,
+    /// The destination as the rule names it.
+    pub to: String,
+    /// The destination that will deliver it (differs from `to` when `to` falls back).
+    pub destination: String,
+    pub event_id: String,
+    /// The message template used.
+    pub template: String,
+    pub target: Target,
+    /// The rendered message, or why there is none.
+    pub message: Result<Value, DispatchError>,
+    /// The event is secret (OTP): never log or print the message.
+    pub secret: bool,
+}
+
+/// Everything loaded from a rules directory, compiled and validated. Immutable: a reload builds
+/// a new one and swaps it in whole.
+#[derive(Debug)]
+pub struct Ruleset {
+    pub rules: Vec<Rule>,
+    pub sources: BTreeMap<String, SourceEntry>,
+    pub destinations: BTreeMap<String, DestinationConfig>,
+    pub templates: Templates,
+    pub tests: Vec<RuleTest>,
+    pub files: Vec<LoadedFile>,
+    /// Rule indices per event type, in file order, wildcards included.
+    by_type: HashMap<String, Vec<usize>>,
+}
+
+impl Ruleset {
+    /// Assembles a ruleset and builds the per-type index.
+    pub fn new(
+        rules: Vec<Rule>,
+        sources: BTreeMap<String, SourceEntry>,
+        destinations: BTreeMap<String, DestinationConfig>,
+        templates: Templates,
+        tests: Vec<RuleTest>,
+        files: Vec<LoadedFile>,
+    ) -> Self {
+        let mut rs = Ruleset {
+            rules,
+            sources,
+            destinations,
+            templates,
+            tests,
+            files,
+            by_type: HashMap::new(),
+        };
+        let types: Vec<String> = crate::event::EVENT_TYPES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for t in types {
+            let idx = rs.candidates_slow(&t);
+            rs.by_type.insert(t, idx);
+        }
+        rs
+    }
+
+    fn candidates_slow(&self, event_type: &str) -> Vec<usize> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.on.iter().any(|p| type_matches(p, event_type)))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Indices of the rules whose `on` covers `event_type`, in file order.
+    pub fn candidates(&self, event_type: &str) -> std::borrow::Cow<'_, [usize]> {
+        match self.by_type.get(event_type) {
+            Some(v) => std::borrow::Cow::Borrowed(v.as_slice()),
+            None => std::borrow::Cow::Owned(self.candidates_slow(event_type)),
+        }
+    }
+
+    /// The text of a loaded file, for rendering diagnostics.
+    pub fn file_text(&self, path: &std::path::Path) -> Option<&Arc<str>> {
+        self.files.iter().find(|f| f.path == path).map(|f| &f.text)
+    }
+
+    /// The destination that delivers for `name` (following an active fallback).
+    pub fn effective_destination<'a>(&'a self, name: &'a str) -> &'a str {
+        match self.destinations.get(name) {
+            Some(d) if d.use_fallback => d.fallback.as_deref().unwrap_or(name),
+            _ => name,
+        }
+    }
+}
+
+/// `port/entity.updated` matches `port/entity.updated`, `port/*`, `port/entity.*` and `*`.
+pub fn type_matches(pattern: &str, event_type: &str) -> bool {
+    if pattern == "*" || pattern == event_type {
+        return true;
+    }
+    match pattern.strip_suffix('*') {
+        Some(prefix) => event_type.starts_with(prefix),
+        None => false,
+    }
+}
+
+/// Routes an event: every matching rule in file order (until one with `stop: true`), one
+/// dispatch per send step, messages rendered.
+pub fn route(rs: &Ruleset, ev: &Event) -> Vec<Dispatch> {
+    let mut out = Vec::new();
+    let mut ctx: Option<Context> = None;
+    for &i in rs.candidates(&ev.event_type).iter() {
+        let rule = &rs.rules[i];
+        if !rule.conditions.iter().all(|c| c.eval(&ev.data)) {
+            continue;
+        }
+        let ctx = ctx.get_or_insert_with(|| Context::from(ev.data.clone()));
+        for step in &rule.sends {
+            out.push(dispatch(rs, ev, rule, step, ctx));
+        }
+        if rule.stop {
+            break;
+        }
+    }
+    out
+}
+
+fn dispatch(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Context) -> Dispatch {
+    let destination = rs.effective_destination(&step.to).to_string();
+    let mut d = Dispatch {
+        rule: rule.id.clone(),
+        to: step.to.clone(),
+        destination: destination.clone(),
+        event_id: ev.id.clone(),
+        template: step.template.clone(),
+        target: Target::default(),
+        message: Err(DispatchError::Render(String::new())),
+        secret: ev.secret,
+    };
+    let plain = |name: &Option<String>| -> Result<Option<String>, DispatchError> {
+        match name {
+            None => Ok(None),
+            Some(n) => rs
+                .templates
+                .render_plain(n, ctx)
+                .map(|s| Some(s.trim().to_string()).filter(|s| !s.is_empty()))
+                .map_err(|e| DispatchError::Render(e.message)),
+        }
+    };
+    let target = (|| -> Result<Target, DispatchError> {
+        Ok(Target {
+            channel: plain(&step.channel)?,
+            user_email: plain(&step.user_email)?,
+            thread_ts: plain(&step.thread_ts)?,
+            reply_broadcast: step.reply_broadcast,
+        })
+    })();
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => {
+            d.message = Err(e);
+            return d;
+        }
+    };
+    d.target = target;
+    if ev.secret {
+        if let Err(reason) = secret_allowed(rs, ev, &destination, &d.target) {
+            d.message = Err(DispatchError::Refused(reason));
+            return d;
+        }
+    }
+    d.message = rs
+        .templates
+        .render_message(&step.template, ctx)
+        .map_err(|e| DispatchError::Render(format!("template `{}`: {}", e.template, e.message)));
+    d
+}
+
+/// A secret event may only be a Slack DM to the user it belongs to.
+fn secret_allowed(rs: &Ruleset, ev: &Event, destination: &str, t: &Target) -> Result<(), String> {
+    let is_bot = matches!(
+        rs.destinations.get(destination).map(|d| &d.kind),
+        Some(DestinationKind::Slack { .. })
+    );
+    let owner = ev.data["user"]["email"].as_str().unwrap_or("");
+    let to_owner = t.channel.is_none()
+        && t.user_email
+            .as_deref()
+            .is_some_and(|e| !owner.is_empty() && e.eq_ignore_ascii_case(owner));
+    if is_bot && to_owner {
+        Ok(())
+    } else {
+        Err(format!(
+            "a One-Time Passcode notification may only be sent as a Slack DM to its recipient; destination `{destination}` is not a DM to them"
+        ))
+    }
+}
+
+/// How one rule fared against an event, for `simulate`.
+#[derive(Debug, Serialize)]
+pub struct RuleReport {
+    pub rule: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub file: PathBuf,
+    pub matched: bool,
+    /// Why the rule was not evaluated (`on` does not cover the type, or an earlier rule stopped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    pub conditions: Vec<Trace>,
+}
+
+/// Evaluates every rule against the event and says why each matched or not. Agrees with
+/// [`route`] (same conditions, same order, same `stop`).
+pub fn explain(rs: &Ruleset, ev: &Event) -> Vec<RuleReport> {
+    let candidates = rs.candidates(&ev.event_type);
+    let mut stopped_by: Option<String> = None;
+    rs.rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let mut r = RuleReport {
+                rule: rule.id.clone(),
+                description: rule.description.clone(),
+                file: rule.file.clone(),
+                matched: false,
+                skipped: None,
+                conditions: vec![],
+            };
+            if !candidates.contains(&i) {
+                r.skipped = Some(format!(
+                    "`on: {}` does not cover {}",
+                    rule.on.join(", "),
+                    ev.event_type
+                ));
+                return r;
+            }
+            if let Some(s) = &stopped_by {
+                r.skipped = Some(format!("rule `{s}` matched first and has `stop: true`"));
+                return r;
+            }
+            r.conditions = rule
+                .conditions
+                .iter()
+                .map(|c| c.explain(&ev.data))
+                .collect();
+            r.matched = r.conditions.iter().all(|t| t.holds);
+            if r.matched && rule.stop {
+                stopped_by = Some(rule.id.clone());
+            }
+            r
+        })
+        .collect()
+}

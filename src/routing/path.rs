@@ -1,0 +1,192 @@
+//! Compiled JSONPath (RFC 9535, via `jsonpath-rust`).
+//!
+//! Paths are parsed once at load time. Most rule paths are plain member/index chains
+//! (`$.after.properties.cpuUtil`); those are evaluated by walking the tree directly, which gives
+//! exactly the RFC's result for such paths without building the result paths the general
+//! engine computes. Everything else (wildcards, filters, slices, descendants) goes through
+//! `jsonpath-rust`.
+
+use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
+use serde_json::Value;
+
+/// A JSONPath ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct JsonPathExpr {
+    text: String,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Simple(Vec<Step>),
+    General(Box<JpQuery>),
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Name(String),
+    Index(i64),
+}
+
+impl JsonPathExpr {
+    /// Parses `text`. The error is the parser's message.
+    pub fn compile(text: &str) -> Result<Self, String> {
+        let q = jsonpath_rust::parser::parse_json_path(text)
+            .map_err(|e| clean_error(&e.to_string()))?;
+        Ok(Self::from_query(text.to_string(), q))
+    }
+
+    fn from_query(text: String, q: JpQuery) -> Self {
+        let mut steps = Vec::new();
+        for seg in &q.segments {
+            match seg {
+                Segment::Selector(Selector::Name(n)) => steps.push(Step::Name(n.clone())),
+                Segment::Selector(Selector::Index(i)) => steps.push(Step::Index(*i)),
+                _ => {
+                    return JsonPathExpr {
+                        text,
+                        kind: Kind::General(Box::new(q)),
+                    }
+                }
+            }
+        }
+        JsonPathExpr {
+            text,
+            kind: Kind::Simple(steps),
+        }
+    }
+
+    /// The path as written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// True when the path starts with `$.<name>` for the given name.
+    pub fn starts_with_member(&self, name: &str) -> bool {
+        match &self.kind {
+            Kind::Simple(steps) => matches!(steps.first(), Some(Step::Name(n)) if n == name),
+            Kind::General(q) => {
+                matches!(q.segments.first(), Some(Segment::Selector(Selector::Name(n))) if n == name)
+            }
+        }
+    }
+
+    /// The same path with its first member replaced: `$.after.x` → `$.before.x`.
+    pub fn with_first_member(&self, name: &str) -> Option<Self> {
+        let text = self.text.replacen("after", name, 1);
+        match &self.kind {
+            Kind::Simple(steps) => {
+                let mut steps = steps.clone();
+                match steps.first_mut() {
+                    Some(Step::Name(n)) => *n = name.to_string(),
+                    _ => return None,
+                }
+                Some(JsonPathExpr {
+                    text,
+                    kind: Kind::Simple(steps),
+                })
+            }
+            Kind::General(q) => {
+                let mut q = (**q).clone();
+                match q.segments.first_mut() {
+                    Some(Segment::Selector(Selector::Name(n))) => *n = name.to_string(),
+                    _ => return None,
+                }
+                Some(JsonPathExpr {
+                    text,
+                    kind: Kind::General(Box::new(q)),
+                })
+            }
+        }
+    }
+
+    /// The nodes the path selects in `root` (the RFC's nodelist, values only).
+    pub fn select<'a>(&self, root: &'a Value) -> Vec<&'a Value> {
+        match &self.kind {
+            Kind::Simple(steps) => {
+                let mut cur = root;
+                for s in steps {
+                    let next = match (s, cur) {
+                        (Step::Name(n), Value::Object(m)) => m.get(n),
+                        (Step::Index(i), Value::Array(a)) => {
+                            let idx = if *i < 0 { a.len() as i64 + *i } else { *i };
+                            usize::try_from(idx).ok().and_then(|i| a.get(i))
+                        }
+                        _ => None,
+                    };
+                    match next {
+                        Some(v) => cur = v,
+                        None => return Vec::new(),
+                    }
+                }
+                vec![cur]
+            }
+            Kind::General(q) => match jsonpath_rust::query::js_path_process(q, root) {
+                Ok(refs) => refs.into_iter().map(|r| r.val).collect(),
+                Err(_) => Vec::new(),
+            },
+        }
+    }
+
+    /// The first selected node, if any.
+    pub fn first<'a>(&self, root: &'a Value) -> Option<&'a Value> {
+        self.select(root).into_iter().next()
+    }
+}
+
+fn clean_error(msg: &str) -> String {
+    // pest errors are multi-line with their own arrows; keep the first informative line.
+    let first = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or(msg);
+    let mut s = first.trim().to_string();
+    if let Some(exp) = msg.lines().find(|l| l.contains("expected")) {
+        if !s.contains("expected") {
+            s = format!("{s}: {}", exp.trim().trim_start_matches('=').trim());
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn simple_and_general_paths_agree() {
+        let v = json!({"after": {"properties": {"cpuUtil": 91, "tags": ["a", "b"]}}});
+        for p in [
+            "$.after.properties.cpuUtil",
+            "$['after']['properties']['cpuUtil']",
+            "$.after.properties.tags[1]",
+            "$.after.properties.tags[-1]",
+        ] {
+            let e = JsonPathExpr::compile(p).unwrap();
+            let general = jsonpath_rust::query::js_path_vals(p, &v).unwrap();
+            assert_eq!(e.select(&v), general, "{p}");
+        }
+        let wild = JsonPathExpr::compile("$.after.properties.tags[*]").unwrap();
+        assert_eq!(wild.select(&v).len(), 2);
+        let filt = JsonPathExpr::compile("$.after.properties.tags[?@ == 'b']").unwrap();
+        assert_eq!(filt.select(&v), vec![&json!("b")]);
+    }
+
+    #[test]
+    fn missing_paths_select_nothing_and_bad_paths_fail() {
+        let v = json!({"a": 1});
+        assert!(JsonPathExpr::compile("$.b.c")
+            .unwrap()
+            .select(&v)
+            .is_empty());
+        assert!(JsonPathExpr::compile("$.a[").is_err());
+        assert!(JsonPathExpr::compile("after.x").is_err());
+    }
+
+    #[test]
+    fn before_path_is_derived_from_after() {
+        let e = JsonPathExpr::compile("$.after.properties.x").unwrap();
+        let b = e.with_first_member("before").unwrap();
+        assert_eq!(b.text(), "$.before.properties.x");
+        let v = json!({"before": {"properties": {"x": 1}}});
+        assert_eq!(b.select(&v), vec![&json!(1)]);
+    }
+}

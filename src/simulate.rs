@@ -1,0 +1,195 @@
+//! `switchyard simulate`: what would happen to one event, and why.
+//!
+//! Decodes the event with the named source's decoder, explains every rule (matched, or which
+//! condition failed on what value, or why it was skipped), and shows the rendered message of
+//! each dispatch. Nothing is sent. A secret event (One-Time Passcode) is explained without any
+//! of its values.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::event::Event;
+use crate::routing::condition::Trace;
+use crate::routing::{explain, route, Dispatch, DispatchError, RuleReport, Ruleset};
+use crate::sources::{Decoded, Rejection, Request};
+
+/// The outcome of a simulation.
+#[derive(Debug, Serialize)]
+pub struct Simulation {
+    pub event_type: String,
+    pub event_id: String,
+    pub source: String,
+    pub secret: bool,
+    pub rules: Vec<RuleReport>,
+    pub dispatches: Vec<Dispatch>,
+}
+
+/// Why an event could not be simulated.
+#[derive(Debug)]
+pub enum SimulateError {
+    UnknownSource(String),
+    Rejected(Rejection),
+    Acknowledged,
+}
+
+impl std::fmt::Display for SimulateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SimulateError::UnknownSource(s) => write!(f, "{s}"),
+            SimulateError::Rejected(r) => write!(
+                f,
+                "the source rejects this event ({}): {}",
+                r.status(),
+                r.reason()
+            ),
+            SimulateError::Acknowledged => write!(
+                f,
+                "the source acknowledges this request without routing anything"
+            ),
+        }
+    }
+}
+
+/// Finds a source by name, or else the only source of that kind.
+pub fn find_source<'a>(
+    rs: &'a Ruleset,
+    name: &str,
+) -> Result<&'a crate::config::SourceEntry, SimulateError> {
+    if let Some(s) = rs.sources.get(name) {
+        return Ok(s);
+    }
+    let of_kind: Vec<_> = rs.sources.values().filter(|s| s.kind == name).collect();
+    match of_kind.as_slice() {
+        [one] => Ok(one),
+        _ => Err(SimulateError::UnknownSource(format!(
+            "no source `{name}`; defined: {}",
+            rs.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// Decodes and simulates a raw body.
+pub fn simulate(rs: &Ruleset, source: &str, req: &Request) -> Result<Simulation, SimulateError> {
+    let src = find_source(rs, source)?;
+    let ev = match src.source.decode(&src.name, req) {
+        Ok(Decoded::Event(ev)) => ev,
+        Ok(Decoded::Ack) => return Err(SimulateError::Acknowledged),
+        Err(r) => return Err(SimulateError::Rejected(r)),
+    };
+    Ok(simulate_event(rs, &ev))
+}
+
+/// Simulates a decoded event.
+pub fn simulate_event(rs: &Ruleset, ev: &Event) -> Simulation {
+    let mut rules = explain(rs, ev);
+    let mut dispatches = route(rs, ev);
+    if ev.secret {
+        for r in &mut rules {
+            for t in &mut r.conditions {
+                redact_trace(t);
+            }
+        }
+        for d in &mut dispatches {
+            if d.message.is_ok() {
+                d.message = Ok(Value::String(
+                    "[secret: One-Time Passcode notification, not shown]".into(),
+                ));
+            }
+        }
+    }
+    Simulation {
+        event_type: ev.event_type.clone(),
+        event_id: ev.id.clone(),
+        source: ev.source.clone(),
+        secret: ev.secret,
+        rules,
+        dispatches,
+    }
+}
+
+fn redact_trace(t: &mut Trace) {
+    t.saw = "[secret event: values not shown]".into();
+    for c in &mut t.children {
+        redact_trace(c);
+    }
+}
+
+/// Human-readable output.
+pub fn to_text(sim: &Simulation) -> String {
+    let mut s = format!(
+        "event {} (id {}) from source `{}`\n",
+        sim.event_type, sim.event_id, sim.source
+    );
+    if sim.secret {
+        s.push_str("this event is secret (One-Time Passcode): values are not shown\n");
+    }
+    s.push_str("\nrules:\n");
+    let skipped_by_type = sim
+        .rules
+        .iter()
+        .filter(|r| r.skipped.as_deref().is_some_and(|w| w.starts_with("`on:")))
+        .count();
+    for r in sim
+        .rules
+        .iter()
+        .filter(|r| !r.skipped.as_deref().is_some_and(|w| w.starts_with("`on:")))
+    {
+        let mark = if r.matched {
+            "✓ matched"
+        } else if r.skipped.is_some() {
+            "- skipped"
+        } else {
+            "✗ not matched"
+        };
+        s.push_str(&format!("  {mark}  {}  ({})\n", r.rule, r.file.display()));
+        if let Some(why) = &r.skipped {
+            s.push_str(&format!("      {why}\n"));
+        }
+        for t in &r.conditions {
+            trace_text(&mut s, t, 6);
+        }
+    }
+    if skipped_by_type > 0 {
+        s.push_str(&format!(
+            "  ({skipped_by_type} other rules do not listen to {})\n",
+            sim.event_type
+        ));
+    }
+    s.push_str(&format!("\ndispatches: {}\n", sim.dispatches.len()));
+    for d in &sim.dispatches {
+        let via = if d.destination != d.to {
+            format!(" (delivered by `{}`)", d.destination)
+        } else {
+            String::new()
+        };
+        s.push_str(&format!("\n→ rule `{}` to `{}`{via}\n", d.rule, d.to));
+        let t = serde_json::to_value(&d.target).unwrap_or(Value::Null);
+        if t.as_object().is_some_and(|m| !m.is_empty()) {
+            s.push_str(&format!("  target: {t}\n"));
+        }
+        match &d.message {
+            Ok(m) => s.push_str(&format!(
+                "{}\n",
+                serde_json::to_string_pretty(m).unwrap_or_default()
+            )),
+            Err(DispatchError::Render(e)) => s.push_str(&format!(
+                "  RENDER ERROR (would become a dead letter): {e}\n"
+            )),
+            Err(DispatchError::Refused(e)) => s.push_str(&format!("  REFUSED (not sent): {e}\n")),
+        }
+    }
+    s
+}
+
+fn trace_text(s: &mut String, t: &Trace, indent: usize) {
+    let mark = if t.holds { "✓" } else { "✗" };
+    let saw = if t.saw.is_empty() {
+        String::new()
+    } else {
+        format!("  — {}", t.saw)
+    };
+    s.push_str(&format!("{:indent$}{mark} {}{saw}\n", "", t.text));
+    for c in &t.children {
+        trace_text(s, c, indent + 2);
+    }
+}

@@ -1,0 +1,351 @@
+//! `switchyard check`: every class of error is reported at the right file, line and column, and
+//! the shipped rules pass.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use switchyard::check;
+use switchyard::config::diag::Diagnostic;
+use switchyard::config::{LoadOptions, Mode};
+
+fn opts() -> LoadOptions {
+    let mut o = LoadOptions::new(Mode::Check);
+    o.env = Arc::new(|name| match name {
+        "SET_VAR" => Some("value".into()),
+        _ => None,
+    });
+    o
+}
+
+const HEADER: &str = "sources:\n  port:\n    port: { client_secret: \"${SET_VAR}\" }\ndestinations:\n  console: { stdout: {} }\n";
+
+/// Writes a rules dir with one `rules.yaml` (HEADER + `body`) and optional templates.
+fn dir_with(body: &str, templates: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("rules.yaml"), format!("{HEADER}{body}")).unwrap();
+    if !templates.is_empty() {
+        std::fs::create_dir(d.path().join("templates")).unwrap();
+        for (n, t) in templates {
+            std::fs::write(d.path().join("templates").join(format!("{n}.hbs")), t).unwrap();
+        }
+    }
+    std::fs::copy(
+        fixture("port/changelog-update-cpu-spike.json"),
+        d.path().join("spike.json"),
+    )
+    .unwrap();
+    d
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+fn errors(dir: &Path) -> Vec<Diagnostic> {
+    let (_, report) = check::run(dir, &opts());
+    assert!(
+        !report.valid,
+        "expected errors, got {:#?}",
+        report.diagnostics
+    );
+    report
+        .diagnostics
+        .into_iter()
+        .filter(|d| d.is_error())
+        .collect()
+}
+
+/// Asserts exactly one error of `code` at `line:column` of `file_name`.
+fn assert_one(dir: &Path, code: &str, file_name: &str, line: usize, column: usize) -> Diagnostic {
+    let errs = errors(dir);
+    let matching: Vec<&Diagnostic> = errs.iter().filter(|d| d.code == code).collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "expected one `{code}` error, got {errs:#?}"
+    );
+    let d = matching[0].clone();
+    assert!(d.file.as_ref().unwrap().ends_with(file_name), "{d:?}");
+    assert_eq!((d.line, d.column), (Some(line), Some(column)), "{d:#?}");
+    d
+}
+
+const RULE: &str = "rules:\n  - id: r\n    on: port/entity.updated\n";
+
+#[test]
+fn broken_yaml() {
+    let d = dir_with("rules:\n  - id: r\n   on: x\n", &[]);
+    assert_one(d.path(), "yaml", "rules.yaml", 8, 4);
+}
+
+#[test]
+fn unknown_key_with_did_you_mean() {
+    let d = dir_with(
+        &format!("{RULE}    wher: []\n    send: [{{ to: console, text: hi }}]\n"),
+        &[],
+    );
+    let e = assert_one(d.path(), "unknown-key", "rules.yaml", 9, 5);
+    assert!(e.hint.unwrap().contains("`where`"));
+}
+
+#[test]
+fn bad_jsonpath() {
+    let d = dir_with(
+        &format!(
+            "{RULE}    where:\n      - $.after[ == 1\n    send: [{{ to: console, text: hi }}]\n"
+        ),
+        &[],
+    );
+    assert_one(d.path(), "bad-jsonpath", "rules.yaml", 10, 9);
+}
+
+#[test]
+fn bad_regex_points_into_the_condition() {
+    let d = dir_with(&format!("{RULE}    where:\n      - \"$.blueprint matches ([a-\"\n    send: [{{ to: console, text: hi }}]\n"), &[]);
+    // The value starts at column 9 with a quote; the regex is 20 characters into the text.
+    assert_one(d.path(), "bad-regex", "rules.yaml", 10, 9 + 1 + 20);
+}
+
+#[test]
+fn unknown_operator() {
+    let d = dir_with(&format!("{RULE}    where:\n      - $.blueprint crosses 80\n    send: [{{ to: console, text: hi }}]\n"), &[]);
+    let e = assert_one(d.path(), "bad-condition", "rules.yaml", 10, 21);
+    assert!(e.hint.unwrap().contains("crosses_above"));
+}
+
+#[test]
+fn unknown_destination() {
+    let d = dir_with(
+        &format!("{RULE}    send:\n      - to: consol\n        text: hi\n"),
+        &[],
+    );
+    let e = assert_one(d.path(), "unknown-destination", "rules.yaml", 10, 13);
+    assert!(e.hint.unwrap().contains("`console`"));
+}
+
+#[test]
+fn missing_template() {
+    let d = dir_with(
+        &format!("{RULE}    send:\n      - to: console\n        template: nope\n"),
+        &[],
+    );
+    assert_one(d.path(), "missing-template", "rules.yaml", 11, 19);
+}
+
+#[test]
+fn template_syntax_error() {
+    let d = dir_with(
+        &format!("{RULE}    send: [{{ to: console, template: t }}]\n"),
+        &[("t", "{\n  \"text\": \"{{#if x}}oops\"\n}\n")],
+    );
+    let e = assert_one(d.path(), "template", "t.hbs", 4, 1);
+    assert!(e.message.contains("template `t`"));
+}
+
+#[test]
+fn rendered_message_over_a_block_kit_limit() {
+    let long = "x".repeat(160);
+    let d = dir_with(
+        &format!(
+            "{RULE}    send: [{{ to: console, template: t }}]\ntests:\n  - name: spike\n    event: {{ source: port, file: spike.json }}\n    expect: [{{ rule: r, to: console }}]\n"
+        ),
+        &[("t", &format!("{{\"blocks\": [{{\"type\": \"header\", \"text\": {{\"type\": \"plain_text\", \"text\": \"{long}\"}}}}]}}"))],
+    );
+    let e = assert_one(d.path(), "block-kit-limit", "t.hbs", 1, 1);
+    assert!(e.message.contains("/blocks/0/text/text"), "{}", e.message);
+    assert!(e.message.contains("150"), "{}", e.message);
+}
+
+#[test]
+fn failing_rule_test() {
+    let d = dir_with(
+        &format!(
+            "{RULE}    where: [\"$.after.properties.cpuUtil > 95\"]\n    send: [{{ to: console, text: hi }}]\ntests:\n  - name: spike\n    event: {{ source: port, file: spike.json }}\n    expect: [{{ rule: r, to: console }}]\n"
+        ),
+        &[],
+    );
+    let e = assert_one(d.path(), "test-failed", "rules.yaml", 12, 5);
+    assert!(
+        e.message.contains("expected r → console, got nothing"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn failing_message_expectation_points_at_the_expectation() {
+    let d = dir_with(
+        &format!(
+            "{RULE}    send: [{{ to: console, text: \"cpu {{{{after.properties.cpuUtil}}}}\" }}]\ntests:\n  - name: spike\n    event: {{ source: port, file: spike.json }}\n    expect:\n      - {{ rule: r, to: console, message: {{ text: \"cpu 90\" }} }}\n"
+        ),
+        &[],
+    );
+    let e = assert_one(d.path(), "test-failed", "rules.yaml", 14, 9);
+    assert!(e.hint.unwrap().contains("cpu 91"));
+}
+
+#[test]
+fn duplicates_name_both_places() {
+    let d = dir_with(
+        &format!("{RULE}    send: [{{ to: console, text: hi }}]\n"),
+        &[],
+    );
+    std::fs::write(
+        d.path().join("second.yaml"),
+        "destinations:\n  console: { stdout: {} }\nrules:\n  - id: r\n    on: port/entity.updated\n    send: [{ to: console, text: hi }]\n",
+    )
+    .unwrap();
+    let errs = errors(d.path());
+    let dup: Vec<_> = errs.iter().filter(|e| e.code == "duplicate").collect();
+    assert_eq!(dup.len(), 2, "{errs:#?}");
+    assert!(
+        dup.iter().any(|e| e.message.contains("rules.yaml:5:3")),
+        "{dup:#?}"
+    );
+    assert!(
+        dup.iter().any(|e| e.message.contains("rules.yaml:7:5")),
+        "{dup:#?}"
+    );
+}
+
+#[test]
+fn unknown_event_type() {
+    let d = dir_with(
+        "rules:\n  - id: r\n    on: port/entity.update\n    send: [{ to: console, text: hi }]\n",
+        &[],
+    );
+    let e = assert_one(d.path(), "unknown-event-type", "rules.yaml", 8, 9);
+    assert!(e.hint.unwrap().contains("port/entity.updated"));
+}
+
+#[test]
+fn otp_to_a_channel_is_rejected() {
+    let d = dir_with("", &[]);
+    std::fs::write(
+        d.path().join("coder.yaml"),
+        "sources:\n  coder2: { coder: { token: \"${SET_VAR}\" } }\nrules:\n  - id: leak\n    on: coder/notification\n    send: [{ to: console, text: \"{{title}}\" }]\n",
+    )
+    .unwrap();
+    let e = assert_one(d.path(), "otp-leak", "coder.yaml", 6, 11);
+    assert!(e.message.contains("One-Time Passcode"));
+}
+
+#[test]
+fn hostile_inputs_get_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    // An alias bomb.
+    let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    for (i, c) in ('b'..='k').enumerate() {
+        let prev = (b'a' + i as u8) as char;
+        bomb.push_str(&format!("{c}: &{c} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+    }
+    std::fs::write(d.path().join("bomb.yaml"), bomb).unwrap();
+    // A 50 MB file.
+    std::fs::write(d.path().join("huge.yaml"), vec![b'#'; 50 * 1024 * 1024]).unwrap();
+    // A binary file.
+    std::fs::write(
+        d.path().join("binary.yaml"),
+        [0x7f, b'E', b'L', b'F', 0, 1, 2, 3],
+    )
+    .unwrap();
+    // Deep nesting.
+    std::fs::write(
+        d.path().join("deep.yaml"),
+        format!("a: {}", "[".repeat(100_000)),
+    )
+    .unwrap();
+    // Not UTF-8.
+    std::fs::write(d.path().join("latin1.yaml"), b"a: caf\xe9\n").unwrap();
+    let errs = errors(d.path());
+    let by_file = |n: &str| {
+        errs.iter()
+            .find(|e| e.file.as_ref().is_some_and(|f| f.ends_with(n)))
+            .unwrap_or_else(|| panic!("no error for {n}: {errs:#?}"))
+    };
+    assert!(by_file("bomb.yaml").message.contains("nodes"));
+    assert!(by_file("huge.yaml").message.contains("over the limit"));
+    assert!(by_file("binary.yaml").message.contains("binary"));
+    let deep = &by_file("deep.yaml").message;
+    assert!(
+        deep.contains("nesting") || deep.contains("recursion limit"),
+        "{deep}"
+    );
+    assert!(by_file("latin1.yaml").message.contains("UTF-8"));
+}
+
+#[test]
+fn the_shipped_rules_pass() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let (_, report) = check::run(&dir, &opts());
+    let errs: Vec<_> = report.diagnostics.iter().filter(|d| d.is_error()).collect();
+    assert!(report.valid, "{errs:#?}");
+    assert!(report.tests_run >= 10);
+    assert_eq!(report.tests_run, report.tests_passed);
+}
+
+#[test]
+fn cli_exit_codes_and_json_output() {
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let ok = Command::new(bin)
+        .args(["check", "rules"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let d = dir_with(
+        &format!("{RULE}    send: [{{ to: nowhere, text: hi }}]\n"),
+        &[],
+    );
+    let bad = Command::new(bin)
+        .args(["check", "--format", "json"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
+    let diag = v["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["code"] == "unknown-destination")
+        .unwrap();
+    assert_eq!(diag["line"], 9);
+    assert_eq!(diag["column"], 18);
+    let text = Command::new(bin)
+        .arg("check")
+        .arg(d.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(stderr.contains("rules.yaml:9:18"), "{stderr}");
+    assert!(
+        stderr.contains("send: [{ to: nowhere"),
+        "the offending line is shown: {stderr}"
+    );
+    let usage = Command::new(bin)
+        .args(["check", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}
+
+#[test]
+fn schema_is_up_to_date() {
+    let checked_in = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/rules.schema.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        checked_in,
+        switchyard::config::spec::json_schema(),
+        "schemas/rules.schema.json is stale: run `cargo run -- schema > schemas/rules.schema.json`"
+    );
+}
