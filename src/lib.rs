@@ -14,8 +14,12 @@
 
 pub mod check;
 pub mod config;
+pub mod deliver;
+pub mod destinations;
 pub mod event;
+pub mod outbox;
 pub mod render;
 pub mod routing;
+pub mod server;
 pub mod simulate;
 pub mod sources;

@@ -27,6 +27,58 @@ enum Format {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+struct DlArgs {
+    #[arg(long, default_value = "data", env = "SWITCHYARD_DATA_DIR")]
+    data_dir: PathBuf,
+    /// A running server's base URL (e.g. http://127.0.0.1:8080); uses its admin API.
+    #[arg(long, env = "SWITCHYARD_SERVER")]
+    server: Option<String>,
+    #[arg(long)]
+    destination: Option<String>,
+    #[arg(long)]
+    rule: Option<String>,
+    /// Only dead letters from the last DURATION (e.g. `2h`).
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// List dead letters (newest first).
+    List {
+        #[command(flatten)]
+        args: DlArgs,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Show one dead letter with its message and every attempt.
+    Show {
+        #[command(flatten)]
+        args: DlArgs,
+        id: i64,
+    },
+    /// Queue dead letters for delivery again (all matching the filters, or the given ids).
+    Replay {
+        #[command(flatten)]
+        args: DlArgs,
+        ids: Vec<i64>,
+    },
+    /// Delete dead letters matching the filters.
+    Purge {
+        #[command(flatten)]
+        args: DlArgs,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate a rules directory and run its rule tests (exit 0 valid, 1 invalid, 2 usage).
@@ -55,6 +107,32 @@ enum Command {
         format: Format,
         /// The raw event body (a file).
         event: PathBuf,
+    },
+    /// Run the engine: receive webhooks, route them, deliver the messages.
+    Serve {
+        #[arg(long, default_value = "rules", env = "SWITCHYARD_RULES")]
+        rules: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080", env = "SWITCHYARD_LISTEN")]
+        listen: std::net::SocketAddr,
+        /// Where the durable outbox and dead letters live.
+        #[arg(long, default_value = "data", env = "SWITCHYARD_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SWITCHYARD_LOG_FORMAT")]
+        log_format: LogFormat,
+        /// Deliveries waiting before new events are answered 503.
+        #[arg(long, default_value_t = 100_000, env = "SWITCHYARD_MAX_PENDING")]
+        max_pending: usize,
+        /// Seconds to let attempts in progress finish on SIGTERM/SIGINT.
+        #[arg(long, default_value_t = 10)]
+        grace_seconds: u64,
+        /// Do not watch the rules directory (reload with SIGHUP or POST /-/reload).
+        #[arg(long)]
+        no_watch: bool,
+    },
+    /// Inspect, replay or purge dead letters (in the data directory, or via a running server).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
     },
     /// Print the JSON Schema of a rules file.
     Schema,
@@ -89,6 +167,46 @@ fn main() -> ExitCode {
             format,
             event,
         } => cmd_simulate(rules, source, headers, format, event),
+        Command::Serve {
+            rules,
+            listen,
+            data_dir,
+            log_format,
+            max_pending,
+            grace_seconds,
+            no_watch,
+        } => {
+            init_logging(log_format);
+            let admin_token = std::env::var("SWITCHYARD_ADMIN_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(switchyard::config::secret::Secret::new);
+            let cfg = switchyard::server::ServeConfig {
+                rules_dir: rules,
+                listen,
+                data_dir,
+                max_pending,
+                admin_token,
+                grace: std::time::Duration::from_secs(grace_seconds),
+                watch: !no_watch,
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(switchyard::server::serve(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::DeadLetters { action } => dead_letters::run(action),
         Command::Schema => {
             print!("{}", switchyard::config::spec::json_schema());
             ExitCode::SUCCESS
@@ -258,4 +376,235 @@ fn cmd_sign(secret_env: String, timestamp: Option<String>, slack: bool, body: Pa
         );
     }
     ExitCode::SUCCESS
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+mod dead_letters {
+    //! `switchyard dead-letters`: against the data directory, or a running server's admin API.
+    use std::process::ExitCode;
+
+    use super::{DeadLetterAction, DlArgs, Format};
+    use switchyard::outbox::{list_dead, DeadLetter, DeadLetterFilter, Outbox};
+
+    fn filter(a: &DlArgs) -> Result<DeadLetterFilter, String> {
+        let since = match &a.since {
+            None => None,
+            Some(s) => Some(
+                switchyard::outbox::now_ms()
+                    - switchyard::config::parse_duration(s)
+                        .ok_or_else(|| format!("`{s}` is not a duration (e.g. `2h`)"))?
+                        .as_millis() as i64,
+            ),
+        };
+        Ok(DeadLetterFilter {
+            destination: a.destination.clone(),
+            rule: a.rule.clone(),
+            since,
+            until: None,
+            limit: a.limit,
+        })
+    }
+
+    fn server_call(
+        a: &DlArgs,
+        server: &str,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        let token = std::env::var("SWITCHYARD_ADMIN_TOKEN")
+            .map_err(|_| "set SWITCHYARD_ADMIN_TOKEN to use --server".to_string())?;
+        let f = filter(a)?;
+        let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let client = reqwest::Client::new();
+            let url = format!("{}{path}", server.trim_end_matches('/'));
+            let mut req = if method == "GET" {
+                client.get(&url)
+            } else {
+                client.post(&url)
+            };
+            let mut q = Vec::new();
+            if let Some(d) = &f.destination {
+                q.push(("destination", d.clone()));
+            }
+            if let Some(r) = &f.rule {
+                q.push(("rule", r.clone()));
+            }
+            if let Some(s) = f.since {
+                q.push(("since", s.to_string()));
+            }
+            if let Some(l) = f.limit {
+                q.push(("limit", l.to_string()));
+            }
+            if method == "GET" {
+                req = req.query(&q);
+            }
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            let resp = req
+                .bearer_auth(token)
+                .send()
+                .await
+                .map_err(|e| format!("cannot reach {server}: {e}"))?;
+            let status = resp.status();
+            let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+            if !status.is_success() {
+                return Err(format!("{status}: {}", v["reason"].as_str().unwrap_or("")));
+            }
+            Ok(v)
+        })
+    }
+
+    fn print_list(list: &[DeadLetter], format: Format) {
+        if format == Format::Json {
+            println!("{}", serde_json::to_string_pretty(list).unwrap_or_default());
+            return;
+        }
+        if list.is_empty() {
+            println!("no dead letters");
+            return;
+        }
+        println!(
+            "{:>6}  {:<20}  {:<18}  {:<24}  {:>3}  last error",
+            "id", "died (UTC)", "destination", "rule", "try"
+        );
+        for d in list {
+            let when = chrono::DateTime::from_timestamp_millis(d.dead_at)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            println!(
+                "{:>6}  {:<20}  {:<18}  {:<24}  {:>3}  {}",
+                d.id,
+                when,
+                d.destination,
+                d.rule,
+                d.attempts.len(),
+                switchyard::render::blockkit::truncate_chars(&d.last_error, 80)
+            );
+        }
+    }
+
+    pub fn run(action: DeadLetterAction) -> ExitCode {
+        match go(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        }
+    }
+
+    fn db(a: &DlArgs) -> Result<std::path::PathBuf, String> {
+        let p = a.data_dir.join("switchyard.db");
+        if !p.exists() {
+            return Err(format!(
+                "no outbox database at {} (use --data-dir, or --server for a running engine)",
+                p.display()
+            ));
+        }
+        Ok(p)
+    }
+
+    fn go(action: DeadLetterAction) -> Result<(), String> {
+        match action {
+            DeadLetterAction::List { args, format } => {
+                let list: Vec<DeadLetter> = match &args.server {
+                    Some(s) => serde_json::from_value(
+                        server_call(&args, s, "GET", "/-/dead-letters", None)?["dead_letters"]
+                            .clone(),
+                    )
+                    .map_err(|e| e.to_string())?,
+                    None => list_dead(&db(&args)?, &filter(&args)?)?,
+                };
+                print_list(&list, format);
+            }
+            DeadLetterAction::Show { args, id } => {
+                let list: Vec<DeadLetter> = match &args.server {
+                    Some(s) => serde_json::from_value(
+                        server_call(&args, s, "GET", "/-/dead-letters", None)?["dead_letters"]
+                            .clone(),
+                    )
+                    .map_err(|e| e.to_string())?,
+                    None => list_dead(
+                        &db(&args)?,
+                        &DeadLetterFilter {
+                            limit: Some(1_000_000),
+                            ..Default::default()
+                        },
+                    )?,
+                };
+                let d = list
+                    .into_iter()
+                    .find(|d| d.id == id)
+                    .ok_or_else(|| format!("no dead letter {id}"))?;
+                println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
+            }
+            DeadLetterAction::Replay { args, ids } => match &args.server {
+                Some(s) => {
+                    let body = if ids.is_empty() {
+                        serde_json::to_value(filter_body(&args)?).unwrap_or_default()
+                    } else {
+                        serde_json::json!({"ids": ids})
+                    };
+                    let v = server_call(&args, s, "POST", "/-/dead-letters/replay", Some(body))?;
+                    println!("replayed {}", v["replayed"]);
+                }
+                None => {
+                    let path = db(&args)?;
+                    let ids = if ids.is_empty() {
+                        list_dead(&path, &filter(&args)?)?
+                            .into_iter()
+                            .map(|d| d.id)
+                            .collect()
+                    } else {
+                        ids
+                    };
+                    let outbox = Outbox::open(&args.data_dir, usize::MAX)?;
+                    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                    let jobs = rt.block_on(outbox.replay(ids))?;
+                    println!("queued {} message(s) again; a running engine delivers them on its next start (use --server to deliver now)", jobs.len());
+                }
+            },
+            DeadLetterAction::Purge { args } => match &args.server {
+                Some(s) => {
+                    let v = server_call(
+                        &args,
+                        s,
+                        "POST",
+                        "/-/dead-letters/purge",
+                        Some(serde_json::to_value(filter_body(&args)?).unwrap_or_default()),
+                    )?;
+                    println!("purged {}", v["purged"]);
+                }
+                None => {
+                    db(&args)?;
+                    let outbox = Outbox::open(&args.data_dir, usize::MAX)?;
+                    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                    let n = rt.block_on(outbox.purge(filter(&args)?))?;
+                    println!("purged {n}");
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn filter_body(a: &DlArgs) -> Result<serde_json::Value, String> {
+        let f = filter(a)?;
+        Ok(
+            serde_json::json!({"destination": f.destination, "rule": f.rule, "since": f.since, "limit": f.limit}),
+        )
+    }
 }

@@ -48,7 +48,7 @@ pub struct SourceEntry {
 }
 
 /// What a destination is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DestinationKind {
     SlackWebhook {
         url: Secret,
@@ -81,7 +81,7 @@ impl DestinationKind {
 }
 
 /// A configured destination with its delivery settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DestinationConfig {
     pub name: String,
     pub kind: DestinationKind,
@@ -93,6 +93,9 @@ pub struct DestinationConfig {
     /// Messages per second; `None` is unlimited.
     pub rate_per_second: Option<f64>,
     pub concurrency: u32,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub max_age: Duration,
     pub file: PathBuf,
 }
 

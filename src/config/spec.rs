@@ -141,12 +141,22 @@ pub struct DestinationSpec {
     /// Most delivery attempts before a message becomes a dead letter (default 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    /// Messages per second (default 1 for Slack, as Slack asks; unlimited otherwise).
+    /// Messages per second (default 1, as Slack asks, for `slack_webhook` and per channel for
+    /// `slack`; unlimited otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_second: Option<f64>,
     /// Concurrent deliveries (default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
+    /// First retry delay, doubled per attempt with full jitter (default `1s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_initial: Option<String>,
+    /// Longest retry delay (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_max: Option<String>,
+    /// Age after which an undelivered message becomes a dead letter (default `24h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
 }
 
 /// Slack incoming webhook settings.

@@ -83,10 +83,22 @@ pub struct Dispatch {
     /// The message template used.
     pub template: String,
     pub target: Target,
-    /// The rendered message, or why there is none.
+    /// The rendered message, or why there is none (serialized as the message itself, or as
+    /// `{"error": {"kind", "reason"}}`).
+    #[serde(serialize_with = "ser_message")]
     pub message: Result<Value, DispatchError>,
     /// The event is secret (OTP): never log or print the message.
     pub secret: bool,
+}
+
+fn ser_message<S: serde::Serializer>(
+    m: &Result<Value, DispatchError>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match m {
+        Ok(v) => v.serialize(s),
+        Err(e) => serde_json::json!({ "error": e }).serialize(s),
+    }
 }
 
 /// Everything loaded from a rules directory, compiled and validated. Immutable: a reload builds
@@ -248,7 +260,12 @@ fn dispatch(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Contex
 }
 
 /// A secret event may only be a Slack DM to the user it belongs to.
-fn secret_allowed(rs: &Ruleset, ev: &Event, destination: &str, t: &Target) -> Result<(), String> {
+pub(crate) fn secret_allowed(
+    rs: &Ruleset,
+    ev: &Event,
+    destination: &str,
+    t: &Target,
+) -> Result<(), String> {
     let is_bot = matches!(
         rs.destinations.get(destination).map(|d| &d.kind),
         Some(DestinationKind::Slack { .. })

@@ -107,7 +107,7 @@ pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 
 /// Constant-time equality of two secrets of any length (compares their SHA-256 digests, so the
 /// time taken does not depend on where they differ or on their lengths).
-pub(crate) fn secret_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
     let (x, y) = (Sha256::digest(a), Sha256::digest(b));
     x.ct_eq(&y).into()
 }

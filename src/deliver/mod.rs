@@ -1,0 +1,332 @@
+//! Delivery: per-destination pacing, concurrency, retries and dead letters.
+//!
+//! Every job runs as its own task that: waits for the destination's rate limit (and, for the
+//! Slack bot, the per-channel pace) *before* taking one of the destination's concurrency
+//! permits, so a slow channel never holds a permit another channel could use; makes one attempt;
+//! then records the outcome in the outbox. Transient failures are retried with exponential
+//! backoff (`backon`'s schedule) and full jitter, never sooner than the upstream's
+//! `Retry-After`; a job past its destination's `max_attempts` or `max_age` becomes a dead letter.
+//! Destinations have separate limiters, permits and tasks, so one that is down or slow never
+//! delays another.
+//!
+//! Shutdown: waiting tasks stop at once (their jobs stay pending in the outbox and resume on the
+//! next start); a task in the middle of an attempt finishes that attempt and records it.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::config::{DestinationConfig, DestinationKind};
+use crate::destinations::{self, DeliveryError, Destination, TemplatesHandle};
+use crate::outbox::{now_ms, Job, Outbox, Outcome};
+use crate::routing::Ruleset;
+
+/// Counters of one destination, for `/status`.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DestinationStats {
+    pub kind: &'static str,
+    pub delivered: u64,
+    pub failed_attempts: u64,
+    pub dead_letters: u64,
+    pub in_flight: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<i64>,
+}
+
+struct Worker {
+    name: String,
+    cfg: DestinationConfig,
+    dest: Arc<dyn Destination>,
+    limiter: Option<DefaultDirectRateLimiter>,
+    keyed: Option<DefaultKeyedRateLimiter<String>>,
+    permits: Semaphore,
+    stats: Mutex<DestinationStats>,
+}
+
+fn quota(rate: f64) -> Option<Quota> {
+    if !(rate > 0.0 && rate.is_finite()) {
+        return None;
+    }
+    let burst = NonZeroU32::new(rate.ceil().clamp(1.0, 10_000.0) as u32)?;
+    Quota::with_period(Duration::from_secs_f64(1.0 / rate)).map(|q| q.allow_burst(burst))
+}
+
+impl Worker {
+    fn new(cfg: &DestinationConfig, client: &reqwest::Client, rs: &Arc<Ruleset>) -> Worker {
+        let dest = destinations::build(cfg, client, Arc::new(TemplatesHandle(rs.clone())));
+        // The Slack Web API is paced per channel; everything else per destination.
+        let per_channel = matches!(cfg.kind, DestinationKind::Slack { .. });
+        let q = cfg.rate_per_second.and_then(quota);
+        Worker {
+            name: cfg.name.clone(),
+            cfg: cfg.clone(),
+            dest,
+            limiter: if per_channel {
+                None
+            } else {
+                q.map(RateLimiter::direct)
+            },
+            keyed: if per_channel {
+                q.map(RateLimiter::keyed)
+            } else {
+                None
+            },
+            permits: Semaphore::new(cfg.concurrency as usize),
+            stats: Mutex::new(DestinationStats {
+                kind: cfg.kind.name(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, DestinationStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The delivery stage. Cheap to clone.
+#[derive(Clone)]
+pub struct Deliverer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    outbox: Outbox,
+    client: reqwest::Client,
+    workers: RwLock<HashMap<String, Arc<Worker>>>,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+    tracker: TaskTracker,
+}
+
+impl Deliverer {
+    /// A deliverer writing outcomes to `outbox`.
+    pub fn new(outbox: Outbox) -> Result<Deliverer, String> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(64)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        Ok(Deliverer {
+            inner: Arc::new(Inner {
+                outbox,
+                client,
+                workers: RwLock::new(HashMap::new()),
+                stop_tx,
+                stop_rx,
+                tracker: TaskTracker::new(),
+            }),
+        })
+    }
+
+    /// Builds a worker per destination of the ruleset. Destinations whose settings did not
+    /// change keep their worker (and its pacing state); removed ones are dropped, and jobs
+    /// still addressed to them become dead letters when they come up.
+    pub fn configure(&self, rs: &Arc<Ruleset>) {
+        let mut workers = self
+            .inner
+            .workers
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut next = HashMap::new();
+        for (name, cfg) in &rs.destinations {
+            let same = workers
+                .get(name)
+                .filter(|w| same_settings(&w.cfg, cfg))
+                .cloned();
+            let w = match same {
+                Some(w) if !matches!(cfg.kind, DestinationKind::Webhook { .. }) => w,
+                _ => Arc::new(Worker::new(cfg, &self.inner.client, rs)),
+            };
+            next.insert(name.clone(), w);
+        }
+        *workers = next;
+    }
+
+    /// Starts delivering jobs (just committed, or pending from before a restart).
+    pub fn submit(&self, jobs: Vec<Job>) {
+        for job in jobs {
+            let worker = self
+                .inner
+                .workers
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&job.destination)
+                .cloned();
+            let inner = self.inner.clone();
+            self.inner.tracker.spawn(async move {
+                match worker {
+                    Some(w) => run(inner, w, job).await,
+                    None => {
+                        let error = format!("destination `{}` no longer exists in the rules", job.destination);
+                        tracing::warn!(destination = %job.destination, rule = %job.rule, event_id = %job.event_id, "{error}; kept as a dead letter");
+                        metrics::counter!("switchyard_dead_letters_total", "destination" => job.destination.clone()).increment(1);
+                        inner.outbox.finish(job.id, Outcome::Dead { error }).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Per-destination counters.
+    pub fn stats(&self) -> Vec<(String, DestinationStats)> {
+        let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = workers
+            .iter()
+            .map(|(n, w)| (n.clone(), w.stats().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Stops: waiting jobs stay pending; attempts in progress finish, within `grace`.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        let _ = self.inner.stop_tx.send(true);
+        self.inner.tracker.close();
+        tokio::time::timeout(grace, self.inner.tracker.wait())
+            .await
+            .is_ok()
+    }
+
+    /// Number of job tasks alive (waiting or attempting).
+    pub fn tasks(&self) -> usize {
+        self.inner.tracker.len()
+    }
+}
+
+fn same_settings(a: &DestinationConfig, b: &DestinationConfig) -> bool {
+    a == b
+}
+
+/// Waits for `fut` unless shutdown is requested first; `None` on shutdown.
+async fn or_stop<T>(
+    stop: &mut watch::Receiver<bool>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    if *stop.borrow() {
+        return None;
+    }
+    tokio::select! {
+        v = fut => Some(v),
+        _ = stop.wait_for(|s| *s) => None,
+    }
+}
+
+async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
+    let mut stop = inner.stop_rx.clone();
+    let mut schedule = backon::ExponentialBuilder::default()
+        .with_min_delay(w.cfg.retry_initial)
+        .with_max_delay(w.cfg.retry_max)
+        .with_factor(2.0)
+        .without_max_times()
+        .build();
+    let mut attempts = job.attempts;
+    let pace = w.dest.pace_key(&job);
+    let dest_label = w.name.clone();
+    loop {
+        if let Some(l) = &w.limiter {
+            if or_stop(&mut stop, l.until_ready()).await.is_none() {
+                return;
+            }
+        }
+        if let (Some(k), Some(l)) = (&pace, &w.keyed) {
+            if or_stop(&mut stop, l.until_key_ready(k)).await.is_none() {
+                return;
+            }
+        }
+        let Some(Ok(permit)) = or_stop(&mut stop, w.permits.acquire()).await else {
+            return;
+        };
+        w.stats().in_flight += 1;
+        let started = Instant::now();
+        let result = w.dest.deliver(&job).await;
+        drop(permit);
+        metrics::histogram!("switchyard_delivery_duration_seconds", "destination" => dest_label.clone()).record(started.elapsed().as_secs_f64());
+        attempts += 1;
+        let outcome = {
+            let mut st = w.stats();
+            st.in_flight -= 1;
+            match &result {
+                Ok(()) => {
+                    st.delivered += 1;
+                    Outcome::Delivered
+                }
+                Err(e) => {
+                    st.failed_attempts += 1;
+                    st.last_error = Some(e.reason().to_string());
+                    st.last_error_at = Some(now_ms());
+                    let too_old = now_ms() - job.created_at > w.cfg.max_age.as_millis() as i64;
+                    match e {
+                        DeliveryError::Permanent(r) => Outcome::Dead { error: r.clone() },
+                        DeliveryError::Transient { reason, .. }
+                            if attempts >= w.cfg.max_attempts =>
+                        {
+                            Outcome::Dead {
+                                error: format!("gave up after {attempts} attempts: {reason}"),
+                            }
+                        }
+                        DeliveryError::Transient { reason, .. } if too_old => Outcome::Dead {
+                            error: format!(
+                                "older than max_age ({}s): {reason}",
+                                w.cfg.max_age.as_secs()
+                            ),
+                        },
+                        DeliveryError::Transient { reason, .. } => Outcome::Retry {
+                            error: reason.clone(),
+                        },
+                    }
+                }
+            }
+        };
+        let label = match &outcome {
+            Outcome::Delivered => "delivered",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Dead { .. } => "dead_letter",
+        };
+        metrics::counter!("switchyard_deliveries_total", "destination" => dest_label.clone(), "outcome" => label).increment(1);
+        match &outcome {
+            Outcome::Delivered => {
+                tracing::debug!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, "delivered");
+            }
+            Outcome::Dead { error } => {
+                w.stats().dead_letters += 1;
+                metrics::counter!("switchyard_dead_letters_total", "destination" => dest_label.clone()).increment(1);
+                tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, reason = %error, "delivery failed permanently; kept as a dead letter");
+            }
+            Outcome::Retry { error } => {
+                tracing::info!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, reason = %error, "delivery failed; will retry");
+            }
+        }
+        let retry_after = match &result {
+            Err(DeliveryError::Transient { retry_after, .. }) => *retry_after,
+            _ => None,
+        };
+        let again = matches!(outcome, Outcome::Retry { .. });
+        inner.outbox.finish(job.id, outcome).await;
+        if !again {
+            return;
+        }
+        // Full jitter over the exponential schedule, but never sooner than Retry-After.
+        let step = schedule.next().unwrap_or(w.cfg.retry_max);
+        let jittered = Duration::from_secs_f64(rand::rng().random_range(0.0..=step.as_secs_f64()));
+        let delay = retry_after.map_or(jittered, |r| r.max(jittered));
+        if or_stop(&mut stop, tokio::time::sleep(delay))
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Destinations: where a rendered message goes. One file per kind behind [`Destination`].
+//!
+//! A destination makes one attempt and classifies the result; retrying, pacing and dead
+//! letters are the delivery stage's job ([`crate::deliver`]). The classification follows
+//! Alertmanager's rule: only what can succeed later is retried (timeouts, connection errors,
+//! 429, 5xx); everything else is permanent and goes to dead letters at once with the upstream's
+//! reason.
+
+mod slack;
+mod slack_webhook;
+mod stdout;
+mod webhook;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{DestinationConfig, DestinationKind};
+use crate::outbox::Job;
+use crate::render::Templates;
+
+pub use slack::SlackBot;
+
+/// A boxed future (destinations are trait objects).
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryError {
+    /// Will not succeed by retrying (bad payload, channel gone, bad token).
+    Permanent(String),
+    /// May succeed later; `retry_after` is the upstream's request, if any.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl DeliveryError {
+    /// The reason text.
+    pub fn reason(&self) -> &str {
+        match self {
+            DeliveryError::Permanent(r) | DeliveryError::Transient { reason: r, .. } => r,
+        }
+    }
+}
+
+/// A destination kind.
+pub trait Destination: Send + Sync {
+    /// Makes one delivery attempt.
+    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<(), DeliveryError>>;
+    /// A key for per-target pacing (Slack paces per channel); `None` paces the destination only.
+    fn pace_key(&self, _job: &Job) -> Option<String> {
+        None
+    }
+}
+
+/// Builds the destination for a configuration.
+pub fn build(
+    cfg: &DestinationConfig,
+    client: &reqwest::Client,
+    templates: Arc<TemplatesHandle>,
+) -> Arc<dyn Destination> {
+    match &cfg.kind {
+        DestinationKind::Stdout => Arc::new(stdout::Stdout {
+            name: cfg.name.clone(),
+        }),
+        DestinationKind::SlackWebhook { url } => Arc::new(slack_webhook::SlackWebhook {
+            url: url.clone(),
+            client: client.clone(),
+            timeout: cfg.timeout,
+        }),
+        DestinationKind::Webhook {
+            url,
+            method,
+            headers,
+            ..
+        } => Arc::new(webhook::Webhook {
+            url: url.clone(),
+            method: method.clone(),
+            headers: headers.clone(),
+            client: client.clone(),
+            timeout: cfg.timeout,
+            templates,
+        }),
+        DestinationKind::Slack { token, api_url } => Arc::new(SlackBot::new(
+            token.clone(),
+            api_url.clone(),
+            client.clone(),
+            cfg.timeout,
+        )),
+    }
+}
+
+/// The templates of the ruleset a destination was built from (for webhook header templates).
+pub struct TemplatesHandle(pub Arc<crate::routing::Ruleset>);
+
+impl TemplatesHandle {
+    /// The templates.
+    pub fn templates(&self) -> &Templates {
+        &self.0.templates
+    }
+}
+
+/// Parses a `Retry-After` header (seconds; HTTP dates are rare from Slack and treated as 1 s).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    Some(Duration::from_secs_f64(
+        v.trim().parse::<f64>().unwrap_or(1.0).clamp(0.0, 3600.0),
+    ))
+}
+
+/// Classifies an HTTP answer by status (then body): 2xx ok, 429/5xx transient, else permanent.
+pub fn classify_status(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    body: &str,
+) -> Result<(), DeliveryError> {
+    let body = crate::render::blockkit::truncate_chars(body.trim(), 300);
+    if status.is_success() {
+        return Ok(());
+    }
+    let reason = if body.is_empty() {
+        format!("HTTP {}", status.as_u16())
+    } else {
+        format!("HTTP {}: {body}", status.as_u16())
+    };
+    if status.as_u16() == 429 {
+        return Err(DeliveryError::Transient {
+            reason,
+            retry_after: Some(retry_after(headers).unwrap_or(Duration::from_secs(1))),
+        });
+    }
+    if status.is_server_error() || status.as_u16() == 408 {
+        return Err(DeliveryError::Transient {
+            reason,
+            retry_after: retry_after(headers),
+        });
+    }
+    Err(DeliveryError::Permanent(reason))
+}
+
+/// Classifies a transport error (timeouts and connection failures are transient). The URL is
+/// left out of the text: webhook URLs are secrets.
+pub fn classify_transport(e: &reqwest::Error) -> DeliveryError {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "reading the answer failed"
+    } else {
+        "request failed"
+    };
+    let detail = std::error::Error::source(e)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let detail = detail.split(" for url").next().unwrap_or("").to_string();
+    DeliveryError::Transient {
+        reason: if detail.is_empty() {
+            what.to_string()
+        } else {
+            format!("{what}: {detail}")
+        },
+        retry_after: None,
+    }
+}
+
+/// The message as it is sent: limits enforced (texts cut with an ellipsis), `thread_ts` added.
+pub fn prepare_message(job: &Job) -> serde_json::Value {
+    let mut m = job.message.clone();
+    crate::render::blockkit::enforce(&mut m);
+    if let (Some(ts), Some(obj)) = (&job.target.thread_ts, m.as_object_mut()) {
+        obj.insert("thread_ts".into(), serde_json::Value::String(ts.clone()));
+        if job.target.reply_broadcast {
+            obj.insert("reply_broadcast".into(), serde_json::Value::Bool(true));
+        }
+    }
+    m
+}

@@ -1,0 +1,35 @@
+//! `slack_webhook`: a Slack incoming webhook (protocols.md §4.1). Success is 200 with `ok`;
+//! failures are classified by status, then body (`invalid_blocks`, `channel_not_found`, ...).
+
+use std::time::Duration;
+
+use super::{
+    classify_status, classify_transport, prepare_message, BoxFut, DeliveryError, Destination,
+};
+use crate::config::secret::Secret;
+use crate::outbox::Job;
+
+pub(super) struct SlackWebhook {
+    pub url: Secret,
+    pub client: reqwest::Client,
+    pub timeout: Duration,
+}
+
+impl Destination for SlackWebhook {
+    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<(), DeliveryError>> {
+        Box::pin(async move {
+            let resp = self
+                .client
+                .post(self.url.expose())
+                .timeout(self.timeout)
+                .json(&prepare_message(job))
+                .send()
+                .await
+                .map_err(|e| classify_transport(&e))?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = resp.text().await.unwrap_or_default();
+            classify_status(status, &headers, &body)
+        })
+    }
+}

@@ -1,0 +1,58 @@
+//! `webhook`: any HTTP endpoint. The body is the rendered message (or the destination's own
+//! template, rendered at routing time); header values are templates rendered per delivery over
+//! `{rule, event_id, destination, message}`. Same classification by status as Slack.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use handlebars::Context;
+use serde_json::json;
+
+use super::{
+    classify_status, classify_transport, BoxFut, DeliveryError, Destination, TemplatesHandle,
+};
+use crate::config::secret::Secret;
+use crate::outbox::Job;
+
+pub(super) struct Webhook {
+    pub url: Secret,
+    pub method: String,
+    pub headers: Vec<(String, String)>,
+    pub client: reqwest::Client,
+    pub timeout: Duration,
+    pub templates: Arc<TemplatesHandle>,
+}
+
+impl Destination for Webhook {
+    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<(), DeliveryError>> {
+        Box::pin(async move {
+            let method = reqwest::Method::from_bytes(self.method.as_bytes())
+                .unwrap_or(reqwest::Method::POST);
+            let mut req = self
+                .client
+                .request(method, self.url.expose())
+                .timeout(self.timeout)
+                .json(&job.message);
+            if !self.headers.is_empty() {
+                let ctx = Context::from(
+                    json!({"rule": job.rule, "event_id": job.event_id, "message": job.message}),
+                );
+                for (name, tpl) in &self.headers {
+                    let value =
+                        self.templates
+                            .templates()
+                            .render_plain(tpl, &ctx)
+                            .map_err(|e| {
+                                DeliveryError::Permanent(format!("header `{name}`: {}", e.message))
+                            })?;
+                    req = req.header(name.as_str(), value.trim());
+                }
+            }
+            let resp = req.send().await.map_err(|e| classify_transport(&e))?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = resp.text().await.unwrap_or_default();
+            classify_status(status, &headers, &body)
+        })
+    }
+}

@@ -1,0 +1,642 @@
+//! The durable outbox: accepted dispatches, delivery attempts, dead letters and the dedup
+//! window, in one SQLite database (WAL) under the data directory.
+//!
+//! Why SQLite (via `rusqlite`, bundled): one file, crash-safe with WAL, readable with standard
+//! tools when an operator needs to look, and fast enough when commits are grouped. `redb` would
+//! do too, but dead-letter queries with filters (destination, rule, time) are plain SQL here.
+//!
+//! Guarantees:
+//! - [`Outbox::enqueue`] returns only after the dispatches (and the event's dedup key) are
+//!   committed; the HTTP handler answers 202 after that. Concurrent enqueues are grouped into one
+//!   transaction by a single writer thread ("group commit"), so durability costs one fsync per
+//!   batch, not per request.
+//! - A job leaves the `outbox` table only when it is delivered (deleted) or dead-lettered
+//!   (moved, in the same transaction). A crash at any point leaves it pending; on start every
+//!   pending job is handed to the workers again (at-least-once).
+//! - An event id already seen within its dedup window is not enqueued again.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::routing::Target;
+
+/// A dispatch to persist.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewJob {
+    pub destination: String,
+    pub rule: String,
+    pub event_id: String,
+    pub target: Target,
+    pub message: Value,
+    pub secret: bool,
+}
+
+/// A persisted dispatch awaiting delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: i64,
+    pub destination: String,
+    pub rule: String,
+    pub event_id: String,
+    pub target: Target,
+    pub message: Value,
+    pub secret: bool,
+    /// Unix milliseconds when accepted.
+    pub created_at: i64,
+    pub attempts: u32,
+}
+
+/// One delivery attempt, as recorded for dead letters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attempt {
+    pub at: i64,
+    pub error: String,
+}
+
+/// A dead letter: a dispatch that will not be delivered without an operator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub destination: String,
+    pub rule: String,
+    pub event_id: String,
+    pub target: Target,
+    pub message: Value,
+    pub created_at: i64,
+    pub dead_at: i64,
+    pub attempts: Vec<Attempt>,
+    pub last_error: String,
+}
+
+/// Filters for listing dead letters.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    pub destination: Option<String>,
+    pub rule: Option<String>,
+    /// Only those that died at or after this unix-ms time.
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub limit: Option<usize>,
+}
+
+/// Why an enqueue did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueError {
+    /// Too many pending deliveries; the caller should retry later.
+    Full { pending: usize },
+    /// The database failed; nothing was committed.
+    Storage(String),
+}
+
+/// The result of an enqueue.
+#[derive(Debug, Clone)]
+pub enum Enqueued {
+    /// Committed; the jobs with their ids.
+    Committed(Vec<Job>),
+    /// The event id was already accepted within the dedup window; nothing was added.
+    Duplicate,
+}
+
+/// What to do with a job after an attempt.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Delivered,
+    Retry { error: String },
+    Dead { error: String },
+}
+
+enum Cmd {
+    Enqueue {
+        dedup: Option<(String, i64)>,
+        jobs: Vec<NewJob>,
+        dead: Vec<(NewJob, String)>,
+        reply: oneshot::Sender<Result<Enqueued, EnqueueError>>,
+    },
+    Finish {
+        id: i64,
+        outcome: Outcome,
+        reply: Option<oneshot::Sender<()>>,
+    },
+    Replay {
+        ids: Vec<i64>,
+        reply: oneshot::Sender<Result<Vec<Job>, String>>,
+    },
+    Purge {
+        filter: DeadLetterFilter,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+}
+
+/// Handle to the outbox. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Cmd>,
+    path: PathBuf,
+    pending: Arc<AtomicUsize>,
+    max_pending: usize,
+}
+
+/// Current unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=FULL;
+CREATE TABLE IF NOT EXISTS outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  destination TEXT NOT NULL, rule TEXT NOT NULL, event_id TEXT NOT NULL,
+  target TEXT NOT NULL, message TEXT NOT NULL, secret INTEGER NOT NULL,
+  created_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+  attempt_log TEXT NOT NULL DEFAULT '[]', last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  destination TEXT NOT NULL, rule TEXT NOT NULL, event_id TEXT NOT NULL,
+  target TEXT NOT NULL, message TEXT NOT NULL,
+  created_at INTEGER NOT NULL, dead_at INTEGER NOT NULL,
+  attempt_log TEXT NOT NULL, last_error TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_at);
+CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+";
+
+fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    c.execute_batch(SCHEMA)?;
+    Ok(c)
+}
+
+/// The message kept in a dead letter of a secret event.
+const REDACTED: &str = "[secret: One-Time Passcode notification, not kept]";
+
+/// `REDACTED` as the JSON text stored in the `message` column.
+fn redacted_json() -> String {
+    Value::String(REDACTED.into()).to_string()
+}
+
+impl Outbox {
+    /// Opens (creating if needed) `<data_dir>/switchyard.db` and starts the writer thread.
+    /// `max_pending` bounds the jobs waiting for delivery; past it enqueues fail with `Full`.
+    pub fn open(data_dir: &Path, max_pending: usize) -> Result<Outbox, String> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
+        let path = data_dir.join("switchyard.db");
+        let conn = open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let count: i64 = conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        let pending = Arc::new(AtomicUsize::new(count as usize));
+        let (tx, rx) = mpsc::channel();
+        let p2 = pending.clone();
+        std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || writer(conn, rx, p2))
+            .map_err(|e| e.to_string())?;
+        Ok(Outbox {
+            tx,
+            path,
+            pending,
+            max_pending,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Jobs waiting for delivery.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Commits the jobs of one event (and its dedup key, and any dispatches that are dead on
+    /// arrival, e.g. a template that failed for this event). Returns after the commit.
+    pub async fn enqueue(
+        &self,
+        dedup: Option<(String, Duration)>,
+        jobs: Vec<NewJob>,
+        dead: Vec<(NewJob, String)>,
+    ) -> Result<Enqueued, EnqueueError> {
+        let pending = self.pending();
+        if !jobs.is_empty() && pending + jobs.len() > self.max_pending {
+            return Err(EnqueueError::Full { pending });
+        }
+        let (reply, rx) = oneshot::channel();
+        let dedup = dedup.map(|(k, w)| (k, now_ms() + w.as_millis() as i64));
+        self.tx
+            .send(Cmd::Enqueue {
+                dedup,
+                jobs,
+                dead,
+                reply,
+            })
+            .map_err(|_| EnqueueError::Storage("the outbox writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| EnqueueError::Storage("the outbox writer has stopped".into()))?
+    }
+
+    /// Records the outcome of an attempt; resolves once committed.
+    pub async fn finish(&self, id: i64, outcome: Outcome) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Cmd::Finish {
+                id,
+                outcome,
+                reply: Some(reply),
+            })
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    /// Every pending job, oldest first (used at start-up to resume delivery).
+    pub fn load_pending(&self) -> Result<Vec<Job>, String> {
+        let c = open(&self.path).map_err(|e| e.to_string())?;
+        let mut st = c
+            .prepare("SELECT id, destination, rule, event_id, target, message, secret, created_at, attempts FROM outbox ORDER BY id")
+            .map_err(|e| e.to_string())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(Job {
+                    id: r.get(0)?,
+                    destination: r.get(1)?,
+                    rule: r.get(2)?,
+                    event_id: r.get(3)?,
+                    target: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+                    message: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or(Value::Null),
+                    secret: r.get::<_, i64>(6)? != 0,
+                    created_at: r.get(7)?,
+                    attempts: r.get::<_, i64>(8)? as u32,
+                })
+            })
+            .map_err(|e| e.to_string())?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Pending jobs per destination.
+    pub fn pending_by_destination(&self) -> Result<Vec<(String, i64)>, String> {
+        let c = open(&self.path).map_err(|e| e.to_string())?;
+        let mut st = c
+            .prepare("SELECT destination, count(*) FROM outbox GROUP BY destination")
+            .map_err(|e| e.to_string())?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| e.to_string())?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Lists dead letters, newest first.
+    pub fn dead_letters(&self, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, String> {
+        list_dead(&self.path, f)
+    }
+
+    /// Moves dead letters back into the outbox; returns the new jobs to hand to the workers.
+    pub async fn replay(&self, ids: Vec<i64>) -> Result<Vec<Job>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Replay { ids, reply })
+            .map_err(|_| "the outbox writer has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the outbox writer has stopped".to_string())?
+    }
+
+    /// Deletes dead letters matching the filter; returns how many.
+    pub async fn purge(&self, filter: DeadLetterFilter) -> Result<usize, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Purge { filter, reply })
+            .map_err(|_| "the outbox writer has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the outbox writer has stopped".to_string())?
+    }
+}
+
+fn where_clause(f: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value as V;
+    let mut w = vec!["1=1".to_string()];
+    let mut args = Vec::new();
+    if let Some(d) = &f.destination {
+        w.push("destination = ?".into());
+        args.push(V::Text(d.clone()));
+    }
+    if let Some(r) = &f.rule {
+        w.push("rule = ?".into());
+        args.push(V::Text(r.clone()));
+    }
+    if let Some(s) = f.since {
+        w.push("dead_at >= ?".into());
+        args.push(V::Integer(s));
+    }
+    if let Some(u) = f.until {
+        w.push("dead_at <= ?".into());
+        args.push(V::Integer(u));
+    }
+    (w.join(" AND "), args)
+}
+
+/// Lists dead letters straight from a database file (the CLI uses this without a server).
+pub fn list_dead(path: &Path, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, String> {
+    let c = open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let (w, args) = where_clause(f);
+    let sql = format!(
+        "SELECT id, destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error FROM dead_letters WHERE {w} ORDER BY id DESC LIMIT {}",
+        f.limit.unwrap_or(1000)
+    );
+    let mut st = c.prepare(&sql).map_err(|e| e.to_string())?;
+    let rows = st
+        .query_map(rusqlite::params_from_iter(args), |r| {
+            Ok(DeadLetter {
+                id: r.get(0)?,
+                destination: r.get(1)?,
+                rule: r.get(2)?,
+                event_id: r.get(3)?,
+                target: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+                message: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or(Value::Null),
+                created_at: r.get(6)?,
+                dead_at: r.get(7)?,
+                attempts: serde_json::from_str(&r.get::<_, String>(8)?).unwrap_or_default(),
+                last_error: r.get(9)?,
+            })
+        })
+        .map_err(|e| e.to_string())?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsize>) {
+    while let Ok(first) = rx.recv() {
+        // Group every command already waiting into one transaction ("group commit").
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        // On failure every waiting caller gets an error (its reply channel is answered or
+        // dropped), and nothing of the batch is committed.
+        if let Err(e) = apply(&mut conn, batch, &pending) {
+            tracing::error!(error = %e, "outbox transaction failed");
+        }
+    }
+}
+
+/// Replies sent after a successful commit.
+enum Reply {
+    Enqueue(
+        oneshot::Sender<Result<Enqueued, EnqueueError>>,
+        Result<Enqueued, EnqueueError>,
+    ),
+    Finish(Option<oneshot::Sender<()>>),
+    Replay(oneshot::Sender<Result<Vec<Job>, String>>, Vec<Job>),
+    Purge(oneshot::Sender<Result<usize, String>>, usize),
+}
+
+fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Result<(), String> {
+    let tx = conn.transaction().map_err(|e| e.to_string())?;
+    let now = now_ms();
+    let mut replies = Vec::new();
+    let mut added: isize = 0;
+    for cmd in batch {
+        match cmd {
+            Cmd::Enqueue {
+                dedup,
+                jobs,
+                dead,
+                reply,
+            } => {
+                if let Some((key, expires)) = &dedup {
+                    let seen: Option<i64> = tx
+                        .query_row("SELECT expires_at FROM dedup WHERE key = ?", [key], |r| {
+                            r.get(0)
+                        })
+                        .optional()
+                        .map_err(|e| e.to_string())?;
+                    if seen.is_some_and(|e| e > now) {
+                        replies.push(Reply::Enqueue(reply, Ok(Enqueued::Duplicate)));
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT OR REPLACE INTO dedup (key, expires_at) VALUES (?, ?)",
+                        params![key, expires],
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+                let mut out = Vec::with_capacity(jobs.len());
+                for j in jobs {
+                    tx.execute(
+                        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), j.message.to_string(), j.secret as i64, now],
+                    )
+                    .map_err(|e| e.to_string())?;
+                    out.push(Job {
+                        id: tx.last_insert_rowid(),
+                        destination: j.destination,
+                        rule: j.rule,
+                        event_id: j.event_id,
+                        target: j.target,
+                        message: j.message,
+                        secret: j.secret,
+                        created_at: now,
+                        attempts: 0,
+                    });
+                }
+                for (j, error) in dead {
+                    let log = serde_json::to_string(&[Attempt {
+                        at: now,
+                        error: error.clone(),
+                    }])
+                    .unwrap_or_default();
+                    let msg = if j.secret {
+                        Value::String(REDACTED.into())
+                    } else {
+                        j.message
+                    };
+                    tx.execute(
+                        "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), msg.to_string(), now, now, log, error],
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+                added += out.len() as isize;
+                replies.push(Reply::Enqueue(reply, Ok(Enqueued::Committed(out))));
+            }
+            Cmd::Finish { id, outcome, reply } => {
+                match &outcome {
+                    Outcome::Delivered => {
+                        let n = tx
+                            .execute("DELETE FROM outbox WHERE id = ?", [id])
+                            .map_err(|e| e.to_string())?;
+                        added -= n as isize;
+                    }
+                    Outcome::Retry { error } => {
+                        let log = append_log(&tx, id, now, error)?;
+                        tx.execute(
+                            "UPDATE outbox SET attempts = attempts + 1, attempt_log = ?, last_error = ? WHERE id = ?",
+                            params![log, error, id],
+                        )
+                        .map_err(|e| e.to_string())?;
+                    }
+                    Outcome::Dead { error } => {
+                        let log = append_log(&tx, id, now, error)?;
+                        let n = tx
+                            .execute(
+                                "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error)
+                                 SELECT destination, rule, event_id, target, CASE WHEN secret = 1 THEN ? ELSE message END, created_at, ?, ?, ? FROM outbox WHERE id = ?",
+                                params![redacted_json(), now, log, error, id],
+                            )
+                            .map_err(|e| e.to_string())?;
+                        tx.execute("DELETE FROM outbox WHERE id = ?", [id])
+                            .map_err(|e| e.to_string())?;
+                        added -= n as isize;
+                    }
+                }
+                replies.push(Reply::Finish(reply));
+            }
+            Cmd::Replay { ids, reply } => {
+                let mut jobs = Vec::new();
+                for id in ids {
+                    let row: Option<(String, String, String, String, String)> = tx
+                        .query_row(
+                            "SELECT destination, rule, event_id, target, message FROM dead_letters WHERE id = ?",
+                            [id],
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                        )
+                        .optional()
+                        .map_err(|e| e.to_string())?;
+                    let Some((destination, rule, event_id, target, message)) = row else {
+                        continue;
+                    };
+                    if message == redacted_json() {
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
+                        params![destination, rule, event_id, target, message, now],
+                    )
+                    .map_err(|e| e.to_string())?;
+                    let new_id = tx.last_insert_rowid();
+                    tx.execute("DELETE FROM dead_letters WHERE id = ?", [id])
+                        .map_err(|e| e.to_string())?;
+                    jobs.push(Job {
+                        id: new_id,
+                        destination,
+                        rule,
+                        event_id,
+                        target: serde_json::from_str(&target).unwrap_or_default(),
+                        message: serde_json::from_str(&message).unwrap_or(Value::Null),
+                        secret: false,
+                        created_at: now,
+                        attempts: 0,
+                    });
+                }
+                added += jobs.len() as isize;
+                replies.push(Reply::Replay(reply, jobs));
+            }
+            Cmd::Purge { filter, reply } => {
+                let (w, args) = where_clause(&filter);
+                let n = tx
+                    .execute(
+                        &format!("DELETE FROM dead_letters WHERE {w}"),
+                        rusqlite::params_from_iter(args),
+                    )
+                    .map_err(|e| e.to_string())?;
+                replies.push(Reply::Purge(reply, n));
+            }
+        }
+    }
+    // Expired dedup keys are dropped now and then, inside the same transaction.
+    if now % 64 == 0 {
+        tx.execute("DELETE FROM dedup WHERE expires_at < ?", [now])
+            .map_err(|e| e.to_string())?;
+    }
+    match tx.commit() {
+        Ok(()) => {
+            if added >= 0 {
+                pending.fetch_add(added as usize, Ordering::Relaxed);
+            } else {
+                pending.fetch_sub((-added) as usize, Ordering::Relaxed);
+            }
+            for r in replies {
+                match r {
+                    Reply::Enqueue(tx, v) => {
+                        let _ = tx.send(v);
+                    }
+                    Reply::Finish(Some(tx)) => {
+                        let _ = tx.send(());
+                    }
+                    Reply::Finish(None) => {}
+                    Reply::Replay(tx, jobs) => {
+                        let _ = tx.send(Ok(jobs));
+                    }
+                    Reply::Purge(tx, n) => {
+                        let _ = tx.send(Ok(n));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for r in replies {
+                match r {
+                    Reply::Enqueue(tx, _) => {
+                        let _ = tx.send(Err(EnqueueError::Storage(msg.clone())));
+                    }
+                    Reply::Finish(Some(tx)) => {
+                        let _ = tx.send(());
+                    }
+                    Reply::Finish(None) => {}
+                    Reply::Replay(tx, _) => {
+                        let _ = tx.send(Err(msg.clone()));
+                    }
+                    Reply::Purge(tx, _) => {
+                        let _ = tx.send(Err(msg.clone()));
+                    }
+                }
+            }
+            Err(msg)
+        }
+    }
+}
+
+fn append_log(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    now: i64,
+    error: &str,
+) -> Result<String, String> {
+    let log: Option<String> = tx
+        .query_row("SELECT attempt_log FROM outbox WHERE id = ?", [id], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| e.to_string())?;
+    let mut v: Vec<Attempt> = log
+        .and_then(|l| serde_json::from_str(&l).ok())
+        .unwrap_or_default();
+    v.push(Attempt {
+        at: now,
+        error: error.to_string(),
+    });
+    // Keep the log bounded: the first attempts and the most recent ones.
+    if v.len() > 50 {
+        v.drain(10..v.len() - 40);
+    }
+    serde_json::to_string(&v).map_err(|e| e.to_string())
+}

@@ -1,0 +1,279 @@
+//! Operator endpoints: `/status` (JSON, or HTML for a browser), `/metrics`, and the admin API
+//! under `/-/` (reload, dead letters), which needs `Authorization: Bearer <admin token>`.
+//! Nothing here ever shows a secret: sources and destinations are listed by name and kind only.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{reject, AppState, St};
+use crate::outbox::DeadLetterFilter;
+
+fn authorized(st: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = &st.cfg.admin_token else {
+        return Err(reject(
+            StatusCode::FORBIDDEN,
+            "the admin API is disabled: start with SWITCHYARD_ADMIN_TOKEN set",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if crate::sources::secret_eq(given.as_bytes(), token.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err(reject(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token",
+        ))
+    }
+}
+
+pub(super) fn status_json(st: &AppState) -> Value {
+    let rs = st.rules.load();
+    let pending: std::collections::HashMap<String, i64> = st
+        .outbox
+        .pending_by_destination()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let dead: std::collections::HashMap<String, usize> = st
+        .outbox
+        .dead_letters(&DeadLetterFilter {
+            limit: Some(100_000),
+            ..Default::default()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .fold(Default::default(), |mut m, d| {
+            *m.entry(d.destination).or_default() += 1;
+            m
+        });
+    let stats = st.deliverer.stats();
+    let destinations: serde_json::Map<String, Value> = rs
+        .destinations
+        .iter()
+        .map(|(name, d)| {
+            let s = stats
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            (
+                name.clone(),
+                json!({
+                    "kind": d.kind.name(),
+                    "falls_back_to": if d.use_fallback { d.fallback.clone() } else { None },
+                    "queue_depth": pending.get(name).copied().unwrap_or(0),
+                    "dead_letters": dead.get(name).copied().unwrap_or(0),
+                    "delivered": s.delivered,
+                    "failed_attempts": s.failed_attempts,
+                    "in_flight": s.in_flight,
+                    "last_error": s.last_error,
+                    "last_error_at": s.last_error_at,
+                }),
+            )
+        })
+        .collect();
+    let sources: serde_json::Map<String, Value> = rs
+        .sources
+        .iter()
+        .map(|(n, s)| (n.clone(), json!({"kind": s.kind, "path": format!("/hooks/{n}"), "enabled": s.disabled.is_none(), "disabled_reason": s.disabled})))
+        .collect();
+    let rules: Vec<Value> = rs
+        .rules
+        .iter()
+        .map(|r| json!({"id": r.id, "on": r.on, "file": r.file, "destinations": r.sends.iter().map(|s| s.to.clone()).collect::<Vec<_>>()}))
+        .collect();
+    let reload = st.reload.lock().map(|r| r.clone()).ok();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": st.ready.load(Ordering::Relaxed),
+        "uptime_seconds": st.started.elapsed().as_secs(),
+        "rules_dir": st.cfg.rules_dir,
+        "rules": rules,
+        "sources": sources,
+        "destinations": destinations,
+        "queue_depth": st.outbox.pending(),
+        "reload": reload,
+    })
+}
+
+pub(super) async fn status(State(st): St, headers: HeaderMap) -> Response {
+    let v = status_json(&st);
+    let wants_html = headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if !wants_html {
+        return Json(v).into_response();
+    }
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut h = String::from("<!doctype html><meta charset=utf-8><title>switchyard status</title><style>body{font:14px system-ui;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.bad{color:#b00}</style><h1>switchyard</h1>");
+    let reload = &v["reload"];
+    h.push_str(&format!(
+        "<p>{} rules · queue depth {} · last reload: <b class='{}'>{}</b> ({})</p>",
+        v["rules"].as_array().map(Vec::len).unwrap_or(0),
+        v["queue_depth"],
+        if reload["ok"] == true { "" } else { "bad" },
+        if reload["ok"] == true { "ok" } else { "failed" },
+        esc(reload["trigger"].as_str().unwrap_or(""))
+    ));
+    if let Some(d) = reload["diagnostics"].as_array().filter(|d| !d.is_empty()) {
+        h.push_str("<pre>");
+        for l in d {
+            h.push_str(&esc(l.as_str().unwrap_or("")));
+            h.push('\n');
+        }
+        h.push_str("</pre>");
+    }
+    h.push_str("<h2>Destinations</h2><table><tr><th>name</th><th>kind</th><th>queued</th><th>delivered</th><th>dead letters</th><th>last error</th></tr>");
+    for (n, d) in v["destinations"].as_object().into_iter().flatten() {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(n),
+            d["kind"].as_str().unwrap_or(""),
+            d["queue_depth"],
+            d["delivered"],
+            d["dead_letters"],
+            esc(d["last_error"].as_str().unwrap_or(""))
+        ));
+    }
+    h.push_str("</table><h2>Rules</h2><table><tr><th>id</th><th>on</th><th>file</th></tr>");
+    for r in v["rules"].as_array().into_iter().flatten() {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(r["id"].as_str().unwrap_or("")),
+            esc(&r["on"].to_string()),
+            esc(&r["file"].to_string())
+        ));
+    }
+    h.push_str("</table>");
+    Html(h).into_response()
+}
+
+pub(super) async fn metrics(State(st): St) -> Response {
+    metrics::gauge!("switchyard_queue_depth").set(st.outbox.pending() as f64);
+    match &st.metrics {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics are not available in this process",
+        ),
+    }
+}
+
+pub(super) async fn reload(State(st): St, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&st, &headers) {
+        return r;
+    }
+    match super::reload::reload(&st, "POST /-/reload").await {
+        Ok(n) => Json(json!({"ok": true, "rules": n})).into_response(),
+        Err(diags) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"ok": false, "diagnostics": diags})),
+        )
+            .into_response(),
+    }
+}
+
+/// Filters shared by the dead-letter endpoints.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct DlQuery {
+    destination: Option<String>,
+    rule: Option<String>,
+    /// Unix ms.
+    since: Option<i64>,
+    until: Option<i64>,
+    limit: Option<usize>,
+    /// Specific ids (replay).
+    #[serde(default)]
+    ids: Vec<i64>,
+}
+
+impl DlQuery {
+    fn filter(&self) -> DeadLetterFilter {
+        DeadLetterFilter {
+            destination: self.destination.clone(),
+            rule: self.rule.clone(),
+            since: self.since,
+            until: self.until,
+            limit: self.limit,
+        }
+    }
+}
+
+pub(super) async fn dead_letters(
+    State(st): St,
+    headers: HeaderMap,
+    Query(q): Query<DlQuery>,
+) -> Response {
+    if let Err(r) = authorized(&st, &headers) {
+        return r;
+    }
+    match st.outbox.dead_letters(&q.filter()) {
+        Ok(v) => Json(json!({"dead_letters": v})).into_response(),
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+pub(super) async fn replay(
+    State(st): St,
+    headers: HeaderMap,
+    body: Option<Json<DlQuery>>,
+) -> Response {
+    if let Err(r) = authorized(&st, &headers) {
+        return r;
+    }
+    let q = body.map(|Json(q)| q).unwrap_or_default();
+    let ids = if q.ids.is_empty() {
+        match st.outbox.dead_letters(&q.filter()) {
+            Ok(v) => v.into_iter().map(|d| d.id).collect(),
+            Err(e) => return reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+        }
+    } else {
+        q.ids.clone()
+    };
+    match replay_ids(&st, ids).await {
+        Ok(n) => Json(json!({"replayed": n})).into_response(),
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn replay_ids(st: &Arc<AppState>, ids: Vec<i64>) -> Result<usize, String> {
+    let jobs = st.outbox.replay(ids).await?;
+    let n = jobs.len();
+    st.deliverer.submit(jobs);
+    Ok(n)
+}
+
+pub(super) async fn purge(
+    State(st): St,
+    headers: HeaderMap,
+    body: Option<Json<DlQuery>>,
+) -> Response {
+    if let Err(r) = authorized(&st, &headers) {
+        return r;
+    }
+    let q = body.map(|Json(q)| q).unwrap_or_default();
+    match st.outbox.purge(q.filter()).await {
+        Ok(n) => Json(json!({"purged": n})).into_response(),
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}

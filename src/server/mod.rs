@@ -1,0 +1,402 @@
+//! `switchyard serve`: the HTTP ingress, wired to the pipeline.
+//!
+//! `POST /hooks/<source>[/<token>]` runs, in order: source lookup (404), enabled (503),
+//! content type (415), body size (413), verification on the raw bytes (401), decoding (400/422),
+//! routing (pure), and the durable enqueue; it answers 202 only after the commit. Nothing is
+//! queued for a rejected request. The handler never waits for Slack.
+//!
+//! The ruleset is an `ArcSwap`: a request loads the current `Arc<Ruleset>` once and finishes on
+//! it, while a reload (file watcher, `SIGHUP`, `POST /-/reload`) compiles the new one off the
+//! request path and swaps it in atomically. An invalid edit is rejected whole.
+
+mod admin;
+mod reload;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::secret::Secret;
+use crate::config::{load_dir, LoadOptions, Mode};
+use crate::deliver::Deliverer;
+use crate::outbox::{EnqueueError, Enqueued, NewJob, Outbox};
+use crate::routing::{route, DispatchError, Ruleset};
+use crate::sources::{Decoded, Request};
+
+pub use reload::ReloadStatus;
+
+/// Settings of `serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub rules_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Most deliveries waiting before new events get 503.
+    pub max_pending: usize,
+    /// Token for `/-/…` admin endpoints; `None` disables them.
+    pub admin_token: Option<Secret>,
+    /// How long shutdown waits for attempts in progress.
+    pub grace: Duration,
+    /// Watch the rules directory and reload on change.
+    pub watch: bool,
+}
+
+/// Shared state of a running server.
+pub struct AppState {
+    pub rules: ArcSwap<Ruleset>,
+    pub outbox: Outbox,
+    pub deliverer: Deliverer,
+    pub cfg: ServeConfig,
+    pub ready: AtomicBool,
+    pub reload: Mutex<ReloadStatus>,
+    pub started: Instant,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Serialises reloads.
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+type St = State<Arc<AppState>>;
+
+fn reject(status: StatusCode, reason: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"accepted": false, "reason": reason.into()})),
+    )
+        .into_response()
+}
+
+fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let buckets = [
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &buckets)
+        .ok()?;
+    builder.install_recorder().ok()
+}
+
+/// Loads the rules, opens the outbox, resumes pending deliveries and serves until SIGTERM or
+/// SIGINT. Returns an error (with diagnostics already printed) when it cannot start.
+pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
+    let opts = LoadOptions::new(Mode::Serve);
+    let dir = cfg.rules_dir.clone();
+    let (rs, diags) = tokio::task::spawn_blocking(move || load_dir(&dir, &opts))
+        .await
+        .map_err(|e| e.to_string())?;
+    for d in &diags {
+        if d.is_error() {
+            tracing::error!("{}", d.one_line());
+        } else {
+            tracing::warn!("{}", d.one_line());
+        }
+    }
+    let Some(rs) = rs else {
+        return Err(format!(
+            "the rules in {} do not load ({} errors); run `switchyard check {}`",
+            cfg.rules_dir.display(),
+            diags.iter().filter(|d| d.is_error()).count(),
+            cfg.rules_dir.display()
+        ));
+    };
+    let rs = Arc::new(rs);
+    let outbox = Outbox::open(&cfg.data_dir, cfg.max_pending)?;
+    let deliverer = Deliverer::new(outbox.clone())?;
+    deliverer.configure(&rs);
+    let pending = outbox.load_pending()?;
+    if !pending.is_empty() {
+        tracing::info!(count = pending.len(), "resuming pending deliveries");
+    }
+    deliverer.submit(pending);
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let state = Arc::new(AppState {
+        rules: ArcSwap::new(rs.clone()),
+        outbox,
+        deliverer: deliverer.clone(),
+        cfg: cfg.clone(),
+        ready: AtomicBool::new(true),
+        reload: Mutex::new(ReloadStatus::initial(&rs, &diags)),
+        started: Instant::now(),
+        metrics: install_metrics(),
+        reload_lock: tokio::sync::Mutex::new(()),
+    });
+    for (name, s) in &rs.sources {
+        match &s.disabled {
+            None => tracing::info!(source = %name, kind = s.kind, "accepting POST /hooks/{name}"),
+            Some(why) => tracing::warn!(source = %name, "{why}; POST /hooks/{name} answers 503"),
+        }
+    }
+    tracing::info!(%addr, rules = rs.rules.len(), data = %cfg.data_dir.display(), "switchyard listening on http://{addr}");
+    reload::spawn_triggers(state.clone());
+
+    let app = router(state.clone());
+    let shutdown = async {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new requests; finishing in-flight work");
+    };
+    axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    state.ready.store(false, Ordering::Relaxed);
+    let clean = deliverer.shutdown(cfg.grace).await;
+    if clean {
+        tracing::info!(
+            "stopped; undelivered messages stay queued in {}",
+            state.outbox.path().display()
+        );
+    } else {
+        tracing::warn!("grace period over with attempts still running; their messages stay queued and are retried on the next start");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The HTTP routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/hooks/{source}", post(hook))
+        .route("/hooks/{source}/{token}", post(hook_with_token))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(admin::status))
+        .route("/metrics", get(admin::metrics))
+        .route("/-/reload", post(admin::reload))
+        .route("/-/dead-letters", get(admin::dead_letters))
+        .route("/-/dead-letters/replay", post(admin::replay))
+        .route("/-/dead-letters/purge", post(admin::purge))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn readyz(State(st): St) -> Response {
+    if st.ready.load(Ordering::Relaxed) {
+        Json(json!({"status": "ready", "rules": st.rules.load().rules.len()})).into_response()
+    } else {
+        reject(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    }
+}
+
+async fn hook(st: St, Path(source): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    handle(st, source, None, headers, body).await
+}
+
+async fn hook_with_token(
+    st: St,
+    Path((source, token)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(st, source, Some(token), headers, body).await
+}
+
+fn count(source: &str, outcome: &'static str) {
+    metrics::counter!("switchyard_events_total", "source" => source.to_string(), "outcome" => outcome).increment(1);
+}
+
+async fn handle(
+    State(st): St,
+    source: String,
+    token: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    // One ruleset for the whole request, even if a reload swaps in another meanwhile.
+    let rs = st.rules.load_full();
+    let Some(src) = rs.sources.get(&source) else {
+        count("unknown", "unknown_source");
+        return reject(StatusCode::NOT_FOUND, format!("no source named `{source}`"));
+    };
+    if let Some(why) = &src.disabled {
+        count(&source, "disabled");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "60")],
+            Json(json!({"accepted": false, "reason": why})),
+        )
+            .into_response();
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let ct_base = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if !src.source.content_types().contains(&ct_base.as_str()) {
+        count(&source, "rejected");
+        let want = src.source.content_types().join(" or ");
+        tracing::warn!(source = %source, content_type = %ct, "rejected: wrong content type");
+        return reject(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type must be {want}, got `{ct}`"),
+        );
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > src.max_body) {
+        count(&source, "rejected");
+        return reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is over the {} byte limit", src.max_body),
+        );
+    }
+    let bytes: Bytes = match axum::body::to_bytes(body, src.max_body).await {
+        Ok(b) => b,
+        Err(_) => {
+            count(&source, "rejected");
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body is over the {} byte limit", src.max_body),
+            );
+        }
+    };
+    let req = Request {
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| {
+                v.to_str()
+                    .ok()
+                    .map(|v| (k.as_str().to_ascii_lowercase(), v.to_string()))
+            })
+            .collect(),
+        body: &bytes,
+        path_token: token,
+    };
+    let now = chrono::Utc::now().timestamp();
+    if let Err(r) = src.source.verify(&req, now) {
+        count(&source, "unauthorized");
+        tracing::warn!(source = %source, reason = r.reason(), "rejected: verification failed");
+        return reject(StatusCode::UNAUTHORIZED, r.reason());
+    }
+    let ev = match src.source.decode(&source, &req) {
+        Ok(Decoded::Event(ev)) => ev,
+        Ok(Decoded::Ack) => {
+            count(&source, "acknowledged");
+            return StatusCode::OK.into_response();
+        }
+        Err(r) => {
+            count(&source, "rejected");
+            tracing::warn!(source = %source, status = r.status(), reason = r.reason(), "rejected: cannot decode");
+            let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            return reject(status, r.reason());
+        }
+    };
+    let dispatches = route(&rs, &ev);
+    let mut jobs = Vec::new();
+    let mut dead = Vec::new();
+    for d in dispatches {
+        metrics::counter!("switchyard_rule_matches_total", "rule" => d.rule.clone()).increment(1);
+        let job = |message| NewJob {
+            destination: d.destination.clone(),
+            rule: d.rule.clone(),
+            event_id: d.event_id.clone(),
+            target: d.target.clone(),
+            message,
+            secret: d.secret,
+        };
+        match &d.message {
+            Ok(m) => jobs.push(job(m.clone())),
+            Err(DispatchError::Render(e)) => {
+                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "template failed for this event; kept as a dead letter");
+                dead.push((job(serde_json::Value::Null), e.clone()));
+            }
+            Err(DispatchError::Refused(e)) => {
+                metrics::counter!("switchyard_refused_total", "rule" => d.rule.clone())
+                    .increment(1);
+                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "refused to send a secret notification");
+            }
+        }
+    }
+    let n = jobs.len();
+    let dedup = Some((ev.id.clone(), src.dedup_window));
+    let result = st.outbox.enqueue(dedup, jobs, dead).await;
+    metrics::histogram!("switchyard_ingest_duration_seconds", "source" => source.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::gauge!("switchyard_queue_depth").set(st.outbox.pending() as f64);
+    let slack = src.kind == "slack";
+    match result {
+        Ok(Enqueued::Committed(committed)) => {
+            count(&source, if n == 0 { "unmatched" } else { "accepted" });
+            tracing::info!(source = %source, event_type = %ev.event_type, event_id = %ev.id, dispatches = n, "accepted");
+            st.deliverer.submit(committed);
+            if slack {
+                // Slack wants an empty 200 within 3 s.
+                return StatusCode::OK.into_response();
+            }
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({"accepted": true, "event_id": ev.id, "dispatches": n})),
+            )
+                .into_response()
+        }
+        Ok(Enqueued::Duplicate) => {
+            count(&source, "duplicate");
+            tracing::info!(source = %source, event_id = %ev.id, "duplicate delivery; already accepted");
+            if slack {
+                return StatusCode::OK.into_response();
+            }
+            (StatusCode::ACCEPTED, Json(json!({"accepted": true, "duplicate": true, "event_id": ev.id, "dispatches": 0}))).into_response()
+        }
+        Err(EnqueueError::Full { pending }) => {
+            count(&source, "overloaded");
+            tracing::warn!(source = %source, pending, "outbox full; asking the sender to retry");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "30")],
+                Json(json!({"accepted": false, "reason": format!("{pending} deliveries are waiting; retry later")})),
+            )
+                .into_response()
+        }
+        Err(EnqueueError::Storage(e)) => {
+            count(&source, "error");
+            tracing::error!(source = %source, error = %e, "cannot commit to the outbox");
+            reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the outbox cannot be written; retry later",
+            )
+        }
+    }
+}
