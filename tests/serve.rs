@@ -111,7 +111,8 @@ async fn every_bad_input_gets_its_status_and_a_reason_and_queues_nothing() {
 
     // 401: wrong signature, missing headers, expired timestamp.
     let bad_sig = switchyard::sources::port::sign("wrong-secret", &now, &spike);
-    let cases: Vec<(Vec<(&str, &str)>, &[u8], u16)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a [u8], u16);
+    let cases: Vec<Case> = vec![
         (
             vec![
                 json_ct,
