@@ -1125,10 +1125,35 @@ fn compile_rule(
             sends.push(step);
         }
     }
+    let throttle = match &r.throttle {
+        None => None,
+        Some(t) => {
+            let tp = join_key(path, "throttle");
+            let window = parse_duration(&t.window);
+            if window.is_none() {
+                diags.push(
+                    p.at(
+                        Diagnostic::error("bad-value", format!("`{}` is not a duration", t.window))
+                            .hint("e.g. `10m`"),
+                        &join_key(&tp, "window"),
+                    ),
+                );
+            }
+            let name = format!("rule:{}:throttle", r.id);
+            if let Err(e) = templates.add_plain(&name, &t.key) {
+                diags.push(p.at(
+                    Diagnostic::error("template", format!("throttle key: {}", e.message)),
+                    &join_key(&tp, "key"),
+                ));
+            }
+            window.map(|w| (name, w))
+        }
+    };
     if diags[before..].iter().any(Diagnostic::is_error) {
         return None;
     }
     Some(Rule {
+        throttle,
         id: r.id.clone(),
         description: r.description.clone(),
         on,

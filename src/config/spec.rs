@@ -232,6 +232,19 @@ pub struct RuleSpec {
     /// Stop evaluating later rules when this one matches.
     #[serde(default)]
     pub stop: bool,
+    /// Send at most once per `window` for the same `key` (e.g. `{{entity.identifier}}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<ThrottleSpec>,
+}
+
+/// Suppresses repeats of a rule for the same key within a window.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSpec {
+    /// A Handlebars template over the event, e.g. `{{entity.identifier}}`.
+    pub key: String,
+    /// How long repeats are suppressed, e.g. `10m`.
+    pub window: String,
 }
 
 /// Where and what to send.

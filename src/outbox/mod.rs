@@ -36,6 +36,9 @@ pub struct NewJob {
     pub target: Target,
     pub message: Value,
     pub secret: bool,
+    /// Throttle claim: the key and window; the job is dropped when the key is still held.
+    #[serde(skip)]
+    pub throttle: Option<(String, Duration)>,
 }
 
 /// A persisted dispatch awaiting delivery.
@@ -98,8 +101,8 @@ pub enum EnqueueError {
 /// The result of an enqueue.
 #[derive(Debug, Clone)]
 pub enum Enqueued {
-    /// Committed; the jobs with their ids.
-    Committed(Vec<Job>),
+    /// Committed; the jobs with their ids, and how many were suppressed by throttles.
+    Committed(Vec<Job>, usize),
     /// The event id was already accepted within the dedup window; nothing was added.
     Duplicate,
 }
@@ -167,6 +170,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_at);
 CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, until INTEGER NOT NULL);
 ";
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
@@ -285,6 +289,17 @@ impl Outbox {
             .map_err(|e| e.to_string())?;
         rows.collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())
+    }
+
+    /// Throttle keys currently suppressing repeats.
+    pub fn active_throttles(&self) -> Result<i64, String> {
+        let c = open(&self.path).map_err(|e| e.to_string())?;
+        c.query_row(
+            "SELECT count(*) FROM throttle WHERE until > ?",
+            [now_ms()],
+            |r| r.get(0),
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Pending jobs per destination.
@@ -438,7 +453,36 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                     .map_err(|e| e.to_string())?;
                 }
                 let mut out = Vec::with_capacity(jobs.len());
+                let mut throttled = 0;
+                // One decision per key for this event: a throttled match drops all its sends.
+                let mut decided: std::collections::HashMap<String, bool> = Default::default();
                 for j in jobs {
+                    if let Some((key, window)) = &j.throttle {
+                        let allowed = match decided.get(key) {
+                            Some(a) => *a,
+                            None => {
+                                let until: Option<i64> = tx
+                                    .query_row(
+                                        "SELECT until FROM throttle WHERE key = ?",
+                                        [key],
+                                        |r| r.get(0),
+                                    )
+                                    .optional()
+                                    .map_err(|e| e.to_string())?;
+                                let a = !until.is_some_and(|u| u > now);
+                                if a {
+                                    tx.execute("INSERT OR REPLACE INTO throttle (key, until) VALUES (?, ?)", params![key, now + window.as_millis() as i64])
+                                        .map_err(|e| e.to_string())?;
+                                }
+                                decided.insert(key.clone(), a);
+                                a
+                            }
+                        };
+                        if !allowed {
+                            throttled += 1;
+                            continue;
+                        }
+                    }
                     tx.execute(
                         "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), j.message.to_string(), j.secret as i64, now],
@@ -474,7 +518,10 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                     .map_err(|e| e.to_string())?;
                 }
                 added += out.len() as isize;
-                replies.push(Reply::Enqueue(reply, Ok(Enqueued::Committed(out))));
+                replies.push(Reply::Enqueue(
+                    reply,
+                    Ok(Enqueued::Committed(out, throttled)),
+                ));
             }
             Cmd::Finish { id, outcome, reply } => {
                 match &outcome {

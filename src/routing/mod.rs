@@ -31,6 +31,8 @@ pub struct Rule {
     pub conditions: Vec<Condition>,
     pub sends: Vec<SendStep>,
     pub stop: bool,
+    /// Throttle: the (plain) template name of the key, and the window.
+    pub throttle: Option<(String, std::time::Duration)>,
     /// The file that defines it.
     pub file: PathBuf,
 }
@@ -89,6 +91,9 @@ pub struct Dispatch {
     pub message: Result<Value, DispatchError>,
     /// The event is secret (OTP): never log or print the message.
     pub secret: bool,
+    /// The rule's throttle key for this event and its window, when the rule is throttled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<(String, std::time::Duration)>,
 }
 
 fn ser_message<S: serde::Serializer>(
@@ -219,6 +224,7 @@ fn dispatch(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Contex
         target: Target::default(),
         message: Err(DispatchError::Render(String::new())),
         secret: ev.secret,
+        throttle: None,
     };
     let plain = |name: &Option<String>| -> Result<Option<String>, DispatchError> {
         match name {
@@ -238,6 +244,18 @@ fn dispatch(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Contex
             reply_broadcast: step.reply_broadcast,
         })
     })();
+    if let Some((key_tpl, window)) = &rule.throttle {
+        match rs.templates.render_plain(key_tpl, ctx) {
+            Ok(k) => d.throttle = Some((format!("{}\u{1f}{}", rule.id, k.trim()), *window)),
+            Err(e) => {
+                d.message = Err(DispatchError::Render(format!(
+                    "throttle key: {}",
+                    e.message
+                )));
+                return d;
+            }
+        }
+    }
     let target = match target {
         Ok(t) => t,
         Err(e) => {

@@ -103,6 +103,10 @@ pub(super) fn status_json(st: &AppState) -> Value {
         "sources": sources,
         "destinations": destinations,
         "queue_depth": st.outbox.pending(),
+        "throttle": {
+            "suppressed_since_start": st.throttled.lock().map(|t| *t).unwrap_or(0),
+            "active_keys": st.outbox.active_throttles().unwrap_or(0),
+        },
         "reload": reload,
     })
 }

@@ -62,6 +62,8 @@ pub struct AppState {
     pub reload: Mutex<ReloadStatus>,
     pub started: Instant,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Messages suppressed by rule throttles since start.
+    pub throttled: Mutex<u64>,
     /// Serialises reloads.
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -133,6 +135,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         reload: Mutex::new(ReloadStatus::initial(&rs, &diags)),
         started: Instant::now(),
         metrics: install_metrics(),
+        throttled: Mutex::new(0),
         reload_lock: tokio::sync::Mutex::new(()),
     });
     for (name, s) in &rs.sources {
@@ -336,6 +339,7 @@ async fn handle(
             target: d.target.clone(),
             message,
             secret: d.secret,
+            throttle: d.throttle.clone(),
         };
         match &d.message {
             Ok(m) => jobs.push(job(m.clone())),
@@ -358,9 +362,15 @@ async fn handle(
     metrics::gauge!("switchyard_queue_depth").set(st.outbox.pending() as f64);
     let slack = src.kind == "slack";
     match result {
-        Ok(Enqueued::Committed(committed)) => {
+        Ok(Enqueued::Committed(committed, throttled)) => {
             count(&source, if n == 0 { "unmatched" } else { "accepted" });
-            tracing::info!(source = %source, event_type = %ev.event_type, event_id = %ev.id, dispatches = n, "accepted");
+            if throttled > 0 {
+                metrics::counter!("switchyard_throttled_total").increment(throttled as u64);
+                let mut t = st.throttled.lock().unwrap_or_else(|p| p.into_inner());
+                *t += throttled as u64;
+            }
+            let n = committed.len();
+            tracing::info!(source = %source, event_type = %ev.event_type, event_id = %ev.id, dispatches = n, throttled, "accepted");
             st.deliverer.submit(committed);
             if slack {
                 // Slack wants an empty 200 within 3 s.
@@ -368,7 +378,7 @@ async fn handle(
             }
             (
                 StatusCode::ACCEPTED,
-                Json(json!({"accepted": true, "event_id": ev.id, "dispatches": n})),
+                Json(json!({"accepted": true, "event_id": ev.id, "dispatches": n, "throttled": throttled})),
             )
                 .into_response()
         }
