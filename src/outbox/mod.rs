@@ -469,7 +469,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                                     )
                                     .optional()
                                     .map_err(|e| e.to_string())?;
-                                let a = !until.is_some_and(|u| u > now);
+                                let a = until.is_none_or(|u| u <= now);
                                 if a {
                                     tx.execute("INSERT OR REPLACE INTO throttle (key, until) VALUES (?, ?)", params![key, now + window.as_millis() as i64])
                                         .map_err(|e| e.to_string())?;
