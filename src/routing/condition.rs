@@ -512,7 +512,7 @@ impl Comparison {
             }
             return self.transition_holds(bp.first(ev), self.path.first(ev));
         }
-        self.path.select(ev).into_iter().any(|n| self.node_holds(n))
+        self.path.any(ev, |n| self.node_holds(n))
     }
 
     fn explain(&self, ev: &Value) -> Trace {

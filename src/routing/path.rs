@@ -100,27 +100,34 @@ impl JsonPathExpr {
         }
     }
 
+    /// Walks a member/index chain; `None` when a step is missing.
+    fn walk<'a>(steps: &[Step], root: &'a Value) -> Option<&'a Value> {
+        let mut cur = root;
+        for s in steps {
+            cur = match (s, cur) {
+                (Step::Name(n), Value::Object(m)) => m.get(n)?,
+                (Step::Index(i), Value::Array(a)) => {
+                    let idx = if *i < 0 { a.len() as i64 + *i } else { *i };
+                    a.get(usize::try_from(idx).ok()?)?
+                }
+                _ => return None,
+            };
+        }
+        Some(cur)
+    }
+
+    /// True when any selected node satisfies `f` (no allocation for simple paths).
+    pub fn any(&self, root: &Value, mut f: impl FnMut(&Value) -> bool) -> bool {
+        match &self.kind {
+            Kind::Simple(steps) => Self::walk(steps, root).is_some_and(f),
+            Kind::General(_) => self.select(root).into_iter().any(f),
+        }
+    }
+
     /// The nodes the path selects in `root` (the RFC's nodelist, values only).
     pub fn select<'a>(&self, root: &'a Value) -> Vec<&'a Value> {
         match &self.kind {
-            Kind::Simple(steps) => {
-                let mut cur = root;
-                for s in steps {
-                    let next = match (s, cur) {
-                        (Step::Name(n), Value::Object(m)) => m.get(n),
-                        (Step::Index(i), Value::Array(a)) => {
-                            let idx = if *i < 0 { a.len() as i64 + *i } else { *i };
-                            usize::try_from(idx).ok().and_then(|i| a.get(i))
-                        }
-                        _ => None,
-                    };
-                    match next {
-                        Some(v) => cur = v,
-                        None => return Vec::new(),
-                    }
-                }
-                vec![cur]
-            }
+            Kind::Simple(steps) => Self::walk(steps, root).into_iter().collect(),
             Kind::General(q) => match jsonpath_rust::query::js_path_process(q, root) {
                 Ok(refs) => refs.into_iter().map(|r| r.val).collect(),
                 Err(_) => Vec::new(),
@@ -130,7 +137,10 @@ impl JsonPathExpr {
 
     /// The first selected node, if any.
     pub fn first<'a>(&self, root: &'a Value) -> Option<&'a Value> {
-        self.select(root).into_iter().next()
+        match &self.kind {
+            Kind::Simple(steps) => Self::walk(steps, root),
+            Kind::General(_) => self.select(root).into_iter().next(),
+        }
     }
 }
 
