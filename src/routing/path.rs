@@ -117,7 +117,7 @@ impl JsonPathExpr {
     }
 
     /// True when any selected node satisfies `f` (no allocation for simple paths).
-    pub fn any(&self, root: &Value, mut f: impl FnMut(&Value) -> bool) -> bool {
+    pub fn any(&self, root: &Value, f: impl FnMut(&Value) -> bool) -> bool {
         match &self.kind {
             Kind::Simple(steps) => Self::walk(steps, root).is_some_and(f),
             Kind::General(_) => self.select(root).into_iter().any(f),
