@@ -68,21 +68,89 @@ pub fn find_source<'a>(
     }
 }
 
-/// Decodes and simulates a raw body.
-pub fn simulate(rs: &Ruleset, source: &str, req: &Request) -> Result<Simulation, SimulateError> {
+/// Decodes and simulates a raw body. `with` stands in for `with:` query results (by query
+/// name); rules whose queries are all given are expanded offline.
+pub fn simulate(
+    rs: &Ruleset,
+    source: &str,
+    req: &Request,
+    with: &serde_json::Map<String, Value>,
+) -> Result<Simulation, SimulateError> {
     let src = find_source(rs, source)?;
     let ev = match src.source.decode(&src.name, req) {
         Ok(Decoded::Event(ev)) => ev,
         Ok(Decoded::Ack) => return Err(SimulateError::Acknowledged),
         Err(r) => return Err(SimulateError::Rejected(r)),
     };
-    Ok(simulate_event(rs, &ev))
+    Ok(simulate_event(rs, &ev, with))
+}
+
+/// Replaces expansion dispatches by what the rule sends, when every query has a stand-in.
+fn expand_offline(
+    rs: &Ruleset,
+    ev: &Event,
+    dispatches: Vec<Dispatch>,
+    with: &serde_json::Map<String, Value>,
+) -> Vec<Dispatch> {
+    let mut out = Vec::new();
+    for d in dispatches {
+        let is_expand = d.message.as_ref().is_ok_and(|m| m["op"] == "expand");
+        let rule = rs.rules.iter().find(|r| r.id == d.rule);
+        let all_given = rule.is_some_and(|r| {
+            !r.queries.is_empty() && r.queries.iter().all(|q| with.contains_key(&q.name))
+        });
+        if !(is_expand && all_given) {
+            out.push(d);
+            continue;
+        }
+        let results: serde_json::Map<String, Value> = rule
+            .map(|r| {
+                r.queries
+                    .iter()
+                    .map(|q| {
+                        (
+                            q.name.clone(),
+                            with.get(&q.name).cloned().unwrap_or(Value::Null),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        match crate::routing::expand(rs, ev, &d.rule, results) {
+            Ok(v) => out.extend(v),
+            Err(e) => {
+                let mut d = d;
+                d.message = Err(DispatchError::Render(e));
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// Reads a `--with NAME=FILE.json` stand-in: a list of entities, or a search answer
+/// (`{entities: [...]}`).
+pub fn read_with(arg: &str) -> Result<(String, Value), String> {
+    let (name, file) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("`{arg}` is not NAME=FILE.json"))?;
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{file} is not JSON: {e}"))?;
+    let v = match v.get("entities") {
+        Some(e) => e.clone(),
+        None => v,
+    };
+    Ok((name.to_string(), v))
 }
 
 /// Simulates a decoded event.
-pub fn simulate_event(rs: &Ruleset, ev: &Event) -> Simulation {
+pub fn simulate_event(
+    rs: &Ruleset,
+    ev: &Event,
+    with: &serde_json::Map<String, Value>,
+) -> Simulation {
     let mut rules = explain(rs, ev);
-    let mut dispatches = route(rs, ev);
+    let mut dispatches = expand_offline(rs, ev, route(rs, ev), with);
     if ev.secret {
         for r in &mut rules {
             for t in &mut r.conditions {

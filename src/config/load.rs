@@ -13,7 +13,7 @@ use super::secret::Secret;
 use super::spec::{DestinationSpec, RulesFile, SendSpec, SourceSpec};
 use super::yaml::{self, join_index, join_key, Limits, Pos, SpanMap};
 use super::{
-    parse_duration, parse_size, DestinationConfig, DestinationKind, LoadedFile, RuleTest,
+    parse_duration, parse_size, DestinationConfig, DestinationKind, LoadedFile, RuleTest, Schedule,
     SourceEntry,
 };
 use crate::event::EVENT_TYPES;
@@ -201,6 +201,8 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
         }
     }
     resolve_fallbacks(&parsed, &mut dests, opts, &mut diags);
+    resolve_reporting(&parsed, &mut sources, &dests, &mut diags);
+    let schedules = load_schedules(&parsed, &mut diags);
 
     let mut rules = Vec::new();
     let mut seen_rule: HashMap<String, (PathBuf, Pos)> = HashMap::new();
@@ -224,7 +226,9 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
                 ));
                 continue;
             }
-            if let Some(rule) = compile_rule(p, r, &path, &dests, &mut templates, &mut diags) {
+            if let Some(rule) =
+                compile_rule(p, r, &path, &dests, &schedules, &mut templates, &mut diags)
+            {
                 rules.push(rule);
             }
         }
@@ -240,7 +244,8 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
         }
     }
 
-    let rs = Ruleset::new(rules, sources, dests, templates, tests, loaded);
+    let mut rs = Ruleset::new(rules, sources, dests, templates, tests, loaded);
+    rs.schedules = schedules;
     check_secret_routing(&rs, &parsed, &mut diags);
     if diags.iter().any(Diagnostic::is_error) {
         (None, diags)
@@ -771,8 +776,112 @@ fn build_source(
         disabled,
         max_body,
         dedup_window,
+        report_to: spec.port.as_ref().and_then(|s| s.report_to.clone()),
+        report_unmatched: spec
+            .port
+            .as_ref()
+            .and_then(|s| s.report_unmatched)
+            .unwrap_or(true),
         file: p.path.clone(),
     })
+}
+
+/// The only `port` destination, when there is exactly one.
+fn only_port_destination(dests: &BTreeMap<String, DestinationConfig>) -> Option<String> {
+    let mut ports = dests
+        .values()
+        .filter(|d| matches!(d.kind, DestinationKind::Port { .. }));
+    match (ports.next(), ports.next()) {
+        (Some(d), None) => Some(d.name.clone()),
+        _ => None,
+    }
+}
+
+/// Resolves each Port source's `report_to` (explicit, or the only `port` destination).
+fn resolve_reporting(
+    parsed: &[Parsed],
+    sources: &mut BTreeMap<String, SourceEntry>,
+    dests: &BTreeMap<String, DestinationConfig>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    for src in sources.values_mut().filter(|s| s.kind == "port") {
+        match &src.report_to {
+            Some(to) => {
+                if !dests
+                    .get(to)
+                    .is_some_and(|d| matches!(d.kind, DestinationKind::Port { .. }))
+                {
+                    if let Some(p) = parsed.iter().find(|p| p.path == src.file) {
+                        diags.push(p.at(
+                            Diagnostic::error(
+                                "unknown-destination",
+                                format!("`report_to: {to}` is not a `port` destination"),
+                            ),
+                            &format!("sources.{}.port.report_to", src.name),
+                        ));
+                    }
+                }
+            }
+            None => src.report_to = only_port_destination(dests),
+        }
+    }
+}
+
+/// Compiles the schedules of every file.
+fn load_schedules(parsed: &[Parsed], diags: &mut Vec<Diagnostic>) -> BTreeMap<String, Schedule> {
+    let mut out = BTreeMap::new();
+    let parser = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build();
+    for p in parsed {
+        for (name, spec) in &p.spec.schedules {
+            let path = join_key("schedules", name);
+            if out.contains_key(name) {
+                diags.push(p.at_key(
+                    Diagnostic::error("duplicate", format!("schedule `{name}` is defined twice")),
+                    &path,
+                ));
+                continue;
+            }
+            let cron = match parser.parse(&spec.cron) {
+                Ok(c) => c,
+                Err(e) => {
+                    diags.push(
+                        p.at(Diagnostic::error("bad-cron", format!("invalid cron pattern `{}`: {e}", spec.cron)), &join_key(&path, "cron"))
+                            .hint("5 fields `min hour day month weekday` (e.g. `0 9 * * MON`), or 6 with seconds first"),
+                    );
+                    continue;
+                }
+            };
+            let tz_name = spec.timezone.clone().unwrap_or_else(|| "UTC".into());
+            let tz: chrono_tz::Tz = match tz_name.parse() {
+                Ok(t) => t,
+                Err(_) => {
+                    diags.push(
+                        p.at(
+                            Diagnostic::error(
+                                "bad-timezone",
+                                format!("unknown time zone `{tz_name}`"),
+                            ),
+                            &join_key(&path, "timezone"),
+                        )
+                        .hint("an IANA name such as `Europe/Berlin` or `America/New_York`"),
+                    );
+                    continue;
+                }
+            };
+            out.insert(
+                name.clone(),
+                Schedule {
+                    name: name.clone(),
+                    cron,
+                    pattern: spec.cron.clone(),
+                    tz,
+                },
+            );
+        }
+    }
+    out
 }
 
 fn build_destination(
@@ -789,6 +898,7 @@ fn build_destination(
         spec.slack.is_some(),
         spec.webhook.is_some(),
         spec.stdout.is_some(),
+        spec.port.is_some(),
     ]
     .iter()
     .filter(|k| **k)
@@ -800,7 +910,7 @@ fn build_destination(
                     "bad-destination",
                     format!("destination `{name}` must have exactly one kind"),
                 )
-                .hint("one of `slack_webhook:`, `slack:`, `webhook:`, `stdout:`"),
+                .hint("one of `slack_webhook:`, `slack:`, `webhook:`, `stdout:`, `port:`"),
                 path,
             ),
         );
@@ -909,6 +1019,34 @@ fn build_destination(
             headers,
             template: s.template.clone(),
         }
+    } else if let Some(s) = &spec.port {
+        let client_id = secret(
+            "client_id",
+            "port",
+            &s.client_id,
+            "client_id_file",
+            &None,
+            diags,
+        )?;
+        let client_secret = secret(
+            "client_secret",
+            "port",
+            &s.client_secret,
+            "client_secret_file",
+            &s.client_secret_file,
+            diags,
+        )?;
+        let base_url = s
+            .base_url
+            .clone()
+            .unwrap_or_else(|| "https://api.port.io".into())
+            .trim_end_matches('/')
+            .to_string();
+        DestinationKind::Port {
+            client_id,
+            client_secret,
+            base_url,
+        }
     } else {
         DestinationKind::Stdout
     };
@@ -943,6 +1081,7 @@ fn build_destination(
     );
     let unset: Vec<String> = p.unset_under(path).iter().map(|u| u.var.clone()).collect();
     let mut use_fallback = false;
+    let mut disabled = None;
     if !unset.is_empty() {
         let vars = unset.join(", ");
         let path = &first_unset(p, path);
@@ -967,16 +1106,15 @@ fn build_destination(
                     path,
                 ));
             }
-            (Mode::Serve, None) => diags.push(
-                p.at(
-                    Diagnostic::error(
-                        "unset-var",
-                        format!("destination `{name}`: variable {vars} is unset"),
-                    ),
-                    path,
+            (Mode::Serve, None) => {
+                disabled = Some(format!(
+                    "destination `{name}` is not configured: set {vars}"
+                ));
+                diags.push(
+                    p.at(Diagnostic::warning("unset-var", format!("destination `{name}`: variable {vars} is unset; its messages become dead letters until it is set")), path)
+                        .hint("set it, or add `fallback: <destination>`"),
                 )
-                .hint("set it, or add `fallback: <destination>`"),
-            ),
+            }
         }
     }
     if diags[before..].iter().any(Diagnostic::is_error) {
@@ -987,6 +1125,7 @@ fn build_destination(
         kind,
         fallback: spec.fallback.clone(),
         use_fallback,
+        disabled,
         timeout,
         max_attempts: spec.max_attempts.unwrap_or(8).max(1),
         rate_per_second: spec
@@ -1072,6 +1211,7 @@ fn compile_rule(
     r: &super::spec::RuleSpec,
     path: &str,
     dests: &BTreeMap<String, DestinationConfig>,
+    schedules: &BTreeMap<String, Schedule>,
     templates: &mut Templates,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Rule> {
@@ -1079,6 +1219,8 @@ fn compile_rule(
     let on = r.on.to_vec();
     for (i, t) in on.iter().enumerate() {
         let known = EVENT_TYPES.contains(&t.as_str())
+            || t.strip_prefix("schedule/")
+                .is_some_and(|n| schedules.contains_key(n) || n == "*")
             || t == "*"
             || t.strip_suffix('*')
                 .is_some_and(|pre| EVENT_TYPES.iter().any(|e| e.starts_with(pre)));
@@ -1101,13 +1243,126 @@ fn compile_rule(
         }
     }
     let mut conditions = Vec::new();
+    let mut after = Vec::new();
     for (i, c) in r.conditions.iter().enumerate() {
         let cp = join_index(&join_key(path, "where"), i);
         match condition::compile(c) {
+            Ok(c) if c.reads_member("with") => {
+                if r.queries.is_empty() {
+                    diags.push(p.at(
+                        Diagnostic::error(
+                            "bad-condition",
+                            "this condition reads `$.with…` but the rule has no `with:` queries",
+                        ),
+                        &cp,
+                    ));
+                }
+                after.push(c);
+            }
             Ok(c) => conditions.push(c),
             Err(e) => diags.push(condition_diag(p, &cp, &e)),
         }
     }
+    let mut queries = Vec::new();
+    for (name, q) in &r.queries {
+        let qp = join_key(&join_key(path, "with"), name);
+        if !dests
+            .get(&q.port)
+            .is_some_and(|d| matches!(d.kind, DestinationKind::Port { .. }))
+        {
+            diags.push(
+                p.at(
+                    Diagnostic::error(
+                        "unknown-destination",
+                        format!("`{}` is not a `port` destination", q.port),
+                    )
+                    .hint("define `destinations: {name: {port: {client_id, client_secret}}}`"),
+                    &join_key(&qp, "port"),
+                ),
+            );
+            continue;
+        }
+        let timeout = match &q.timeout {
+            None => Duration::from_secs(30),
+            Some(t) => parse_duration(t).unwrap_or_else(|| {
+                diags.push(p.at(
+                    Diagnostic::error("bad-value", format!("`{t}` is not a duration")),
+                    &join_key(&qp, "timeout"),
+                ));
+                Duration::from_secs(30)
+            }),
+        };
+        queries.push(crate::routing::Query {
+            name: name.clone(),
+            port: q.port.clone(),
+            blueprint: q.search.blueprint.clone(),
+            combinator: q.search.combinator.clone().unwrap_or_else(|| "and".into()),
+            rules: q.search.rules.clone(),
+            include: q.include.clone(),
+            max_pages: q.max_pages.unwrap_or(20).max(1),
+            limit: q.limit.unwrap_or(200).clamp(1, 1000),
+            timeout,
+        });
+    }
+    let report = match &r.report {
+        None => None,
+        Some(rep) => {
+            let rp = join_key(path, "report");
+            let to = rep.to.clone().or_else(|| only_port_destination(dests));
+            match to {
+                Some(to)
+                    if dests
+                        .get(&to)
+                        .is_some_and(|d| matches!(d.kind, DestinationKind::Port { .. })) =>
+                {
+                    let mut fields = |which: &str, c: &super::spec::ReportContent| {
+                        let mut f = crate::routing::ReportFields::default();
+                        for (key, v, slot) in [
+                            ("statusLabel", &c.status_label, &mut f.status_label),
+                            ("summary", &c.summary, &mut f.summary),
+                            ("link", &c.link, &mut f.link),
+                        ] {
+                            if let Some(text) = v {
+                                let name = format!("rule:{}:report:{which}:{key}", r.id);
+                                match templates.add_plain(&name, text) {
+                                    Ok(()) => *slot = Some(name),
+                                    Err(e) => diags.push(p.at(
+                                        Diagnostic::error(
+                                            "template",
+                                            format!("report {which}.{key}: {}", e.message),
+                                        ),
+                                        &join_key(&join_key(&rp, which), key),
+                                    )),
+                                }
+                            }
+                        }
+                        f
+                    };
+                    let success = fields("success", &rep.success);
+                    let failure = fields("failure", &rep.failure);
+                    Some(crate::routing::Report {
+                        to,
+                        success,
+                        failure,
+                    })
+                }
+                Some(to) => {
+                    diags.push(p.at(
+                        Diagnostic::error(
+                            "unknown-destination",
+                            format!("`{to}` is not a `port` destination"),
+                        ),
+                        &join_key(&rp, "to"),
+                    ));
+                    None
+                }
+                None => {
+                    diags.push(p.at_key(Diagnostic::error("missing-key", "`report:` needs a `port` destination").hint("add `to: <port destination>`, or define exactly one `port` destination"), &rp));
+                    None
+                }
+            }
+        }
+    };
     if r.send.is_empty() {
         diags.push(
             p.at(
@@ -1154,6 +1409,9 @@ fn compile_rule(
     }
     Some(Rule {
         throttle,
+        queries,
+        after,
+        report,
         id: r.id.clone(),
         description: r.description.clone(),
         on,
@@ -1340,6 +1598,7 @@ fn compile_send(
         user_email: small("user_email", &s.user_email),
         thread_ts: small("thread_ts", &s.thread_ts),
         reply_broadcast: s.reply_broadcast,
+        for_each: small("for_each", &s.for_each),
     })
 }
 

@@ -44,6 +44,10 @@ pub struct SourceEntry {
     pub max_body: usize,
     /// Dedup window for sources that need one (Coder `msg_id`).
     pub dedup_window: Duration,
+    /// The `port` destination that reports runs received here.
+    pub report_to: Option<String>,
+    /// Report runs no rule handles as FAILURE.
+    pub report_unmatched: bool,
     pub file: PathBuf,
 }
 
@@ -66,6 +70,11 @@ pub enum DestinationKind {
         template: Option<String>,
     },
     Stdout,
+    Port {
+        client_id: Secret,
+        client_secret: Secret,
+        base_url: String,
+    },
 }
 
 impl DestinationKind {
@@ -76,6 +85,7 @@ impl DestinationKind {
             DestinationKind::Slack { .. } => "slack",
             DestinationKind::Webhook { .. } => "webhook",
             DestinationKind::Stdout => "stdout",
+            DestinationKind::Port { .. } => "port",
         }
     }
 }
@@ -88,6 +98,9 @@ pub struct DestinationConfig {
     pub fallback: Option<String>,
     /// True when variables this destination needs are unset and `fallback` delivers instead.
     pub use_fallback: bool,
+    /// Set when variables it needs are unset and there is no fallback (`serve` only): its
+    /// messages become dead letters with this reason until a reload configures it.
+    pub disabled: Option<String>,
     pub timeout: Duration,
     pub max_attempts: u32,
     /// Messages per second; `None` is unlimited.
@@ -97,6 +110,21 @@ pub struct DestinationConfig {
     pub retry_max: Duration,
     pub max_age: Duration,
     pub file: PathBuf,
+}
+
+/// A compiled schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub name: String,
+    pub cron: croner::Cron,
+    pub pattern: String,
+    pub tz: chrono_tz::Tz,
+}
+
+impl PartialEq for Schedule {
+    fn eq(&self, o: &Self) -> bool {
+        self.name == o.name && self.pattern == o.pattern && self.tz == o.tz
+    }
 }
 
 /// A rule test, with its event body already read.

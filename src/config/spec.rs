@@ -25,6 +25,20 @@ pub struct RulesFile {
     /// Rule tests run by `switchyard check`.
     #[serde(default)]
     pub tests: Vec<TestSpec>,
+    /// Named schedules; each emits `schedule/<name>` events on its cron.
+    #[serde(default)]
+    pub schedules: BTreeMap<String, ScheduleSpec>,
+}
+
+/// A schedule: a cron pattern in a time zone.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Cron pattern: 5 fields (`0 9 * * MON`), or 6 with seconds first (`*/10 * * * * *`).
+    pub cron: String,
+    /// IANA time zone, e.g. `Europe/Berlin` (default `UTC`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
 }
 
 /// A string, or a list of strings.
@@ -86,6 +100,12 @@ pub struct PortSourceSpec {
     /// The action identifier to assume for author-defined run bodies that do not name one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
+    /// The `port` destination that reports action runs received here (default: the only one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_to: Option<String>,
+    /// Report a run that no rule handles as FAILURE "no rule matched" (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_unmatched: Option<bool>,
 }
 
 /// Settings of a Coder source.
@@ -131,6 +151,9 @@ pub struct DestinationSpec {
     /// Print each message as one JSON line on standard output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout: Option<StdoutSpec>,
+    /// Port's REST API: reports action runs, and answers `with:` queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortApiSpec>,
     /// Another destination to use instead while this one's variables are unset
     /// (e.g. `console`, so example rules work without credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,6 +230,24 @@ pub struct WebhookSpec {
     pub template: Option<String>,
 }
 
+/// Port API settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortApiSpec {
+    /// Client id (Port → Credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Client secret (a secret: use `${VAR}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    /// A file holding the client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<String>,
+    /// API base URL: `https://api.port.io` (EU, the default) or `https://api.us.port.io` (US).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
 /// Standard output settings (none yet).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -235,6 +276,74 @@ pub struct RuleSpec {
     /// Send at most once per `window` for the same `key` (e.g. `{{entity.identifier}}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttle: Option<ThrottleSpec>,
+    /// Queries run before the templates render; results are under `$.with.<name>`.
+    #[serde(default, rename = "with", skip_serializing_if = "BTreeMap::is_empty")]
+    pub queries: BTreeMap<String, QuerySpec>,
+    /// For action runs: what the engine reports to Port when the work is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportSpec>,
+}
+
+/// A query against Port's entity search API.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuerySpec {
+    /// The `port` destination whose credentials are used.
+    pub port: String,
+    /// The search: a blueprint and Port search rules (string values are templates).
+    pub search: SearchSpec,
+    /// Entity fields to return (Port's `include`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Most pages to follow (default 20, of up to 1,000 entities each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pages: Option<u32>,
+    /// Page size (default 200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Time limit for the whole query, e.g. `30s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// `POST /v1/blueprints/<blueprint>/entities/search`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSpec {
+    pub blueprint: String,
+    /// `and` (default) or `or`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub combinator: Option<String>,
+    /// Port search rules, e.g. `{property: "$team", operator: "=", value: "payments"}`.
+    #[serde(default)]
+    pub rules: Vec<Value>,
+}
+
+/// What to write on the Port run when the rule's work is done.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSpec {
+    /// The `port` destination to report with (default: the source's `report_to`, or the only one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Written with status SUCCESS when every message was delivered.
+    #[serde(default)]
+    pub success: ReportContent,
+    /// Written with status FAILURE when any message became a dead letter.
+    #[serde(default)]
+    pub failure: ReportContent,
+}
+
+/// Run fields; each a template over the event plus `report` (`delivered`, `failed`, `errors`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReportContent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// Suppresses repeats of a rule for the same key within a window.
@@ -274,6 +383,11 @@ pub struct SendSpec {
     /// Slack bot only: also show the thread reply in the channel.
     #[serde(default)]
     pub reply_broadcast: bool,
+    /// Send one message per element: a template rendering a JSON list (e.g.
+    /// `{{raw_json (scorecard_teams with.services "ProductionReadiness")}}`); each element is
+    /// `item` in the other templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
 }
 
 /// A rule test: one event in, the expected dispatches out.

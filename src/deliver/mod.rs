@@ -173,7 +173,8 @@ impl Deliverer {
                         let error = format!("destination `{}` no longer exists in the rules", job.destination);
                         tracing::warn!(destination = %job.destination, rule = %job.rule, event_id = %job.event_id, "{error}; kept as a dead letter");
                         metrics::counter!("switchyard_dead_letters_total", "destination" => job.destination.clone()).increment(1);
-                        inner.outbox.finish(job.id, Outcome::Dead { error }).await;
+                        let created = inner.outbox.finish(job.id, Outcome::Dead { error }).await;
+                        Deliverer { inner: inner.clone() }.submit(created);
                     }
                 }
             });
@@ -225,6 +226,26 @@ async fn or_stop<T>(
 }
 
 async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
+    if let Some(reason) = &w.cfg.disabled {
+        tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, "{reason}; kept as a dead letter");
+        metrics::counter!("switchyard_dead_letters_total", "destination" => w.name.clone())
+            .increment(1);
+        w.stats().dead_letters += 1;
+        let created = inner
+            .outbox
+            .finish(
+                job.id,
+                Outcome::Dead {
+                    error: reason.clone(),
+                },
+            )
+            .await;
+        Deliverer {
+            inner: inner.clone(),
+        }
+        .submit(created);
+        return;
+    }
     let mut stop = inner.stop_rx.clone();
     let mut schedule = backon::ExponentialBuilder::default()
         .with_min_delay(w.cfg.retry_initial)
@@ -251,17 +272,20 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         };
         w.stats().in_flight += 1;
         let started = Instant::now();
-        let result = w.dest.deliver(&job).await;
+        let mut result = w.dest.deliver(&job).await;
         drop(permit);
         metrics::histogram!("switchyard_delivery_duration_seconds", "destination" => dest_label.clone()).record(started.elapsed().as_secs_f64());
         attempts += 1;
         let outcome = {
             let mut st = w.stats();
             st.in_flight -= 1;
-            match &result {
-                Ok(()) => {
+            match &mut result {
+                Ok(follow_ups) => {
                     st.delivered += 1;
-                    Outcome::Delivered
+                    Outcome::Delivered {
+                        follow_ups: std::mem::take(follow_ups),
+                        message: job.message.get("op").is_none(),
+                    }
                 }
                 Err(e) => {
                     st.failed_attempts += 1;
@@ -291,13 +315,13 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
             }
         };
         let label = match &outcome {
-            Outcome::Delivered => "delivered",
+            Outcome::Delivered { .. } => "delivered",
             Outcome::Retry { .. } => "retry",
             Outcome::Dead { .. } => "dead_letter",
         };
         metrics::counter!("switchyard_deliveries_total", "destination" => dest_label.clone(), "outcome" => label).increment(1);
         match &outcome {
-            Outcome::Delivered => {
+            Outcome::Delivered { .. } => {
                 tracing::debug!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, "delivered");
             }
             Outcome::Dead { error } => {
@@ -314,7 +338,13 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
             _ => None,
         };
         let again = matches!(outcome, Outcome::Retry { .. });
-        inner.outbox.finish(job.id, outcome).await;
+        let created = inner.outbox.finish(job.id, outcome).await;
+        if !created.is_empty() {
+            Deliverer {
+                inner: inner.clone(),
+            }
+            .submit(created);
+        }
         if !again {
             return;
         }

@@ -6,6 +6,7 @@
 //! 429, 5xx); everything else is permanent and goes to dead letters at once with the upstream's
 //! reason.
 
+mod port;
 mod slack;
 mod slack_webhook;
 mod stdout;
@@ -17,9 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{DestinationConfig, DestinationKind};
-use crate::outbox::Job;
+use crate::outbox::{Job, NewJob};
 use crate::render::Templates;
 
+pub use port::report_run_id;
 pub use slack::SlackBot;
 
 /// A boxed future (destinations are trait objects).
@@ -48,8 +50,9 @@ impl DeliveryError {
 
 /// A destination kind.
 pub trait Destination: Send + Sync {
-    /// Makes one delivery attempt.
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<(), DeliveryError>>;
+    /// Makes one delivery attempt. On success it may return follow-up jobs (a Port expansion
+    /// returns the messages it rendered); they are committed with this job's completion.
+    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>>;
     /// A key for per-target pacing (Slack paces per channel); `None` paces the destination only.
     fn pace_key(&self, _job: &Job) -> Option<String> {
         None
@@ -90,6 +93,19 @@ pub fn build(
             client.clone(),
             cfg.timeout,
         )),
+        DestinationKind::Port {
+            client_id,
+            client_secret,
+            base_url,
+        } => Arc::new(port::PortApi {
+            client: client.clone(),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+            timeout: cfg.timeout,
+            token: tokio::sync::Mutex::new(None),
+            rules: templates,
+        }),
     }
 }
 

@@ -202,7 +202,10 @@ impl SlackBot {
 }
 
 impl Destination for SlackBot {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<(), DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        job: &'a Job,
+    ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
             let channel = match (&job.target.channel, &job.target.user_email) {
                 (Some(c), _) => c.clone(),
@@ -221,18 +224,21 @@ impl Destination for SlackBot {
                 .client
                 .post(format!("{}chat.postMessage", self.api_url))
                 .json(&msg);
-            self.call(req).await.map(|_| ()).map_err(|e| match e {
-                DeliveryError::Permanent(r) => {
-                    DeliveryError::Permanent(format!("chat.postMessage: {r}"))
-                }
-                DeliveryError::Transient {
-                    reason,
-                    retry_after,
-                } => DeliveryError::Transient {
-                    reason: format!("chat.postMessage: {reason}"),
-                    retry_after,
-                },
-            })
+            self.call(req)
+                .await
+                .map(|_| Vec::new())
+                .map_err(|e| match e {
+                    DeliveryError::Permanent(r) => {
+                        DeliveryError::Permanent(format!("chat.postMessage: {r}"))
+                    }
+                    DeliveryError::Transient {
+                        reason,
+                        retry_after,
+                    } => DeliveryError::Transient {
+                        reason: format!("chat.postMessage: {reason}"),
+                        retry_after,
+                    },
+                })
         })
     }
 

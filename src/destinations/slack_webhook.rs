@@ -16,7 +16,10 @@ pub(super) struct SlackWebhook {
 }
 
 impl Destination for SlackWebhook {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<(), DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        job: &'a Job,
+    ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
             let resp = self
                 .client
@@ -29,7 +32,7 @@ impl Destination for SlackWebhook {
             let status = resp.status();
             let headers = resp.headers().clone();
             let body = resp.text().await.unwrap_or_default();
-            classify_status(status, &headers, &body)
+            classify_status(status, &headers, &body).map(|()| Vec::new())
         })
     }
 }

@@ -12,7 +12,10 @@ pub(super) struct Stdout {
 }
 
 impl Destination for Stdout {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<(), DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        job: &'a Job,
+    ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
             let line = json!({
                 "destination": self.name,
@@ -29,7 +32,8 @@ impl Destination for Stdout {
             out.flush().map_err(|e| DeliveryError::Transient {
                 reason: format!("flushing stdout failed: {e}"),
                 retry_after: None,
-            })
+            })?;
+            Ok(Vec::new())
         })
     }
 }

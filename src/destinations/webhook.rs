@@ -24,7 +24,10 @@ pub(super) struct Webhook {
 }
 
 impl Destination for Webhook {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<(), DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        job: &'a Job,
+    ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
             let method = reqwest::Method::from_bytes(self.method.as_bytes())
                 .unwrap_or(reqwest::Method::POST);
@@ -52,7 +55,7 @@ impl Destination for Webhook {
             let status = resp.status();
             let headers = resp.headers().clone();
             let body = resp.text().await.unwrap_or_default();
-            classify_status(status, &headers, &body)
+            classify_status(status, &headers, &body).map(|()| Vec::new())
         })
     }
 }

@@ -39,6 +39,22 @@ pub struct NewJob {
     /// Throttle claim: the key and window; the job is dropped when the key is still held.
     #[serde(skip)]
     pub throttle: Option<(String, Duration)>,
+    /// Dead on arrival (a template failed): stored as a dead letter with this reason.
+    #[serde(skip)]
+    pub error: Option<String>,
+}
+
+/// Follow-up tracking for an action run: when every job of the event has finished, a report
+/// job for `destination` is created in the same transaction.
+#[derive(Debug, Clone)]
+pub struct NewTracker {
+    /// The `port` destination that reports.
+    pub destination: String,
+    pub run_id: String,
+    /// `fields` (template names) for success and failure, and `context` (the event envelope).
+    pub report: Value,
+    /// Fail the run with this reason regardless of deliveries (e.g. no rule matched).
+    pub fail: Option<String>,
 }
 
 /// A persisted dispatch awaiting delivery.
@@ -110,22 +126,31 @@ pub enum Enqueued {
 /// What to do with a job after an attempt.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Delivered,
-    Retry { error: String },
-    Dead { error: String },
+    /// Delivered; `message` is false for operations (a Port expansion), which do not count as
+    /// delivered messages in a run's report.
+    Delivered {
+        follow_ups: Vec<NewJob>,
+        message: bool,
+    },
+    Retry {
+        error: String,
+    },
+    Dead {
+        error: String,
+    },
 }
 
 enum Cmd {
     Enqueue {
         dedup: Option<(String, i64)>,
         jobs: Vec<NewJob>,
-        dead: Vec<(NewJob, String)>,
+        tracker: Option<(String, NewTracker)>,
         reply: oneshot::Sender<Result<Enqueued, EnqueueError>>,
     },
     Finish {
         id: i64,
         outcome: Outcome,
-        reply: Option<oneshot::Sender<()>>,
+        reply: Option<oneshot::Sender<Vec<Job>>>,
     },
     Replay {
         ids: Vec<i64>,
@@ -171,6 +196,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_at);
 CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, until INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS run_trackers (
+  event_id TEXT PRIMARY KEY, destination TEXT NOT NULL, run_id TEXT NOT NULL,
+  pending INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+  errors TEXT NOT NULL DEFAULT '[]', report TEXT NOT NULL
+);
 ";
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
@@ -224,13 +254,14 @@ impl Outbox {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// Commits the jobs of one event (and its dedup key, and any dispatches that are dead on
-    /// arrival, e.g. a template that failed for this event). Returns after the commit.
+    /// Commits the jobs of one event (and its dedup key; jobs with `error` set go straight to
+    /// dead letters, e.g. a template that failed for this event), and the run tracker when the
+    /// event is an action run to report. Returns after the commit.
     pub async fn enqueue(
         &self,
         dedup: Option<(String, Duration)>,
         jobs: Vec<NewJob>,
-        dead: Vec<(NewJob, String)>,
+        tracker: Option<(String, NewTracker)>,
     ) -> Result<Enqueued, EnqueueError> {
         let pending = self.pending();
         if !jobs.is_empty() && pending + jobs.len() > self.max_pending {
@@ -242,7 +273,7 @@ impl Outbox {
             .send(Cmd::Enqueue {
                 dedup,
                 jobs,
-                dead,
+                tracker,
                 reply,
             })
             .map_err(|_| EnqueueError::Storage("the outbox writer has stopped".into()))?;
@@ -250,20 +281,19 @@ impl Outbox {
             .map_err(|_| EnqueueError::Storage("the outbox writer has stopped".into()))?
     }
 
-    /// Records the outcome of an attempt; resolves once committed.
-    pub async fn finish(&self, id: i64, outcome: Outcome) {
+    /// Records the outcome of an attempt; resolves once committed, with the jobs the commit
+    /// created (follow-ups, and a run report when the event's last job finished).
+    pub async fn finish(&self, id: i64, outcome: Outcome) -> Vec<Job> {
         let (reply, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(Cmd::Finish {
-                id,
-                outcome,
-                reply: Some(reply),
-            })
-            .is_ok()
-        {
-            let _ = rx.await;
+        let cmd = Cmd::Finish {
+            id,
+            outcome,
+            reply: Some(reply),
+        };
+        if self.tx.send(cmd).is_ok() {
+            return rx.await.unwrap_or_default();
         }
+        Vec::new()
     }
 
     /// Every pending job, oldest first (used at start-up to resume delivery).
@@ -417,7 +447,7 @@ enum Reply {
         oneshot::Sender<Result<Enqueued, EnqueueError>>,
         Result<Enqueued, EnqueueError>,
     ),
-    Finish(Option<oneshot::Sender<()>>),
+    Finish(Option<oneshot::Sender<Vec<Job>>>, Vec<Job>),
     Replay(oneshot::Sender<Result<Vec<Job>, String>>, Vec<Job>),
     Purge(oneshot::Sender<Result<usize, String>>, usize),
 }
@@ -432,7 +462,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
             Cmd::Enqueue {
                 dedup,
                 jobs,
-                dead,
+                tracker,
                 reply,
             } => {
                 if let Some((key, expires)) = &dedup {
@@ -461,19 +491,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                         let allowed = match decided.get(key) {
                             Some(a) => *a,
                             None => {
-                                let until: Option<i64> = tx
-                                    .query_row(
-                                        "SELECT until FROM throttle WHERE key = ?",
-                                        [key],
-                                        |r| r.get(0),
-                                    )
-                                    .optional()
-                                    .map_err(|e| e.to_string())?;
-                                let a = until.is_none_or(|u| u <= now);
-                                if a {
-                                    tx.execute("INSERT OR REPLACE INTO throttle (key, until) VALUES (?, ?)", params![key, now + window.as_millis() as i64])
-                                        .map_err(|e| e.to_string())?;
-                                }
+                                let a = claim_throttle(&tx, key, *window, now)?;
                                 decided.insert(key.clone(), a);
                                 a
                             }
@@ -483,39 +501,24 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                             continue;
                         }
                     }
-                    tx.execute(
-                        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), j.message.to_string(), j.secret as i64, now],
-                    )
-                    .map_err(|e| e.to_string())?;
-                    out.push(Job {
-                        id: tx.last_insert_rowid(),
-                        destination: j.destination,
-                        rule: j.rule,
-                        event_id: j.event_id,
-                        target: j.target,
-                        message: j.message,
-                        secret: j.secret,
-                        created_at: now,
-                        attempts: 0,
-                    });
+                    match &j.error {
+                        Some(e) => insert_dead(&tx, &j, e, now)?,
+                        None => out.push(insert_job(&tx, j, now)?),
+                    }
                 }
-                for (j, error) in dead {
-                    let log = serde_json::to_string(&[Attempt {
-                        at: now,
-                        error: error.clone(),
-                    }])
-                    .unwrap_or_default();
-                    let msg = if j.secret {
-                        Value::String(REDACTED.into())
-                    } else {
-                        j.message
-                    };
+                if let Some((event_id, t)) = tracker {
+                    let errors = serde_json::to_string(&t.fail.iter().collect::<Vec<_>>())
+                        .unwrap_or_default();
                     tx.execute(
-                        "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), msg.to_string(), now, now, log, error],
+                        "INSERT OR REPLACE INTO run_trackers (event_id, destination, run_id, pending, failed, errors, report) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        params![event_id, t.destination, t.run_id, out.len() as i64, t.fail.is_some() as i64, errors, t.report.to_string()],
                     )
                     .map_err(|e| e.to_string())?;
+                    if out.is_empty() {
+                        if let Some(r) = close_tracker(&tx, &event_id, now)? {
+                            out.push(r);
+                        }
+                    }
                 }
                 added += out.len() as isize;
                 replies.push(Reply::Enqueue(
@@ -524,15 +527,48 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                 ));
             }
             Cmd::Finish { id, outcome, reply } => {
-                match &outcome {
-                    Outcome::Delivered => {
+                let event_id: Option<String> = tx
+                    .query_row("SELECT event_id FROM outbox WHERE id = ?", [id], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                    .map_err(|e| e.to_string())?;
+                let mut created = Vec::new();
+                match outcome {
+                    Outcome::Delivered {
+                        follow_ups,
+                        message,
+                    } => {
                         let n = tx
                             .execute("DELETE FROM outbox WHERE id = ?", [id])
                             .map_err(|e| e.to_string())?;
                         added -= n as isize;
+                        let mut new_pending = 0i64;
+                        for j in follow_ups {
+                            match &j.error {
+                                Some(e) => {
+                                    insert_dead(&tx, &j, e, now)?;
+                                    if let Some(ev) = &event_id {
+                                        track(&tx, ev, 0, 0, 1, Some(e))?;
+                                    }
+                                }
+                                None => {
+                                    created.push(insert_job(&tx, j, now)?);
+                                    new_pending += 1;
+                                }
+                            }
+                        }
+                        added += created.len() as isize;
+                        if let (Some(ev), 1..) = (&event_id, n) {
+                            track(&tx, ev, new_pending - 1, i64::from(message), 0, None)?;
+                            if let Some(r) = close_tracker(&tx, ev, now)? {
+                                added += 1;
+                                created.push(r);
+                            }
+                        }
                     }
                     Outcome::Retry { error } => {
-                        let log = append_log(&tx, id, now, error)?;
+                        let log = append_log(&tx, id, now, &error)?;
                         tx.execute(
                             "UPDATE outbox SET attempts = attempts + 1, attempt_log = ?, last_error = ? WHERE id = ?",
                             params![log, error, id],
@@ -540,7 +576,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                         .map_err(|e| e.to_string())?;
                     }
                     Outcome::Dead { error } => {
-                        let log = append_log(&tx, id, now, error)?;
+                        let log = append_log(&tx, id, now, &error)?;
                         let n = tx
                             .execute(
                                 "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error)
@@ -551,9 +587,16 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                         tx.execute("DELETE FROM outbox WHERE id = ?", [id])
                             .map_err(|e| e.to_string())?;
                         added -= n as isize;
+                        if let (Some(ev), 1..) = (&event_id, n) {
+                            track(&tx, ev, -1, 0, 1, Some(&error))?;
+                            if let Some(r) = close_tracker(&tx, ev, now)? {
+                                added += 1;
+                                created.push(r);
+                            }
+                        }
                     }
                 }
-                replies.push(Reply::Finish(reply));
+                replies.push(Reply::Finish(reply, created));
             }
             Cmd::Replay { ids, reply } => {
                 let mut jobs = Vec::new();
@@ -624,10 +667,10 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                     Reply::Enqueue(tx, v) => {
                         let _ = tx.send(v);
                     }
-                    Reply::Finish(Some(tx)) => {
-                        let _ = tx.send(());
+                    Reply::Finish(Some(tx), jobs) => {
+                        let _ = tx.send(jobs);
                     }
-                    Reply::Finish(None) => {}
+                    Reply::Finish(None, _) => {}
                     Reply::Replay(tx, jobs) => {
                         let _ = tx.send(Ok(jobs));
                     }
@@ -645,10 +688,10 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                     Reply::Enqueue(tx, _) => {
                         let _ = tx.send(Err(EnqueueError::Storage(msg.clone())));
                     }
-                    Reply::Finish(Some(tx)) => {
-                        let _ = tx.send(());
+                    Reply::Finish(Some(tx), _) => {
+                        let _ = tx.send(Vec::new());
                     }
-                    Reply::Finish(None) => {}
+                    Reply::Finish(None, _) => {}
                     Reply::Replay(tx, _) => {
                         let _ = tx.send(Err(msg.clone()));
                     }
@@ -660,6 +703,168 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
             Err(msg)
         }
     }
+}
+
+fn insert_job(tx: &rusqlite::Transaction<'_>, j: NewJob, now: i64) -> Result<Job, String> {
+    tx.execute(
+        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), j.message.to_string(), j.secret as i64, now],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Job {
+        id: tx.last_insert_rowid(),
+        destination: j.destination,
+        rule: j.rule,
+        event_id: j.event_id,
+        target: j.target,
+        message: j.message,
+        secret: j.secret,
+        created_at: now,
+        attempts: 0,
+    })
+}
+
+fn insert_dead(
+    tx: &rusqlite::Transaction<'_>,
+    j: &NewJob,
+    error: &str,
+    now: i64,
+) -> Result<(), String> {
+    let log = serde_json::to_string(&[Attempt {
+        at: now,
+        error: error.to_string(),
+    }])
+    .unwrap_or_default();
+    let msg = if j.secret {
+        Value::String(REDACTED.into())
+    } else {
+        j.message.clone()
+    };
+    tx.execute(
+        "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), msg.to_string(), now, now, log, error],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Claims a throttle key for `window`; false when it is still held.
+fn claim_throttle(
+    tx: &rusqlite::Transaction<'_>,
+    key: &str,
+    window: Duration,
+    now: i64,
+) -> Result<bool, String> {
+    let until: Option<i64> = tx
+        .query_row("SELECT until FROM throttle WHERE key = ?", [key], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| e.to_string())?;
+    let allowed = until.is_none_or(|u| u <= now);
+    if allowed {
+        tx.execute(
+            "INSERT OR REPLACE INTO throttle (key, until) VALUES (?, ?)",
+            params![key, now + window.as_millis() as i64],
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(allowed)
+}
+
+/// Adjusts a run tracker's counts (no-op when the event has none).
+fn track(
+    tx: &rusqlite::Transaction<'_>,
+    event_id: &str,
+    pending: i64,
+    delivered: i64,
+    failed: i64,
+    error: Option<&str>,
+) -> Result<(), String> {
+    let errors: Option<String> = tx
+        .query_row(
+            "SELECT errors FROM run_trackers WHERE event_id = ?",
+            [event_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?;
+    let Some(errors) = errors else { return Ok(()) };
+    let mut list: Vec<String> = serde_json::from_str(&errors).unwrap_or_default();
+    if let Some(e) = error {
+        if list.len() < 20 {
+            list.push(e.to_string());
+        }
+    }
+    tx.execute(
+        "UPDATE run_trackers SET pending = pending + ?, delivered = delivered + ?, failed = failed + ?, errors = ? WHERE event_id = ?",
+        params![pending, delivered, failed, serde_json::to_string(&list).unwrap_or_default(), event_id],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// When a tracker has nothing pending, replaces it with the report job.
+fn close_tracker(
+    tx: &rusqlite::Transaction<'_>,
+    event_id: &str,
+    now: i64,
+) -> Result<Option<Job>, String> {
+    type Row = (String, String, i64, i64, i64, String, String);
+    let row: Option<Row> = tx
+        .query_row(
+            "SELECT destination, run_id, pending, delivered, failed, errors, report FROM run_trackers WHERE event_id = ?",
+            [event_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?;
+    let Some((destination, run_id, pending, delivered, failed, errors, report)) = row else {
+        return Ok(None);
+    };
+    if pending > 0 {
+        return Ok(None);
+    }
+    tx.execute("DELETE FROM run_trackers WHERE event_id = ?", [event_id])
+        .map_err(|e| e.to_string())?;
+    let report: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
+    let errors: Vec<String> = serde_json::from_str(&errors).unwrap_or_default();
+    let ok = failed == 0;
+    let mut context = report["context"].clone();
+    if let Value::Object(m) = &mut context {
+        m.insert(
+            "report".into(),
+            serde_json::json!({"delivered": delivered, "failed": failed, "errors": errors}),
+        );
+    }
+    let log = if ok {
+        format!("delivered {delivered} message(s)")
+    } else {
+        format!(
+            "{failed} of {} message(s) failed: {}",
+            delivered + failed,
+            errors.join("; ")
+        )
+    };
+    let job = NewJob {
+        destination,
+        rule: report["rule"].as_str().unwrap_or("report").to_string(),
+        event_id: format!("report:{event_id}"),
+        target: Target::default(),
+        message: serde_json::json!({
+            "op": "report",
+            "run_id": run_id,
+            "status": if ok { "SUCCESS" } else { "FAILURE" },
+            "fields": if ok { report["success"].clone() } else { report["failure"].clone() },
+            "default_summary": if ok { format!("Sent {delivered} message(s)") } else { format!("{failed} message(s) could not be delivered") },
+            "log": log,
+            "context": context,
+        }),
+        secret: false,
+        throttle: None,
+        error: None,
+    };
+    insert_job(tx, job, now).map(Some)
 }
 
 fn append_log(

@@ -273,6 +273,137 @@ fn h_changed_properties(a: &[Value]) -> Result<Value, String> {
     Ok(Value::Array(out))
 }
 
+/// Port's default scorecard levels, most basic first.
+const DEFAULT_LEVELS: [&str; 4] = ["Basic", "Bronze", "Silver", "Gold"];
+
+/// Level order from an optional argument: a list of names, or a scorecard (`{levels: [{title}]}`).
+fn levels_of(v: &Value) -> Vec<String> {
+    let list = v.get("levels").unwrap_or(v);
+    match list.as_array() {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(|l| {
+                l.as_str()
+                    .or_else(|| l["title"].as_str())
+                    .map(str::to_string)
+            })
+            .collect(),
+        _ => DEFAULT_LEVELS.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn rank(levels: &[String], l: &Value) -> usize {
+    l.as_str()
+        .and_then(|l| levels.iter().position(|x| x == l))
+        .unwrap_or(levels.len())
+}
+
+/// The rules of `entity`'s scorecard that do not pass, most basic level first.
+fn failing(entity: &Value, scorecard: &str, levels: &[String]) -> Vec<Value> {
+    let mut out: Vec<Value> = entity["scorecards"][scorecard]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["status"].as_str() != Some("SUCCESS"))
+        .map(|r| json!({"identifier": r["identifier"], "level": r["level"]}))
+        .collect();
+    out.sort_by_key(|r| {
+        (
+            rank(levels, &r["level"]),
+            r["identifier"].as_str().unwrap_or("").to_string(),
+        )
+    });
+    out
+}
+
+/// `(failing_rules entity "ProductionReadiness" [levels])`.
+fn h_failing_rules(a: &[Value]) -> Result<Value, String> {
+    let sc = arg(a, 1)
+        .as_str()
+        .ok_or("the second argument is the scorecard identifier")?;
+    Ok(Value::Array(failing(arg(a, 0), sc, &levels_of(arg(a, 2)))))
+}
+
+/// `(scorecard_teams entities "ProductionReadiness" [levels])`: the entities with failing
+/// rules, grouped by owning team: `[{team, services: [{identifier, title, level, failing,
+/// next}]}]`, where `next` are the failing rules of the lowest level (what to fix first).
+fn h_scorecard_teams(a: &[Value]) -> Result<Value, String> {
+    let sc = arg(a, 1)
+        .as_str()
+        .ok_or("the second argument is the scorecard identifier")?;
+    let levels = levels_of(arg(a, 2));
+    let mut teams: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    for e in arg(a, 0).as_array().into_iter().flatten() {
+        let fails = failing(e, sc, &levels);
+        if fails.is_empty() {
+            continue;
+        }
+        let lowest = rank(&levels, &fails[0]["level"]);
+        let next: Vec<Value> = fails
+            .iter()
+            .filter(|r| rank(&levels, &r["level"]) == lowest)
+            .cloned()
+            .collect();
+        let service = json!({
+            "identifier": e["identifier"],
+            "title": if e["title"].is_null() { e["identifier"].clone() } else { e["title"].clone() },
+            "level": e["scorecards"][sc]["level"],
+            "failing": fails,
+            "next": next,
+        });
+        let owners: Vec<String> = e["team"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let owners = if owners.is_empty() {
+            vec!["unassigned".to_string()]
+        } else {
+            owners
+        };
+        for t in owners {
+            teams.entry(t).or_default().push(service.clone());
+        }
+    }
+    Ok(Value::Array(
+        teams
+            .into_iter()
+            .map(|(team, mut services)| {
+                services.sort_by_key(|s| {
+                    (
+                        rank(&levels, &s["level"]),
+                        s["identifier"].as_str().unwrap_or("").to_string(),
+                    )
+                });
+                json!({"team": team, "count": services.len(), "services": services})
+            })
+            .collect(),
+    ))
+}
+
+/// `(by_level services [levels])`: `[{level, services}]`, most basic level first.
+fn h_by_level(a: &[Value]) -> Result<Value, String> {
+    let levels = levels_of(arg(a, 1));
+    let mut groups: Vec<(usize, String, Vec<Value>)> = Vec::new();
+    for s in arg(a, 0).as_array().into_iter().flatten() {
+        let name = s["level"].as_str().unwrap_or("unknown").to_string();
+        match groups.iter_mut().find(|g| g.1 == name) {
+            Some(g) => g.2.push(s.clone()),
+            None => groups.push((rank(&levels, &s["level"]), name, vec![s.clone()])),
+        }
+    }
+    groups.sort_by_key(|g| g.0);
+    Ok(Value::Array(
+        groups
+            .into_iter()
+            .map(|(_, level, services)| json!({"level": level, "services": services}))
+            .collect(),
+    ))
+}
+
 pub(super) fn register(hb: &mut Handlebars<'static>) {
     let value_helpers: &[(&'static str, ValueFn)] = &[
         ("default", h_default),
@@ -282,6 +413,9 @@ pub(super) fn register(hb: &mut Handlebars<'static>) {
         ("join", h_join),
         ("date", h_date),
         ("changed_properties", h_changed_properties),
+        ("failing_rules", h_failing_rules),
+        ("scorecard_teams", h_scorecard_teams),
+        ("by_level", h_by_level),
     ];
     for (name, f) in value_helpers {
         hb.register_helper(name, Box::new(ValueHelper { name, f: *f }));
@@ -311,6 +445,27 @@ mod tests {
         )
         .unwrap();
         t.render_text("t", &Context::from(data)).unwrap()
+    }
+
+    #[test]
+    fn scorecard_helpers_group_the_fixture_services() {
+        let page: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/port/entities-search-response.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let out = render(
+            "{{#each (scorecard_teams entities \"ProductionReadiness\")}}{{team}}:{{#each services}}{{identifier}}({{level}};next={{#each next}}{{identifier}}{{/each}}){{/each}};{{/each}}",
+            page,
+        );
+        // Five services not at Gold with unmet rules: two per team except payments (one).
+        assert_eq!(
+            out,
+            "payments:payments-ledger(Bronze;next=has-slo);platform:platform-auth(Basic;next=has-ownerhas-readme)platform-gateway(Bronze;next=has-oncallhas-slo);search:search-indexer(Basic;next=has-readme)search-api(Silver;next=has-runbook);"
+        );
     }
 
     #[test]

@@ -581,6 +581,15 @@ pub struct Trace {
 }
 
 impl Condition {
+    /// True when any comparison's path starts at `$.<name>` (e.g. `with`).
+    pub fn reads_member(&self, name: &str) -> bool {
+        match self {
+            Condition::Cmp(c) => c.path.starts_with_member(name),
+            Condition::All(cs) | Condition::Any(cs) => cs.iter().any(|c| c.reads_member(name)),
+            Condition::Not(c) => c.reads_member(name),
+        }
+    }
+
     /// Evaluates against the event envelope (as JSON).
     pub fn eval(&self, ev: &Value) -> bool {
         match self {

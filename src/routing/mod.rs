@@ -33,6 +33,12 @@ pub struct Rule {
     pub stop: bool,
     /// Throttle: the (plain) template name of the key, and the window.
     pub throttle: Option<(String, std::time::Duration)>,
+    /// `with:` queries; when present, sending is deferred to an expansion job.
+    pub queries: Vec<Query>,
+    /// Conditions that read `$.with…`, evaluated after the queries ran.
+    pub after: Vec<Condition>,
+    /// What to report to Port for action runs.
+    pub report: Option<Report>,
     /// The file that defines it.
     pub file: PathBuf,
 }
@@ -48,6 +54,41 @@ pub struct SendStep {
     pub user_email: Option<String>,
     pub thread_ts: Option<String>,
     pub reply_broadcast: bool,
+    /// A (plain) template rendering a JSON list: one message per element, as `item`.
+    pub for_each: Option<String>,
+}
+
+/// A compiled `with:` query.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub name: String,
+    /// The `port` destination whose API and credentials answer it.
+    pub port: String,
+    pub blueprint: String,
+    pub combinator: String,
+    /// Port search rules; string leaves are rendered as templates over the event.
+    pub rules: Vec<Value>,
+    pub include: Vec<String>,
+    pub max_pages: u32,
+    pub limit: u32,
+    pub timeout: std::time::Duration,
+}
+
+/// A compiled `report:`; fields are (plain) template names.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The `port` destination that reports.
+    pub to: String,
+    pub success: ReportFields,
+    pub failure: ReportFields,
+}
+
+/// Template names of the run fields to write.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct ReportFields {
+    pub status_label: Option<String>,
+    pub summary: Option<String>,
+    pub link: Option<String>,
 }
 
 /// Where, within a destination, a message goes (Slack bot destinations use it).
@@ -116,6 +157,8 @@ pub struct Ruleset {
     pub templates: Templates,
     pub tests: Vec<RuleTest>,
     pub files: Vec<LoadedFile>,
+    /// Schedules by name.
+    pub schedules: BTreeMap<String, crate::config::Schedule>,
     /// Rule indices per event type, in file order, wildcards included.
     by_type: HashMap<String, Vec<usize>>,
 }
@@ -137,6 +180,7 @@ impl Ruleset {
             templates,
             tests,
             files,
+            schedules: BTreeMap::new(),
             by_type: HashMap::new(),
         };
         let types: Vec<String> = crate::event::EVENT_TYPES
@@ -192,20 +236,15 @@ pub fn type_matches(pattern: &str, event_type: &str) -> bool {
     }
 }
 
-/// Routes an event: every matching rule in file order (until one with `stop: true`), one
-/// dispatch per send step, messages rendered.
-pub fn route(rs: &Ruleset, ev: &Event) -> Vec<Dispatch> {
+/// The rules that match an event, in order, honouring `stop: true`. Pure.
+pub fn matching<'a>(rs: &'a Ruleset, ev: &Event) -> Vec<&'a Rule> {
     let mut out = Vec::new();
-    let mut ctx: Option<Context> = None;
     for &i in rs.candidates(&ev.event_type).iter() {
         let rule = &rs.rules[i];
         if !rule.conditions.iter().all(|c| c.eval(&ev.data)) {
             continue;
         }
-        let ctx = ctx.get_or_insert_with(|| Context::from(ev.data.clone()));
-        for step in &rule.sends {
-            out.push(dispatch(rs, ev, rule, step, ctx));
-        }
+        out.push(rule);
         if rule.stop {
             break;
         }
@@ -213,7 +252,112 @@ pub fn route(rs: &Ruleset, ev: &Event) -> Vec<Dispatch> {
     out
 }
 
-fn dispatch(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Context) -> Dispatch {
+/// Routes an event: every matching rule in file order (until one with `stop: true`), one
+/// dispatch per send step (per element with `for_each`), messages rendered. A rule with `with:`
+/// queries yields one *expansion* dispatch to its Port destination instead: the queries are
+/// I/O, so they run in the delivery stage, which then calls [`expand`] (pure) with the results.
+pub fn route(rs: &Ruleset, ev: &Event) -> Vec<Dispatch> {
+    let mut out = Vec::new();
+    let mut ctx: Option<Context> = None;
+    for rule in matching(rs, ev) {
+        if let Some(q) = rule.queries.first() {
+            out.push(Dispatch {
+                rule: rule.id.clone(),
+                to: q.port.clone(),
+                destination: q.port.clone(),
+                event_id: ev.id.clone(),
+                template: String::new(),
+                target: Target::default(),
+                message: Ok(serde_json::json!({"op": "expand", "rule": rule.id, "event": ev.data})),
+                secret: ev.secret,
+                throttle: None,
+            });
+            continue;
+        }
+        let ctx = ctx.get_or_insert_with(|| Context::from(ev.data.clone()));
+        for step in &rule.sends {
+            dispatch(rs, ev, rule, step, ctx, &mut out);
+        }
+    }
+    out
+}
+
+/// Finishes a deferred rule: with the query results under `with`, evaluates the conditions
+/// that read them and renders the sends. Pure; `simulate --with` and the Port destination call it.
+pub fn expand(
+    rs: &Ruleset,
+    ev: &Event,
+    rule_id: &str,
+    results: serde_json::Map<String, Value>,
+) -> Result<Vec<Dispatch>, String> {
+    let rule = rs
+        .rules
+        .iter()
+        .find(|r| r.id == rule_id)
+        .ok_or_else(|| format!("rule `{rule_id}` is no longer in the rules"))?;
+    let mut data = ev.data.clone();
+    if let Value::Object(m) = &mut data {
+        m.insert("with".into(), Value::Object(results));
+    }
+    if !rule.after.iter().all(|c| c.eval(&data)) {
+        return Ok(Vec::new());
+    }
+    let ev2 = Event { data, ..ev.clone() };
+    let ctx = Context::from(ev2.data.clone());
+    let mut out = Vec::new();
+    for step in &rule.sends {
+        dispatch(rs, &ev2, rule, step, &ctx, &mut out);
+    }
+    Ok(out)
+}
+
+fn dispatch(
+    rs: &Ruleset,
+    ev: &Event,
+    rule: &Rule,
+    step: &SendStep,
+    ctx: &Context,
+    out: &mut Vec<Dispatch>,
+) {
+    let Some(each) = &step.for_each else {
+        out.push(dispatch_one(rs, ev, rule, step, ctx));
+        return;
+    };
+    let items = rs
+        .templates
+        .render_plain(each, ctx)
+        .map_err(|e| format!("for_each: {}", e.message))
+        .and_then(|t| {
+            serde_json::from_str::<Value>(t.trim())
+                .map_err(|e| format!("for_each did not render a JSON list: {e}"))
+        })
+        .and_then(|v| match v {
+            Value::Array(a) => Ok(a),
+            Value::Null => Ok(Vec::new()),
+            other => Err(format!(
+                "for_each rendered {}, not a list",
+                crate::render::blockkit::truncate_chars(&other.to_string(), 60)
+            )),
+        });
+    match items {
+        Ok(items) => {
+            for item in items {
+                let mut data = ctx.data().clone();
+                if let Value::Object(m) = &mut data {
+                    m.insert("item".into(), item);
+                }
+                out.push(dispatch_one(rs, ev, rule, step, &Context::from(data)));
+            }
+        }
+        Err(e) => {
+            let mut d = dispatch_one(rs, ev, rule, step, ctx);
+            d.message = Err(DispatchError::Render(e));
+            out.push(d);
+        }
+    }
+}
+
+fn dispatch_one(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Context) -> Dispatch {
     let destination = rs.effective_destination(&step.to).to_string();
     let mut d = Dispatch {
         rule: rule.id.clone(),

@@ -11,6 +11,7 @@
 
 mod admin;
 mod reload;
+mod schedule;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ use serde_json::json;
 use crate::config::secret::Secret;
 use crate::config::{load_dir, LoadOptions, Mode};
 use crate::deliver::Deliverer;
-use crate::outbox::{EnqueueError, Enqueued, NewJob, Outbox};
+use crate::outbox::{EnqueueError, Enqueued, NewJob, NewTracker, Outbox};
 use crate::routing::{route, DispatchError, Ruleset};
 use crate::sources::{Decoded, Request};
 
@@ -146,6 +147,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     }
     tracing::info!(%addr, rules = rs.rules.len(), data = %cfg.data_dir.display(), "switchyard listening on http://{addr}");
     reload::spawn_triggers(state.clone());
+    tokio::spawn(schedule::run(state.clone()));
 
     let app = router(state.clone());
     let shutdown = async {
@@ -167,6 +169,96 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         tracing::warn!("grace period over with attempts still running; their messages stay queued and are retried on the next start");
     }
     Ok(())
+}
+
+/// Turns an event into jobs: routes it, logs refusals and render failures (which become dead
+/// letters on commit), and, for an action run, the tracker that reports it to Port when its
+/// last job finishes (or at once, as FAILURE, when no rule handles a run we are the backend of).
+pub(crate) fn plan(
+    rs: &Ruleset,
+    src: Option<&crate::config::SourceEntry>,
+    ev: &crate::event::Event,
+) -> (Vec<NewJob>, Option<(String, NewTracker)>) {
+    let dispatches = route(rs, ev);
+    let mut jobs = Vec::new();
+    let mut matched: Vec<String> = Vec::new();
+    for d in dispatches {
+        metrics::counter!("switchyard_rule_matches_total", "rule" => d.rule.clone()).increment(1);
+        if !matched.contains(&d.rule) {
+            matched.push(d.rule.clone());
+        }
+        let mut job = NewJob {
+            destination: d.destination.clone(),
+            rule: d.rule.clone(),
+            event_id: d.event_id.clone(),
+            target: d.target.clone(),
+            message: serde_json::Value::Null,
+            secret: d.secret,
+            throttle: d.throttle.clone(),
+            error: None,
+        };
+        match d.message {
+            Ok(m) => job.message = m,
+            Err(DispatchError::Render(e)) => {
+                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "template failed for this event; kept as a dead letter");
+                job.error = Some(e);
+            }
+            Err(DispatchError::Refused(e)) => {
+                metrics::counter!("switchyard_refused_total", "rule" => d.rule.clone())
+                    .increment(1);
+                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "refused to send a secret notification");
+                continue;
+            }
+        }
+        jobs.push(job);
+    }
+    (jobs, tracker(rs, src, ev, &matched))
+}
+
+fn tracker(
+    rs: &Ruleset,
+    src: Option<&crate::config::SourceEntry>,
+    ev: &crate::event::Event,
+    matched: &[String],
+) -> Option<(String, NewTracker)> {
+    if !ev.event_type.starts_with("port/run.") {
+        return None;
+    }
+    let run_id = crate::destinations::report_run_id(&ev.data)?;
+    let rule = matched
+        .iter()
+        .filter_map(|id| rs.rules.iter().find(|r| &r.id == id))
+        .find(|r| r.report.is_some());
+    if let Some(rule) = rule {
+        let report = rule.report.as_ref()?;
+        return Some((
+            ev.id.clone(),
+            NewTracker {
+                destination: report.to.clone(),
+                run_id,
+                report: json!({"rule": rule.id, "success": report.success, "failure": report.failure, "context": ev.data}),
+                fail: None,
+            },
+        ));
+    }
+    // No rule handled a run whose backend we are (legacy envelope or author-defined body):
+    // close it as FAILURE so nobody is left with a run stuck in progress.
+    let src = src?;
+    let ours = matches!(ev.data["family"].as_str(), Some("run" | "custom"));
+    if !matched.is_empty() || !ours || !src.report_unmatched || ev.event_type != "port/run.created"
+    {
+        return None;
+    }
+    let destination = src.report_to.clone()?;
+    Some((
+        ev.id.clone(),
+        NewTracker {
+            destination,
+            run_id,
+            report: json!({"rule": "no-rule-matched", "success": {}, "failure": {}, "context": ev.data}),
+            fail: Some("no rule matched this run".into()),
+        },
+    ))
 }
 
 async fn shutdown_signal() {
@@ -327,36 +419,10 @@ async fn handle(
             return reject(status, r.reason());
         }
     };
-    let dispatches = route(&rs, &ev);
-    let mut jobs = Vec::new();
-    let mut dead = Vec::new();
-    for d in dispatches {
-        metrics::counter!("switchyard_rule_matches_total", "rule" => d.rule.clone()).increment(1);
-        let job = |message| NewJob {
-            destination: d.destination.clone(),
-            rule: d.rule.clone(),
-            event_id: d.event_id.clone(),
-            target: d.target.clone(),
-            message,
-            secret: d.secret,
-            throttle: d.throttle.clone(),
-        };
-        match &d.message {
-            Ok(m) => jobs.push(job(m.clone())),
-            Err(DispatchError::Render(e)) => {
-                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "template failed for this event; kept as a dead letter");
-                dead.push((job(serde_json::Value::Null), e.clone()));
-            }
-            Err(DispatchError::Refused(e)) => {
-                metrics::counter!("switchyard_refused_total", "rule" => d.rule.clone())
-                    .increment(1);
-                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "refused to send a secret notification");
-            }
-        }
-    }
+    let (jobs, tracker) = plan(&rs, Some(src), &ev);
     let n = jobs.len();
     let dedup = Some((ev.id.clone(), src.dedup_window));
-    let result = st.outbox.enqueue(dedup, jobs, dead).await;
+    let result = st.outbox.enqueue(dedup, jobs, tracker).await;
     metrics::histogram!("switchyard_ingest_duration_seconds", "source" => source.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::gauge!("switchyard_queue_depth").set(st.outbox.pending() as f64);
@@ -369,7 +435,8 @@ async fn handle(
                 let mut t = st.throttled.lock().unwrap_or_else(|p| p.into_inner());
                 *t += throttled as u64;
             }
-            let n = committed.len();
+            // Dispatches of this event (a run report created at once is not one).
+            let n = committed.iter().filter(|j| j.event_id == ev.id).count();
             tracing::info!(source = %source, event_type = %ev.event_type, event_id = %ev.id, dispatches = n, throttled, "accepted");
             st.deliverer.submit(committed);
             if slack {

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark of switchyard against the floor, on 127.0.0.1 only.
+
+Runs, in one go: (a) the floor (a minimal forwarder: accept, answer 202, one POST to the sink),
+(b) switchyard with 100 rules, signature verification and the durable outbox, both at a fixed
+concurrency; (c) switchyard at a fixed rate of 5,000 events/s for the ingest-latency target;
+(d) a reload of 1,000 rules under load. Prints one Markdown table. Needs only python3 and the
+workspace's binaries (built first, in release mode).
+
+    bench/run.py [--seconds 15] [--concurrency 64] [--soak SECONDS]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+SECRET = "bench-secret"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "--workspace", "--quiet"], cwd=ROOT, check=True)
+
+
+def start(args, **kw):
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=kw.pop("stderr", subprocess.DEVNULL), text=True, **kw)
+    return p
+
+
+def first_line(p):
+    return p.stdout.readline().strip()
+
+
+def http_json(url, data=None, method=None, headers=None):
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = r.read()
+        return json.loads(body) if body else None
+
+
+def wait_ready(url, secs=30):
+    end = time.time() + secs
+    while time.time() < end:
+        try:
+            http_json(url)
+            return
+        except Exception:
+            time.sleep(0.05)
+    raise SystemExit(f"not ready: {url}")
+
+
+def proc_stats(pid):
+    """(cpu seconds, peak RSS in MB, current RSS in MB) of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(parts[11]) + int(parts[12])) / TICK
+    hwm = rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+    return cpu, hwm, rss
+
+
+def loadgen(url, seconds, concurrency=None, rate=None, unsigned=False, start_seq=1):
+    args = [os.path.join(BIN, "loadgen"), "--url", url, "--secret", SECRET, "--duration", str(seconds), "--start-seq", str(start_seq)]
+    if rate:
+        args += ["--rate", str(rate)]
+    else:
+        args += ["--concurrency", str(concurrency)]
+    if unsigned:
+        args.append("--unsigned")
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def wait_delivered(sink, expected, secs=60):
+    end = time.time() + secs
+    while time.time() < end:
+        s = http_json(f"http://{sink}/stats")
+        if s["messages"] >= expected:
+            return s
+        time.sleep(0.2)
+    return http_json(f"http://{sink}/stats")
+
+
+def engine(tmp, rules_n, sink, name):
+    rules = os.path.join(tmp, f"rules-{name}")
+    subprocess.run([os.path.join(BIN, "benchrules"), rules, str(rules_n), f"http://{sink}/hook"], check=True)
+    data = os.path.join(tmp, f"data-{name}")
+    port = free_port()
+    env = dict(os.environ, PORT_CLIENT_SECRET=SECRET, SWITCHYARD_LOG="warn", SWITCHYARD_ADMIN_TOKEN="bench-admin")
+    log = open(os.path.join(tmp, f"{name}.log"), "w")
+    p = subprocess.Popen(
+        [os.path.join(BIN, "switchyard"), "serve", "--rules", rules, "--data-dir", data, "--listen", f"127.0.0.1:{port}", "--no-watch"],
+        env=env, stdout=subprocess.DEVNULL, stderr=log,
+    )
+    wait_ready(f"http://127.0.0.1:{port}/readyz")
+    return p, port, rules
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def run_engine(tmp, sink, seconds, concurrency, start_seq):
+    http_json(f"http://{sink}/reset", data=b"", method="POST")
+    p, port, _ = engine(tmp, 100, sink, "main")
+    cpu0, _, rss0 = proc_stats(p.pid)
+    lg = loadgen(f"http://127.0.0.1:{port}/hooks/port", seconds, concurrency=concurrency, start_seq=start_seq)
+    s = wait_delivered(sink, lg["expected_messages"])
+    cpu1, hwm, _ = proc_stats(p.pid)
+    stop(p)
+    return lg, s, (cpu1 - cpu0), hwm, rss0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--skip-build", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_build:
+        print("building (release)…", file=sys.stderr)
+        build()
+    tmp = tempfile.mkdtemp(prefix="switchyard-bench-")
+    sink_p = start([os.path.join(BIN, "sink")])
+    sink = first_line(sink_p)
+    procs = [sink_p]
+    try:
+        # (a) the floor
+        print("floor…", file=sys.stderr)
+        floor_p = start([os.path.join(BIN, "floor"), "--sink", f"http://{sink}/hook"])
+        procs.append(floor_p)
+        floor = first_line(floor_p)
+        floor_lg = loadgen(f"http://{floor}/hooks/port", args.seconds, concurrency=args.concurrency, unsigned=True)
+        floor_s = wait_delivered(sink, floor_lg["accepted"])
+        floor_cpu, floor_hwm, _ = proc_stats(floor_p.pid)
+        stop(floor_p)
+
+        # (b) switchyard, same load
+        print("switchyard, 100 rules, durable outbox…", file=sys.stderr)
+        lg, s, cpu, hwm, rss0 = run_engine(tmp, sink, args.seconds, args.concurrency, start_seq=10_000_000)
+
+        # (c) fixed rate 5,000/s for the latency target
+        print("switchyard at 5,000 events/s…", file=sys.stderr)
+        http_json(f"http://{sink}/reset", data=b"", method="POST")
+        p, port, _ = engine(tmp, 100, sink, "rate")
+        rate_lg = loadgen(f"http://127.0.0.1:{port}/hooks/port", 10, rate=5000, start_seq=20_000_000)
+        rate_s = wait_delivered(sink, rate_lg["expected_messages"])
+        stop(p)
+
+        # (d) reload 1,000 rules under load
+        print("reload of 1,000 rules under load…", file=sys.stderr)
+        http_json(f"http://{sink}/reset", data=b"", method="POST")
+        p, port, rules = engine(tmp, 1000, sink, "reload")
+        lg_proc = subprocess.Popen(
+            [os.path.join(BIN, "loadgen"), "--url", f"http://127.0.0.1:{port}/hooks/port", "--secret", SECRET, "--duration", "8", "--rate", "2000", "--start-seq", "30000000"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        time.sleep(3)
+        reloads = []
+        for _ in range(3):
+            r = http_json(f"http://127.0.0.1:{port}/-/reload", data=b"", method="POST", headers={"Authorization": "Bearer bench-admin"})
+            st = http_json(f"http://127.0.0.1:{port}/status")
+            reloads.append(st["reload"]["duration_ms"])
+            assert r["ok"], r
+            time.sleep(0.5)
+        reload_lg = json.loads(lg_proc.communicate()[0])
+        stop(p)
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    delivered_ratio = s["per_s"] / floor_s["per_s"] if floor_s["per_s"] else 0
+    rows = [
+        ("accepted events/s", f"{floor_lg['accepted_per_s']:,.0f}", f"{lg['accepted_per_s']:,.0f}"),
+        ("delivered messages/s", f"{floor_s['per_s']:,.0f}", f"{s['per_s']:,.0f}"),
+        ("messages delivered / expected", f"{floor_s['messages']:,} / {floor_lg['accepted']:,}", f"{s['messages']:,} / {lg['expected_messages']:,} (duplicates {s['duplicates']})"),
+        ("ingest latency p50 / p99 / p99.9", f"{floor_lg['latency_us']['p50']/1000:.2f} / {floor_lg['latency_us']['p99']/1000:.2f} / {floor_lg['latency_us']['p999']/1000:.2f} ms",
+         f"{lg['latency_us']['p50']/1000:.2f} / {lg['latency_us']['p99']/1000:.2f} / {lg['latency_us']['p999']/1000:.2f} ms"),
+        ("end-to-end (sent → delivered) p50 / p99", f"{floor_s['e2e_us']['p50']/1000:.1f} / {floor_s['e2e_us']['p99']/1000:.1f} ms", f"{s['e2e_us']['p50']/1000:.1f} / {s['e2e_us']['p99']/1000:.1f} ms"),
+        ("peak RSS", f"{floor_hwm:.0f} MB", f"{hwm:.0f} MB (at start {rss0:.0f} MB)"),
+        ("CPU seconds per 1,000 events", f"{floor_cpu / max(floor_lg['accepted'], 1) * 1000:.3f}", f"{cpu / max(lg['accepted'], 1) * 1000:.3f}"),
+        ("throughput vs the floor (delivered)", "1.00", f"{delivered_ratio:.2f}"),
+    ]
+    print(f"\nconcurrency {args.concurrency}, {args.seconds:.0f} s per run, 70% no match / 20% one rule / 10% three rules\n")
+    print("| | floor | switchyard (100 rules, verify, durable outbox) |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    print(f"\nat a fixed 5,000 events/s: accepted {rate_lg['accepted_per_s']:,.0f}/s, ingest p50 / p99 / p99.9 = "
+          f"{rate_lg['latency_us']['p50']/1000:.2f} / {rate_lg['latency_us']['p99']/1000:.2f} / {rate_lg['latency_us']['p999']/1000:.2f} ms, "
+          f"delivered {rate_s['messages']:,} of {rate_lg['expected_messages']:,}, failed requests {rate_lg['failed']}")
+    print(f"reload of 1,000 rules under 2,000 events/s: swap took {', '.join(f'{x:.0f}' for x in reloads)} ms; "
+          f"failed requests during the run: {reload_lg['failed']} of {reload_lg['accepted'] + reload_lg['failed']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+//! The floor: a minimal forwarder that accepts a POST, answers 202, and makes one POST to the
+//! sink. No verification, no rules, no storage: what the machine can do at best.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// The sink URL.
+    #[arg(long)]
+    sink: String,
+}
+
+#[derive(Clone)]
+struct St {
+    client: reqwest::Client,
+    sink: String,
+}
+
+async fn forward(State(st): State<St>, body: Bytes) -> StatusCode {
+    // The same message the engine would send: the event's text first (for the e2e clock).
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let p = &v["diff"]["after"]["properties"];
+    let msg = serde_json::json!({"text": format!("{} {}", p["sent_us"], v["context"]["entity"]), "blocks": [{"elements": [{"text": format!("floor seq {}", p["seq"])}]}]});
+    tokio::spawn(async move {
+        let _ = st.client.post(&st.sink).json(&msg).send().await;
+    });
+    StatusCode::ACCEPTED
+}
+
+#[tokio::main]
+async fn main() {
+    let a = Args::parse();
+    let st = St {
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()
+            .expect("client"),
+        sink: a.sink,
+    };
+    let app = axum::Router::new()
+        .fallback(axum::routing::post(forward))
+        .with_state(st);
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .expect("bind");
+    println!("{}", listener.local_addr().expect("addr"));
+    axum::serve(listener, app).await.expect("serve");
+}

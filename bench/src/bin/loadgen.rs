@@ -1,0 +1,158 @@
+//! Sends Port-signed events (fresh timestamp and signature per request) to 127.0.0.1 at a fixed
+//! concurrency or a fixed rate, for a bounded time, and prints a JSON summary.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+
+#[derive(Parser)]
+struct Args {
+    /// Target, e.g. http://127.0.0.1:8080/hooks/port (loopback only).
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value = "bench-secret")]
+    secret: String,
+    /// Concurrent requests in flight (closed loop).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Requests per second (open loop); overrides the closed loop when set.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// First sequence number (to keep bodies unique across runs).
+    #[arg(long, default_value_t = 1)]
+    start_seq: u64,
+    /// Sign nothing (for the floor forwarder).
+    #[arg(long)]
+    unsigned: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    let a = Args::parse();
+    let host = a
+        .url
+        .split("//")
+        .nth(1)
+        .unwrap_or("")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    if !(host == "127.0.0.1" || host == "localhost" || host == "[::1]") {
+        eprintln!("refusing to send load to {host}: loopback only");
+        std::process::exit(2);
+    }
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .expect("client");
+    let seq = Arc::new(AtomicU64::new(a.start_seq));
+    let hist = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+    ));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let expected_msgs = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
+    let started = Instant::now();
+
+    let one = {
+        let (client, url, secret, unsigned) =
+            (client.clone(), a.url.clone(), a.secret.clone(), a.unsigned);
+        let (seq, hist, ok, failed, expected_msgs) = (
+            seq.clone(),
+            hist.clone(),
+            ok.clone(),
+            failed.clone(),
+            expected_msgs.clone(),
+        );
+        move || {
+            let (client, url, secret) = (client.clone(), url.clone(), secret.clone());
+            let (seq, hist, ok, failed, expected_msgs) = (
+                seq.clone(),
+                hist.clone(),
+                ok.clone(),
+                failed.clone(),
+                expected_msgs.clone(),
+            );
+            async move {
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let body = switchyard_bench::event(n);
+                let mut req = client.post(&url).header("content-type", "application/json");
+                if !unsigned {
+                    let ts = (switchyard_bench::now_us() / 1_000_000).to_string();
+                    let sig = switchyard::sources::port::sign(&secret, &ts, &body);
+                    req = req
+                        .header("x-port-timestamp", ts)
+                        .header("x-port-signature", sig);
+                }
+                let t = Instant::now();
+                let r = req.body(body).send().await;
+                let us = t.elapsed().as_micros() as u64;
+                match r {
+                    Ok(resp) if resp.status().as_u16() == 202 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        let msgs = match switchyard_bench::kind_of(n) {
+                            "three" => 3,
+                            "one" => 1,
+                            _ => 0,
+                        };
+                        expected_msgs.fetch_add(msgs, Ordering::Relaxed);
+                        if let Ok(mut h) = hist.lock() {
+                            let _ = h.record(us.max(1));
+                        }
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    };
+
+    match a.rate {
+        Some(rate) => {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut tasks = tokio::task::JoinSet::new();
+            while Instant::now() < deadline {
+                tick.tick().await;
+                tasks.spawn(one());
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+        None => {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..a.concurrency {
+                let one = one.clone();
+                tasks.spawn(async move {
+                    while Instant::now() < deadline {
+                        one().await;
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let h = hist.lock().map(|h| h.clone()).expect("histogram");
+    let accepted = ok.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        serde_json::json!({
+            "accepted": accepted,
+            "failed": failed.load(Ordering::Relaxed),
+            "expected_messages": expected_msgs.load(Ordering::Relaxed),
+            "seconds": elapsed,
+            "accepted_per_s": accepted as f64 / elapsed,
+            "latency_us": {"p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99), "p999": h.value_at_quantile(0.999), "max": h.max()},
+            "next_seq": seq.load(Ordering::Relaxed),
+        })
+    );
+}

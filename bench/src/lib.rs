@@ -1,0 +1,99 @@
+//! Shared pieces of the benchmark tools: the event mix and the bench rules.
+//!
+//! Events are Port changelog bodies for blueprint `BenchDeployment`. `kind` decides how many
+//! rules match: `none` (70%), `one` (20%), `three` (10%). Each body is unique (a sequence
+//! number) and carries `sent_us`, the send time in microseconds since the epoch, which the
+//! message text repeats so the sink can measure end-to-end latency on the same clock.
+
+use serde_json::{json, Value};
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The kind of the `seq`-th event in the 70/20/10 mix.
+pub fn kind_of(seq: u64) -> &'static str {
+    match seq % 10 {
+        0 => "three",
+        1 | 2 => "one",
+        _ => "none",
+    }
+}
+
+/// A changelog body for the `seq`-th event.
+pub fn event(seq: u64) -> Vec<u8> {
+    let kind = kind_of(seq);
+    let ident = format!("bench-{}", seq % 5000);
+    let body: Value = json!({
+        "action": "UPDATE",
+        "resourceType": "entity",
+        "status": "SUCCESS",
+        "trigger": {"by": {"orgId": "org_bench", "userId": "bench@clients"}, "origin": "API", "at": "2026-09-21T14:13:17.482Z"},
+        "context": {"blueprint": "BenchDeployment", "entity": ident},
+        "diff": {
+            "before": {"identifier": ident, "title": format!("Bench {seq}"), "blueprint": "BenchDeployment", "team": ["bench"],
+                       "properties": {"cpuUtil": 42, "memoryUtil": 40, "healthStatus": "Healthy", "kind": kind, "seq": seq - seq.min(1)}},
+            "after": {"identifier": ident, "title": format!("Bench {seq}"), "blueprint": "BenchDeployment", "team": ["bench"],
+                      "properties": {"cpuUtil": 91, "memoryUtil": 40, "healthStatus": "Healthy", "kind": kind, "seq": seq, "sent_us": now_us()}}
+        }
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// A rules file with `n` rules: `n - 4` that never match the bench events (varied conditions
+/// that still have to be evaluated), one that matches `kind: one`, three that match
+/// `kind: three`. All send to `sink` (a webhook destination at `sink_url`).
+pub fn rules(n: usize, sink_url: &str) -> String {
+    let mut y = format!(
+        "sources:\n  port: {{ port: {{ client_secret: \"${{PORT_CLIENT_SECRET}}\" }} }}\n\
+         destinations:\n  sink:\n    slack_webhook: {{ url: \"{sink_url}\" }}\n    rate_per_second: 1000000\n    concurrency: 64\n    retry_initial: 100ms\n    retry_max: 2s\n    max_attempts: 100\n\
+         rules:\n"
+    );
+    for i in 0..n.saturating_sub(4) {
+        let cond = match i % 4 {
+            0 => format!("$.blueprint == \"Blueprint{i}\""),
+            1 => format!("$.after.properties.cpuUtil crosses_above {}", 95 + (i % 5)),
+            2 => format!("$.after.properties.healthStatus changed_to \"State{i}\""),
+            _ => format!("$.entity.identifier matches \"^svc-{i}-\""),
+        };
+        y.push_str(&format!("  - id: filler-{i}\n    on: port/entity.updated\n    where: ['{cond}']\n    send: [{{ to: sink, template: bench }}]\n"));
+    }
+    y.push_str("  - id: one\n    on: port/entity.updated\n    where: ['$.after.properties.kind == \"one\"']\n    send: [{ to: sink, template: bench-one }]\n");
+    for t in ["three-a", "three-b", "three-c"] {
+        y.push_str(&format!("  - id: {t}\n    on: port/entity.updated\n    where: ['$.after.properties.kind == \"three\"']\n    send: [{{ to: sink, template: bench-{t} }}]\n"));
+    }
+    y
+}
+
+/// The templates the bench rules use: `(file name, text)`.
+pub fn templates() -> Vec<(String, String)> {
+    [
+        "bench",
+        "bench-one",
+        "bench-three-a",
+        "bench-three-b",
+        "bench-three-c",
+    ]
+    .iter()
+    .map(|n| (format!("{n}.hbs"), TEMPLATE.replace("RULE", n)))
+    .collect()
+}
+
+/// The bench message template: a realistic Block Kit message whose `text` starts with
+/// `sent_us`.
+pub const TEMPLATE: &str = r#"{
+  "text": "{{after.properties.sent_us}} {{entity.title}} CPU {{after.properties.cpuUtil}}%",
+  "blocks": [
+    { "type": "header", "text": { "type": "plain_text", "text": "{{plain (truncate entity.title 100)}}: CPU at {{after.properties.cpuUtil}}%" } },
+    { "type": "section", "fields": [
+      { "type": "mrkdwn", "text": "*Entity*\n`{{entity.identifier}}` ({{blueprint}})" },
+      { "type": "mrkdwn", "text": "*CPU*\n{{before.properties.cpuUtil}}% → *{{after.properties.cpuUtil}}%*" },
+      { "type": "mrkdwn", "text": "*Team*\n{{join entity.team ", "}}" }
+    ] },
+    { "type": "context", "elements": [ { "type": "mrkdwn", "text": "RULE seq {{after.properties.seq}} · {{date trigger.at}}" } ] }
+  ]
+}"#;
