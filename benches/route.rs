@@ -88,5 +88,81 @@ fn benches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches_group, benches);
+fn render_and_enqueue(c: &mut Criterion) {
+    use switchyard::outbox::{NewJob, Outbox};
+    let body = spike();
+    let port = PortSource {
+        secrets: vec![Secret::new("bench")],
+        ..PortSource::default()
+    };
+    let req = Request {
+        headers: BTreeMap::new(),
+        body: &body,
+        path_token: None,
+    };
+    let Decoded::Event(ev) = port.decode("port", &req).unwrap() else {
+        unreachable!()
+    };
+    let rs = ruleset(10);
+    let ctx = handlebars::Context::from(ev.data.clone());
+    c.bench_function("render the cpu-hot Block Kit template", |b| {
+        b.iter(|| rs.templates.render_message("msg", black_box(&ctx)).unwrap())
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path(), usize::MAX).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let msg = route(&rs, &ev)[0].message.clone().unwrap();
+    let job = NewJob {
+        destination: "sink".into(),
+        rule: "r".into(),
+        event_id: "e".into(),
+        target: Default::default(),
+        message: msg,
+        secret: false,
+        throttle: None,
+        error: None,
+    };
+    let mut seq = 0u64;
+    c.bench_function("enqueue 1 job (durable commit, alone)", |b| {
+        b.iter(|| {
+            seq += 1;
+            rt.block_on(outbox.enqueue(
+                Some((format!("k{seq}"), std::time::Duration::from_secs(60))),
+                vec![job.clone()],
+                None,
+            ))
+            .unwrap()
+        })
+    });
+    c.bench_function(
+        "enqueue 64 concurrent events (group commit), per event",
+        |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                rt.block_on(async {
+                    for _ in 0..iters.div_ceil(64) {
+                        let mut set = tokio::task::JoinSet::new();
+                        for _ in 0..64 {
+                            seq += 1;
+                            let (o, j, k) = (outbox.clone(), job.clone(), format!("g{seq}"));
+                            set.spawn(async move {
+                                o.enqueue(
+                                    Some((k, std::time::Duration::from_secs(60))),
+                                    vec![j],
+                                    None,
+                                )
+                                .await
+                            });
+                        }
+                        while set.join_next().await.is_some() {}
+                    }
+                });
+                start.elapsed() * (iters as u32) / (iters.div_ceil(64) as u32 * 64).max(1)
+            })
+        },
+    );
+}
+
+criterion_group!(benches_group, benches, render_and_enqueue);
 criterion_main!(benches_group);

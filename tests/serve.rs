@@ -394,3 +394,67 @@ async fn the_outbox_full_answers_503_with_retry_after() {
     assert_eq!(resp.status().as_u16(), 503);
     assert!(resp.headers().get("retry-after").is_some());
 }
+
+#[tokio::test]
+async fn a_webhook_destination_gets_its_templated_body_and_headers() {
+    let hook = Fake::start(|r, _| {
+        if r.headers.get("x-api-key").map(String::as_str) == Some("k-123") {
+            (200, vec![], "{}".into())
+        } else {
+            (403, vec![], "forbidden".into())
+        }
+    })
+    .await;
+    let rules = format!(
+        r#"sources:
+  port: {{ port: {{ client_secret: "${{PORT_CLIENT_SECRET}}" }} }}
+destinations:
+  audit:
+    webhook:
+      url: "{}"
+      method: PUT
+      headers:
+        X-Api-Key: "${{AUDIT_KEY}}"
+        X-Rule: "{{{{rule}}}}"
+      template: audit-body
+rules:
+  - id: audit-updates
+    on: port/entity.updated
+    send: [{{ to: audit, text: unused }}]
+"#,
+        hook.url("/audit")
+    );
+    let body_tpl = r#"{"entity": "{{plain entity.identifier}}", "cpu": {{json after.properties.cpuUtil}}, "by": "{{plain trigger.by.userId}}"}"#;
+    let (tmp, dir) = Engine::workspace(
+        &[
+            ("rules.yaml", &rules),
+            ("templates/audit-body.hbs", body_tpl),
+        ],
+        false,
+    );
+    let engine = Engine::start(
+        tmp,
+        dir,
+        &[("PORT_CLIENT_SECRET", SECRET), ("AUDIT_KEY", "k-123")],
+    )
+    .await;
+    let (status, _) = engine
+        .post_port(
+            "port",
+            SECRET,
+            &fixture("port/changelog-update-cpu-spike.json"),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let got = Fake::wait_for(&hook, "/audit", 1, 10).await;
+    assert_eq!(got[0].method, "PUT");
+    assert_eq!(
+        got[0].headers.get("x-rule").map(String::as_str),
+        Some("audit-updates")
+    );
+    assert_eq!(
+        got[0].json(),
+        serde_json::json!({"entity": "payments-deploy-prod", "cpu": 91, "by": "ew5sSezKm38bJ2PGmPWB0sDITK7GPic3@clients"})
+    );
+    assert!(dead_letters(&engine.data).is_empty());
+}

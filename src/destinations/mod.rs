@@ -119,6 +119,25 @@ impl TemplatesHandle {
     }
 }
 
+/// An HTTP answer, read whole: status, headers, body text.
+pub struct Answer {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+/// Reads a response whole (a body that cannot be read counts as empty).
+pub async fn read_answer(resp: reqwest::Response) -> Answer {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.text().await.unwrap_or_default();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
 /// Parses a `Retry-After` header (seconds; HTTP dates are rare from Slack and treated as 1 s).
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;

@@ -80,9 +80,11 @@ impl PortApi {
             .send()
             .await
             .map_err(|e| classify_transport(&e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.text().await.unwrap_or_default();
+        let super::Answer {
+            status,
+            headers,
+            body,
+        } = super::read_answer(resp).await;
         if !status.is_success() {
             return Err(api_error(status, &headers, &body, "access token"));
         }

@@ -148,10 +148,8 @@ impl SlackBot {
             .send()
             .await
             .map_err(|e| classify_transport(&e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.text().await.unwrap_or_default();
-        Self::web_api_result(status, &headers, &body)
+        let a = super::read_answer(resp).await;
+        Self::web_api_result(a.status, &a.headers, &a.body)
     }
 
     async fn user_id(&self, email: &str) -> Result<String, DeliveryError> {

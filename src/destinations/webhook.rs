@@ -52,10 +52,8 @@ impl Destination for Webhook {
                 }
             }
             let resp = req.send().await.map_err(|e| classify_transport(&e))?;
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            let body = resp.text().await.unwrap_or_default();
-            classify_status(status, &headers, &body).map(|()| Vec::new())
+            let a = super::read_answer(resp).await;
+            classify_status(a.status, &a.headers, &a.body).map(|()| Vec::new())
         })
     }
 }

@@ -35,12 +35,10 @@ impl HelperDef for ValueHelper {
     }
 }
 
-/// Writes a whole JSON value; `mrkdwn` escapes `& < >` inside its strings.
-struct JsonHelper {
-    mrkdwn: bool,
-}
+/// A helper that writes its own output, already escaped as it needs (no escape function on top).
+struct RawHelper(fn(&Value) -> String);
 
-impl HelperDef for JsonHelper {
+impl HelperDef for RawHelper {
     fn call<'reg: 'rc, 'rc>(
         &self,
         h: &Helper<'rc>,
@@ -50,52 +48,31 @@ impl HelperDef for JsonHelper {
         out: &mut dyn Output,
     ) -> HelperResult {
         let v = h.param(0).map(|p| p.value().clone()).unwrap_or(Value::Null);
-        let v = if self.mrkdwn {
-            map_strings(v, &|s| escape_mrkdwn(s))
-        } else {
-            v
-        };
-        out.write(&serde_json::to_string(&v).unwrap_or_else(|_| "null".into()))?;
+        out.write(&(self.0)(&v))?;
         Ok(())
     }
 }
 
-/// Writes a value JSON-string-escaped, without mrkdwn escaping.
-struct PlainHelper;
-
-impl HelperDef for PlainHelper {
-    fn call<'reg: 'rc, 'rc>(
-        &self,
-        h: &Helper<'rc>,
-        _: &'reg Handlebars<'reg>,
-        _: &'rc Context,
-        _: &mut RenderContext<'reg, 'rc>,
-        out: &mut dyn Output,
-    ) -> HelperResult {
-        let v = h.param(0).map(|p| p.value().clone()).unwrap_or(Value::Null);
-        out.write(&escape_json(&to_text(&v)))?;
-        Ok(())
-    }
+/// `{{json v}}`: a whole JSON value, with `& < >` escaped inside its strings.
+fn write_json(v: &Value) -> String {
+    serde_json::to_string(&map_strings(v.clone(), &|s| escape_mrkdwn(s)))
+        .unwrap_or_else(|_| "null".into())
 }
 
-/// Writes CommonMark (as Coder's `*_markdown` fields carry it) as Slack mrkdwn: `**b**` → `*b*`,
-/// `[t](u)` → `<u|t>`, backslash escapes resolved, `& < >` escaped everywhere else; then
-/// JSON-string-escaped.
-struct MrkdwnHelper;
+/// `{{raw_json v}}`: a whole JSON value as it is.
+fn write_raw_json(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
 
-impl HelperDef for MrkdwnHelper {
-    fn call<'reg: 'rc, 'rc>(
-        &self,
-        h: &Helper<'rc>,
-        _: &'reg Handlebars<'reg>,
-        _: &'rc Context,
-        _: &mut RenderContext<'reg, 'rc>,
-        out: &mut dyn Output,
-    ) -> HelperResult {
-        let v = h.param(0).map(|p| p.value().clone()).unwrap_or(Value::Null);
-        out.write(&escape_json(&markdown_to_mrkdwn(&to_text(&v))))?;
-        Ok(())
-    }
+/// `{{plain v}}`: JSON-string-escaped only.
+fn write_plain(v: &Value) -> String {
+    escape_json(&to_text(v))
+}
+
+/// `{{mrkdwn v}}`: CommonMark (Coder's `*_markdown`) as Slack mrkdwn: `**b**` → `*b*`,
+/// `[t](u)` → `<u|t>`, backslash escapes resolved, `& < >` escaped elsewhere; JSON-escaped.
+fn write_mrkdwn(v: &Value) -> String {
+    escape_json(&markdown_to_mrkdwn(&to_text(v)))
 }
 
 /// Converts a small subset of CommonMark to Slack mrkdwn, escaping everything else.
@@ -420,10 +397,10 @@ pub(super) fn register(hb: &mut Handlebars<'static>) {
     for (name, f) in value_helpers {
         hb.register_helper(name, Box::new(ValueHelper { name, f: *f }));
     }
-    hb.register_helper("json", Box::new(JsonHelper { mrkdwn: true }));
-    hb.register_helper("raw_json", Box::new(JsonHelper { mrkdwn: false }));
-    hb.register_helper("plain", Box::new(PlainHelper));
-    hb.register_helper("mrkdwn", Box::new(MrkdwnHelper));
+    hb.register_helper("json", Box::new(RawHelper(write_json)));
+    hb.register_helper("raw_json", Box::new(RawHelper(write_raw_json)));
+    hb.register_helper("plain", Box::new(RawHelper(write_plain)));
+    hb.register_helper("mrkdwn", Box::new(RawHelper(write_mrkdwn)));
 }
 
 #[cfg(test)]

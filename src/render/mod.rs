@@ -91,6 +91,25 @@ pub struct TemplateError {
     pub column: Option<usize>,
 }
 
+fn syntax_error(name: &str, e: &handlebars::TemplateError) -> TemplateError {
+    let pos = e.pos();
+    TemplateError {
+        template: name.to_string(),
+        message: format!("template syntax error: {}", e.reason()),
+        line: pos.map(|p| p.0),
+        column: pos.map(|p| p.1),
+    }
+}
+
+fn render_failed(name: &str, e: &handlebars::RenderError) -> TemplateError {
+    TemplateError {
+        template: name.to_string(),
+        message: format!("rendering failed: {}", e.reason()),
+        line: e.line_no,
+        column: e.column_no,
+    }
+}
+
 /// All templates of a ruleset, compiled once.
 pub struct Templates {
     hb: Handlebars<'static>,
@@ -137,15 +156,9 @@ impl Templates {
         text: &str,
         origin: TemplateOrigin,
     ) -> Result<(), TemplateError> {
-        self.hb.register_template_string(name, text).map_err(|e| {
-            let pos = e.pos();
-            TemplateError {
-                template: name.to_string(),
-                message: format!("template syntax error: {}", e.reason()),
-                line: pos.map(|p| p.0),
-                column: pos.map(|p| p.1),
-            }
-        })?;
+        self.hb
+            .register_template_string(name, text)
+            .map_err(|e| syntax_error(name, &e))?;
         self.origins.insert(name.to_string(), origin);
         Ok(())
     }
@@ -154,27 +167,14 @@ impl Templates {
     pub fn add_plain(&mut self, name: &str, text: &str) -> Result<(), TemplateError> {
         self.plain
             .register_template_string(name, text)
-            .map_err(|e| {
-                let pos = e.pos();
-                TemplateError {
-                    template: name.to_string(),
-                    message: format!("template syntax error: {}", e.reason()),
-                    line: pos.map(|p| p.0),
-                    column: pos.map(|p| p.1),
-                }
-            })
+            .map_err(|e| syntax_error(name, &e))
     }
 
     /// Renders a template added with [`Templates::add_plain`].
     pub fn render_plain(&self, name: &str, ctx: &Context) -> Result<String, TemplateError> {
         self.plain
             .render_with_context(name, ctx)
-            .map_err(|e| TemplateError {
-                template: name.to_string(),
-                message: format!("rendering failed: {}", e.reason()),
-                line: e.line_no,
-                column: e.column_no,
-            })
+            .map_err(|e| render_failed(name, &e))
     }
 
     /// True when a template of that name exists.
@@ -196,16 +196,16 @@ impl Templates {
     pub fn render_text(&self, name: &str, ctx: &Context) -> Result<String, TemplateError> {
         self.hb
             .render_with_context(name, ctx)
-            .map_err(|e| TemplateError {
-                template: name.to_string(),
-                message: format!("rendering failed: {}", e.reason()),
-                line: e.line_no,
-                column: e.column_no,
-            })
+            .map_err(|e| render_failed(name, &e))
     }
 
     /// Renders a message template to a Slack message object with a `text` fallback.
     pub fn render_message(&self, name: &str, ctx: &Context) -> Result<Value, TemplateError> {
+        self.render_json(name, ctx).map(normalize_message)
+    }
+
+    /// Renders a template whose output must be JSON (any JSON: a webhook body).
+    pub fn render_json(&self, name: &str, ctx: &Context) -> Result<Value, TemplateError> {
         let out = self.render_text(name, ctx)?;
         let parsed: Value = serde_json::from_str(&out).map_err(|e| {
             let line = out
@@ -223,7 +223,7 @@ impl Templates {
                 column: None,
             }
         })?;
-        Ok(normalize_message(parsed))
+        Ok(parsed)
     }
 
     /// Renders a small inline template string (not registered) against `ctx`.

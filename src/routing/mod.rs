@@ -414,11 +414,27 @@ fn dispatch_one(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Co
             return d;
         }
     }
+    // A webhook destination with its own body template renders that instead of the message.
+    let own_body = match rs.destinations.get(&destination).map(|x| &x.kind) {
+        Some(DestinationKind::Webhook {
+            template: Some(t), ..
+        }) => Some(t.clone()),
+        _ => None,
+    };
+    if let Some(t) = own_body {
+        d.template = t.clone();
+        d.message = rs.templates.render_json(&t, ctx).map_err(render_error);
+        return d;
+    }
     d.message = rs
         .templates
         .render_message(&step.template, ctx)
-        .map_err(|e| DispatchError::Render(format!("template `{}`: {}", e.template, e.message)));
+        .map_err(render_error);
     d
+}
+
+fn render_error(e: crate::render::TemplateError) -> DispatchError {
+    DispatchError::Render(format!("template `{}`: {}", e.template, e.message))
 }
 
 /// A secret event may only be a Slack DM to the user it belongs to.
