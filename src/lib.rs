@@ -17,6 +17,8 @@ pub mod config;
 pub mod deliver;
 pub mod destinations;
 pub mod event;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod outbox;
 pub mod render;
 pub mod routing;

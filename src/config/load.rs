@@ -585,6 +585,7 @@ fn build_source(
         spec.port.is_some(),
         spec.coder.is_some(),
         spec.slack.is_some(),
+        spec.port_kafka.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
         diags.push(
@@ -593,7 +594,7 @@ fn build_source(
                     "bad-source",
                     format!("source `{name}` must have exactly one kind"),
                 )
-                .hint("one of `port:`, `coder:`, `slack:`"),
+                .hint("one of `port:`, `coder:`, `slack:`, `port_kafka:`"),
                 path,
             ),
         );
@@ -616,6 +617,7 @@ fn build_source(
         },
     };
     let mut dedup_window = Duration::from_secs(24 * 3600);
+    let mut kafka = None;
     let (kind, source, secrets_unset, has_secret): (
         &'static str,
         Arc<dyn Source>,
@@ -720,6 +722,17 @@ fn build_source(
         }
         let has = !tokens.is_empty();
         ("coder", Arc::new(CoderSource { tokens }), unset, has)
+    } else if let Some(k) = &spec.port_kafka {
+        let sp = join_key(path, "port_kafka");
+        kafka = kafka_source(p, name, k, &sp, diags);
+        let unset: Vec<String> = p.unset_under(&sp).iter().map(|u| u.var.clone()).collect();
+        let has = unset.is_empty();
+        let src = PortSource {
+            insecure_no_signature: true,
+            action: None,
+            ..PortSource::default()
+        };
+        ("port_kafka", Arc::new(src), unset, has)
     } else {
         let s = spec.slack.as_ref()?;
         let sp = join_key(path, "slack");
@@ -776,13 +789,206 @@ fn build_source(
         disabled,
         max_body,
         dedup_window,
-        report_to: spec.port.as_ref().and_then(|s| s.report_to.clone()),
+        report_to: spec
+            .port
+            .as_ref()
+            .and_then(|s| s.report_to.clone())
+            .or_else(|| spec.port_kafka.as_ref().and_then(|s| s.report_to.clone())),
+        kafka,
         report_unmatched: spec
             .port
             .as_ref()
             .and_then(|s| s.report_unmatched)
             .unwrap_or(true),
         file: p.path.clone(),
+    })
+}
+
+const PROTOCOLS: &[&str] = &["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"];
+const MECHANISMS: &[&str] = &["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"];
+
+/// Validates and resolves Kafka connection settings (offline: no broker is contacted).
+#[allow(clippy::too_many_arguments)]
+fn kafka_conn(
+    p: &Parsed,
+    sp: &str,
+    brokers: &Option<super::spec::OneOrMany>,
+    protocol: Option<&str>,
+    default_protocol: &str,
+    mechanism: Option<&str>,
+    username: &Option<String>,
+    password: Option<Secret>,
+    ca: &Option<String>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<super::KafkaConn> {
+    let before = diags.len();
+    let brokers: Vec<String> = brokers
+        .as_ref()
+        .map(|b| b.to_vec())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|b| !b.trim().is_empty())
+        .collect();
+    if brokers.is_empty() && p.unset_under(&join_key(sp, "brokers")).is_empty() {
+        diags.push(p.at_key(
+            Diagnostic::error(
+                "missing-key",
+                "Kafka settings need `brokers` (`host:port`, Port's listen on 9196)",
+            ),
+            sp,
+        ));
+    }
+    for (i, b) in brokers.iter().enumerate() {
+        let ok = b
+            .rsplit_once(':')
+            .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            diags.push(p.at(
+                Diagnostic::error("bad-value", format!("broker `{b}` is not `host:port`")),
+                &join_index(&join_key(sp, "brokers"), i),
+            ));
+        }
+    }
+    let protocol = protocol.unwrap_or(default_protocol).to_ascii_uppercase();
+    if !PROTOCOLS.contains(&protocol.as_str()) {
+        let hint = did_you_mean(&protocol, PROTOCOLS.iter().copied())
+            .map(|x| format!("did you mean `{x}`?"))
+            .unwrap_or_else(|| PROTOCOLS.join(", "));
+        diags.push(
+            p.at(
+                Diagnostic::error(
+                    "bad-value",
+                    format!("unknown security protocol `{protocol}`"),
+                )
+                .hint(hint),
+                &join_key(sp, "security_protocol"),
+            ),
+        );
+    }
+    let mechanism = mechanism.unwrap_or("SCRAM-SHA-512").to_ascii_uppercase();
+    if !MECHANISMS.contains(&mechanism.as_str()) {
+        let hint = did_you_mean(&mechanism, MECHANISMS.iter().copied())
+            .map(|x| format!("did you mean `{x}`?"))
+            .unwrap_or_else(|| MECHANISMS.join(", "));
+        diags.push(
+            p.at(
+                Diagnostic::error("bad-value", format!("unknown SASL mechanism `{mechanism}`"))
+                    .hint(hint),
+                &join_key(sp, "sasl_mechanism"),
+            ),
+        );
+    }
+    if protocol.starts_with("SASL")
+        && (username.is_none() || password.is_none())
+        && p.unset_under(sp).is_empty()
+    {
+        diags.push(p.at_key(
+            Diagnostic::error("missing-key", format!("{protocol} needs `username` and `password`")).hint("Port gives them with the topics; or set `security_protocol: PLAINTEXT` for a local broker"),
+            sp,
+        ));
+    }
+    if diags[before..].iter().any(Diagnostic::is_error) {
+        return None;
+    }
+    Some(super::KafkaConn {
+        brokers,
+        security_protocol: protocol,
+        sasl_mechanism: mechanism,
+        username: username.clone(),
+        password,
+        ssl_ca_location: ca.clone(),
+    })
+}
+
+fn kafka_source(
+    p: &Parsed,
+    name: &str,
+    k: &super::spec::PortKafkaSpec,
+    sp: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<super::KafkaSource> {
+    use super::spec::TopicSetting;
+    let org = k.org_id.clone().filter(|o| !o.is_empty());
+    if org.is_none() && p.unset_under(&join_key(sp, "org_id")).is_empty() {
+        diags.push(
+            p.at_key(
+                Diagnostic::error(
+                    "missing-key",
+                    format!("Kafka source `{name}` needs `org_id`"),
+                )
+                .hint("Port's topics and groups are named after it: `org_…`"),
+                sp,
+            ),
+        );
+    }
+    let org = org.unwrap_or_else(|| "org".into());
+    let (pw, _) = secrets_of(
+        p,
+        &join_key(sp, "password"),
+        k.password.clone().map(|x| vec![x]),
+        "password_file",
+        k.password_file.as_ref(),
+        diags,
+    );
+    let conn = kafka_conn(
+        p,
+        sp,
+        &k.brokers,
+        k.security_protocol.as_deref(),
+        "SASL_SSL",
+        k.sasl_mechanism.as_deref(),
+        &k.username,
+        pw.into_iter().next(),
+        &k.ssl_ca_location,
+        diags,
+    )?;
+    let mut topics = Vec::new();
+    for (setting, default, kind) in [
+        (&k.runs_topic, format!("{org}.runs"), super::PortTopic::Runs),
+        (
+            &k.change_log_topic,
+            format!("{org}.change.log"),
+            super::PortTopic::ChangeLog,
+        ),
+    ] {
+        match setting {
+            None | Some(TopicSetting::On(true)) => topics.push((default, kind)),
+            Some(TopicSetting::On(false)) => {}
+            Some(TopicSetting::Name(n)) => topics.push((n.clone(), kind)),
+        }
+    }
+    if topics.is_empty() {
+        diags.push(p.at_key(
+            Diagnostic::error(
+                "bad-source",
+                format!("Kafka source `{name}` has both topics turned off"),
+            ),
+            sp,
+        ));
+        return None;
+    }
+    let start_from = k.start_from.clone().unwrap_or_else(|| "earliest".into());
+    if !matches!(start_from.as_str(), "earliest" | "latest") {
+        diags.push(p.at(
+            Diagnostic::error("bad-value", "`start_from` is `earliest` or `latest`"),
+            &join_key(sp, "start_from"),
+        ));
+    }
+    if k.credentials_from.is_some() {
+        diags.push(p.at(
+            Diagnostic::error("unsupported", "`credentials_from` is not supported yet").hint("give `brokers`, `username` and `password` (from Port's `GET /v1/kafka-credentials`)"),
+            &join_key(sp, "credentials_from"),
+        ));
+    }
+    Some(super::KafkaSource {
+        conn,
+        group: k
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("{org}.switchyard")),
+        topics,
+        start_from,
+        instance_id: k.instance_id.clone().filter(|i| !i.is_empty()),
     })
 }
 
@@ -899,6 +1105,7 @@ fn build_destination(
         spec.webhook.is_some(),
         spec.stdout.is_some(),
         spec.port.is_some(),
+        spec.kafka.is_some(),
     ]
     .iter()
     .filter(|k| **k)
@@ -910,7 +1117,9 @@ fn build_destination(
                     "bad-destination",
                     format!("destination `{name}` must have exactly one kind"),
                 )
-                .hint("one of `slack_webhook:`, `slack:`, `webhook:`, `stdout:`, `port:`"),
+                .hint(
+                    "one of `slack_webhook:`, `slack:`, `webhook:`, `stdout:`, `port:`, `kafka:`",
+                ),
                 path,
             ),
         );
@@ -1047,6 +1256,46 @@ fn build_destination(
             client_secret,
             base_url,
         }
+    } else if let Some(k) = &spec.kafka {
+        let sp = join_key(path, "kafka");
+        let pw = k
+            .password
+            .clone()
+            .filter(|x| !x.is_empty())
+            .map(Secret::new);
+        let conn = kafka_conn(
+            p,
+            &sp,
+            &k.brokers,
+            k.security_protocol.as_deref(),
+            "PLAINTEXT",
+            k.sasl_mechanism.as_deref(),
+            &k.username,
+            pw,
+            &k.ssl_ca_location,
+            diags,
+        )?;
+        let Some(topic) = k.topic.clone().filter(|t| !t.is_empty()) else {
+            diags.push(p.at_key(
+                Diagnostic::error("missing-key", format!("destination `{name}` needs `topic`")),
+                &sp,
+            ));
+            return None;
+        };
+        let key = match &k.key {
+            None => None,
+            Some(t) => {
+                let tname = format!("dest:{name}:key");
+                if let Err(e) = templates.add_plain(&tname, t) {
+                    diags.push(p.at(
+                        Diagnostic::error("template", format!("key: {}", e.message)),
+                        &join_key(&sp, "key"),
+                    ));
+                }
+                Some(tname)
+            }
+        };
+        DestinationKind::Kafka { conn, topic, key }
     } else {
         DestinationKind::Stdout
     };

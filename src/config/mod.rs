@@ -48,6 +48,8 @@ pub struct SourceEntry {
     pub report_to: Option<String>,
     /// Report runs no rule handles as FAILURE.
     pub report_unmatched: bool,
+    /// For `port_kafka` sources: the consumer settings (the source takes no HTTP requests).
+    pub kafka: Option<KafkaSource>,
     pub file: PathBuf,
 }
 
@@ -75,6 +77,42 @@ pub enum DestinationKind {
         client_secret: Secret,
         base_url: String,
     },
+    Kafka {
+        conn: KafkaConn,
+        topic: String,
+        /// (Plain) template name of the record key.
+        key: Option<String>,
+    },
+}
+
+/// How to reach a Kafka cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaConn {
+    pub brokers: Vec<String>,
+    pub security_protocol: String,
+    pub sasl_mechanism: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ssl_ca_location: Option<String>,
+}
+
+/// Which Port topic a Kafka topic is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortTopic {
+    Runs,
+    ChangeLog,
+}
+
+/// A Port Kafka source's consumer settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaSource {
+    pub conn: KafkaConn,
+    pub group: String,
+    pub topics: Vec<(String, PortTopic)>,
+    pub start_from: String,
+    /// Static group membership id, when set.
+    pub instance_id: Option<String>,
 }
 
 impl DestinationKind {
@@ -86,6 +124,7 @@ impl DestinationKind {
             DestinationKind::Webhook { .. } => "webhook",
             DestinationKind::Stdout => "stdout",
             DestinationKind::Port { .. } => "port",
+            DestinationKind::Kafka { .. } => "kafka",
         }
     }
 }

@@ -72,6 +72,9 @@ pub struct SourceSpec {
     /// Slack interactivity (button clicks), signed with the app's signing secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slack: Option<SlackSourceSpec>,
+    /// Port's managed Kafka topics (`ORG_ID.runs`, `ORG_ID.change.log`), read in a consumer group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_kafka: Option<PortKafkaSpec>,
     /// Largest accepted body (e.g. `1MiB`, `256KiB`). Default 1 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body: Option<String>,
@@ -106,6 +109,66 @@ pub struct PortSourceSpec {
     /// Report a run that no rule handles as FAILURE "no rule matched" (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_unmatched: Option<bool>,
+}
+
+/// A topic setting: a name, or `false` to turn the topic off (`true` keeps the default).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(untagged)]
+pub enum TopicSetting {
+    On(bool),
+    Name(String),
+}
+
+/// Settings of a Port Kafka source. Defaults follow Port: topics `{org_id}.runs` and
+/// `{org_id}.change.log`, `SASL_SSL` with `SCRAM-SHA-512`, group `{org_id}.switchyard`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortKafkaSpec {
+    /// Bootstrap brokers, `host:port` (Port's listen on 9196).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<OneOrMany>,
+    /// The Port organisation id (`org_…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// A secret: use `${VAR}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Consumer group (default `{org_id}.switchyard`; Port accepts names starting with the org id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The action-runs topic (default `{org_id}.runs`), or `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_topic: Option<TopicSetting>,
+    /// The entity change-log topic (default `{org_id}.change.log`), or `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_log_topic: Option<TopicSetting>,
+    /// `SASL_SSL` (default), `SASL_PLAINTEXT`, `SSL` or `PLAINTEXT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_protocol: Option<String>,
+    /// `SCRAM-SHA-512` (default), `SCRAM-SHA-256` or `PLAIN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<String>,
+    /// CA certificate file for TLS (default: the system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_ca_location: Option<String>,
+    /// Static group membership (`group.instance.id`): a stable id per engine (e.g. the pod name
+    /// of a StatefulSet) lets a restarted engine take its partitions back at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Where to start in a new group: `earliest` (default) or `latest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_from: Option<String>,
+    /// The `port` destination whose credentials fetch brokers, username and password from
+    /// `GET /v1/kafka-credentials` (instead of giving them here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_from: Option<String>,
+    /// The `port` destination that reports action runs read here (default: the only one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_to: Option<String>,
 }
 
 /// Settings of a Coder source.
@@ -154,6 +217,9 @@ pub struct DestinationSpec {
     /// Port's REST API: reports action runs, and answers `with:` queries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<PortApiSpec>,
+    /// A Kafka topic: each rendered message is produced as JSON (idempotent producer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaDestSpec>,
     /// Another destination to use instead while this one's variables are unset
     /// (e.g. `console`, so example rules work without credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -246,6 +312,28 @@ pub struct PortApiSpec {
     /// API base URL: `https://api.port.io` (EU, the default) or `https://api.us.port.io` (US).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
+}
+
+/// Kafka destination settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaDestSpec {
+    pub brokers: Option<OneOrMany>,
+    pub topic: Option<String>,
+    /// Record key, a template over the event (e.g. `{{entity.identifier}}`): same key, same partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `PLAINTEXT` (default), `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_ca_location: Option<String>,
 }
 
 /// Standard output settings (none yet).

@@ -106,6 +106,25 @@ pub fn build(
             token: tokio::sync::Mutex::new(None),
             rules: templates,
         }),
+        #[cfg(feature = "kafka")]
+        DestinationKind::Kafka { conn, topic, .. } => {
+            Arc::new(crate::kafka::KafkaDest::new(conn, topic, cfg.timeout))
+        }
+        #[cfg(not(feature = "kafka"))]
+        DestinationKind::Kafka { .. } => Arc::new(Unavailable(
+            "this build has no Kafka support (cargo feature `kafka`)",
+        )),
+    }
+}
+
+/// A destination this build cannot deliver to; its messages become dead letters with the reason.
+#[cfg(not(feature = "kafka"))]
+struct Unavailable(&'static str);
+
+#[cfg(not(feature = "kafka"))]
+impl Destination for Unavailable {
+    fn deliver<'a>(&'a self, _job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
+        Box::pin(async move { Err(DeliveryError::Permanent(self.0.to_string())) })
     }
 }
 

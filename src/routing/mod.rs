@@ -102,6 +102,9 @@ pub struct Target {
     pub thread_ts: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub reply_broadcast: bool,
+    /// Kafka destinations: the record key.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key: Option<String>,
 }
 
 /// Why a matched send produced no deliverable message.
@@ -386,6 +389,10 @@ fn dispatch_one(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Co
             user_email: plain(&step.user_email)?,
             thread_ts: plain(&step.thread_ts)?,
             reply_broadcast: step.reply_broadcast,
+            key: match rs.destinations.get(&destination).map(|x| &x.kind) {
+                Some(DestinationKind::Kafka { key, .. }) => plain(key)?,
+                _ => None,
+            },
         })
     })();
     if let Some((key_tpl, window)) = &rule.throttle {

@@ -108,7 +108,18 @@ pub(super) fn status_json(st: &AppState) -> Value {
             "active_keys": st.outbox.active_throttles().unwrap_or(0),
         },
         "reload": reload,
+        "kafka": kafka_status(st),
     })
+}
+
+#[cfg(feature = "kafka")]
+fn kafka_status(st: &AppState) -> Value {
+    st.kafka.status()
+}
+
+#[cfg(not(feature = "kafka"))]
+fn kafka_status(_: &AppState) -> Value {
+    Value::Null
 }
 
 pub(super) async fn status(State(st): St, headers: HeaderMap) -> Response {

@@ -65,6 +65,9 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Messages suppressed by rule throttles since start.
     pub throttled: Mutex<u64>,
+    /// Kafka consumers of `port_kafka` sources.
+    #[cfg(feature = "kafka")]
+    pub kafka: crate::kafka::Consumers,
     /// Serialises reloads.
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -137,6 +140,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         started: Instant::now(),
         metrics: install_metrics(),
         throttled: Mutex::new(0),
+        #[cfg(feature = "kafka")]
+        kafka: crate::kafka::Consumers::default(),
         reload_lock: tokio::sync::Mutex::new(()),
     });
     for (name, s) in &rs.sources {
@@ -148,6 +153,14 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     tracing::info!(%addr, rules = rs.rules.len(), data = %cfg.data_dir.display(), "switchyard listening on http://{addr}");
     reload::spawn_triggers(state.clone());
     tokio::spawn(schedule::run(state.clone()));
+    #[cfg(feature = "kafka")]
+    state.kafka.configure(&state);
+    #[cfg(not(feature = "kafka"))]
+    if rs.sources.values().any(|s| s.kafka.is_some()) {
+        tracing::error!(
+            "this build has no Kafka support (cargo feature `kafka`): Kafka sources do not run"
+        );
+    }
 
     let app = router(state.clone());
     let shutdown = async {
@@ -159,6 +172,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     state.ready.store(false, Ordering::Relaxed);
+    #[cfg(feature = "kafka")]
+    state.kafka.shutdown().await;
     let clean = deliverer.shutdown(cfg.grace).await;
     if clean {
         tracing::info!(
@@ -339,6 +354,13 @@ async fn handle(
         count("unknown", "unknown_source");
         return reject(StatusCode::NOT_FOUND, format!("no source named `{source}`"));
     };
+    if src.kafka.is_some() {
+        count(&source, "rejected");
+        return reject(
+            StatusCode::NOT_FOUND,
+            format!("source `{source}` reads from Kafka; it takes no HTTP requests"),
+        );
+    }
     if let Some(why) = &src.disabled {
         count(&source, "disabled");
         return (

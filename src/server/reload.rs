@@ -79,6 +79,8 @@ pub async fn reload(st: &Arc<AppState>, trigger: &str) -> Result<usize, Vec<Stri
             let rs = Arc::new(rs);
             st.deliverer.configure(&rs);
             st.rules.store(rs.clone());
+            #[cfg(feature = "kafka")]
+            st.kafka.configure(st);
             status.ok = true;
             status.serving_since = status.at;
             status.reloads_ok += 1;

@@ -1,0 +1,567 @@
+//! Port's Kafka backend: consume `ORG_ID.runs` and `ORG_ID.change.log` in a consumer group,
+//! and a `kafka` destination that produces rendered messages.
+//!
+//! Messages decode with the same Port adapter as the HTTP path, so every rule works whichever
+//! transport brought the event. Delivery is at-least-once and loses nothing:
+//!
+//! - An offset is *stored* only after the event's dispatches are committed to the durable
+//!   outbox (`enable.auto.offset.store=false`); librdkafka commits stored offsets every 500 ms,
+//!   on rebalance before a partition is given up, and on close. A crash in between re-reads the
+//!   message, and the outbox's dedup window (event id / run id) keeps it from being sent twice.
+//! - When the outbox is full the partition is paused and the same message retried, never dropped
+//!   and never spun on.
+//! - A message that is not JSON or of an unknown shape is logged with topic/partition/offset,
+//!   counted, kept as a dead letter with its raw bytes, and skipped, so one poison message never
+//!   stalls a partition.
+//! - Run messages not for a `KAFKA` backend are skipped (counted), as Port's own agent does.
+//!
+//! Scaling out is Kafka's job: several engines in one group share the partitions; order holds
+//! per partition (Port keys change-log records by entity, so per entity).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::config::{KafkaConn, KafkaSource, PortTopic, SourceEntry};
+use crate::destinations::{BoxFut, DeliveryError, Destination};
+use crate::outbox::{EnqueueError, Enqueued, Job, NewJob};
+use crate::server::AppState;
+use crate::sources::{Decoded, Request};
+
+/// librdkafka settings for a connection.
+pub fn client_config(conn: &KafkaConn) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", conn.brokers.join(","))
+        .set("security.protocol", &conn.security_protocol)
+        .set(
+            "client.id",
+            concat!("switchyard/", env!("CARGO_PKG_VERSION")),
+        );
+    if conn.security_protocol.starts_with("SASL") {
+        c.set("sasl.mechanisms", &conn.sasl_mechanism);
+        if let Some(u) = &conn.username {
+            c.set("sasl.username", u);
+        }
+        if let Some(p) = &conn.password {
+            c.set("sasl.password", p.expose());
+        }
+    }
+    if let Some(ca) = &conn.ssl_ca_location {
+        c.set("ssl.ca.location", ca);
+    }
+    c
+}
+
+/// What `/status` shows of one Kafka source.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceStatus {
+    pub group: String,
+    pub topics: Vec<String>,
+    pub rebalances: u64,
+    pub consumed: u64,
+    /// `topic/partition` → committed offset.
+    pub committed: BTreeMap<String, i64>,
+    /// `topic/partition` → lag (log end − position).
+    pub lag: BTreeMap<String, i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+type Statuses = Arc<Mutex<BTreeMap<String, SourceStatus>>>;
+
+struct Ctx {
+    source: String,
+    status: Statuses,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, _c: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
+        let what = match r {
+            Rebalance::Assign(tpl) => format!("assigned {}", describe(tpl)),
+            Rebalance::Revoke(tpl) => format!("revoked {}", describe(tpl)),
+            Rebalance::Error(e) => format!("rebalance error: {e}"),
+        };
+        tracing::info!(source = %self.source, "{what}");
+        metrics::counter!("switchyard_kafka_rebalances_total", "source" => self.source.clone())
+            .increment(1);
+        if let Ok(mut s) = self.status.lock() {
+            if let Some(st) = s.get_mut(&self.source) {
+                st.rebalances += 1;
+            }
+        }
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    let v: Vec<String> = tpl
+        .elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect();
+    if v.is_empty() {
+        "nothing".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+struct Running {
+    settings: KafkaSource,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The Kafka consumers of a running engine, one per `port_kafka` source.
+#[derive(Clone, Default)]
+pub struct Consumers {
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    status: Statuses,
+}
+
+impl Consumers {
+    /// Starts, restarts (settings changed) and stops consumers to match the current rules.
+    pub fn configure(&self, st: &Arc<AppState>) {
+        let rs = st.rules.load_full();
+        let wanted: HashMap<String, KafkaSource> = rs
+            .sources
+            .iter()
+            .filter_map(|(n, s)| s.kafka.clone().map(|k| (n.clone(), k)))
+            .collect();
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let names: Vec<String> = running.keys().cloned().collect();
+        for name in names {
+            if wanted.get(&name) != running.get(&name).map(|r| &r.settings) {
+                if let Some(r) = running.remove(&name) {
+                    tracing::info!(source = %name, "stopping the Kafka consumer");
+                    let _ = r.stop.send(true);
+                }
+                if let Ok(mut s) = self.status.lock() {
+                    s.remove(&name);
+                }
+            }
+        }
+        for (name, settings) in wanted {
+            if running.contains_key(&name) {
+                continue;
+            }
+            let entry = rs.sources.get(&name).cloned();
+            let Some(entry) = entry.filter(|e| e.disabled.is_none()) else {
+                tracing::warn!(source = %name, "Kafka source not started: its settings are incomplete");
+                continue;
+            };
+            if let Ok(mut s) = self.status.lock() {
+                s.insert(
+                    name.clone(),
+                    SourceStatus {
+                        group: settings.group.clone(),
+                        topics: settings.topics.iter().map(|t| t.0.clone()).collect(),
+                        ..Default::default()
+                    },
+                );
+            }
+            let (tx, rx) = watch::channel(false);
+            let task = tokio::spawn(consume(
+                st.clone(),
+                entry,
+                settings.clone(),
+                rx,
+                self.status.clone(),
+            ));
+            running.insert(
+                name,
+                Running {
+                    settings,
+                    stop: tx,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// `/status` view.
+    pub fn status(&self) -> Value {
+        serde_json::to_value(&*self.status.lock().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or(Value::Null)
+    }
+
+    /// Stops every consumer (each commits its stored offsets and leaves the group).
+    pub async fn shutdown(&self) {
+        let all: Vec<Running> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, r)| r)
+            .collect();
+        for r in all {
+            let _ = r.stop.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(10), r.task).await;
+        }
+    }
+}
+
+fn count(topic: &str, outcome: &'static str) {
+    metrics::counter!("switchyard_kafka_messages_total", "topic" => topic.to_string(), "outcome" => outcome).increment(1);
+}
+
+async fn consume(
+    st: Arc<AppState>,
+    src: SourceEntry,
+    k: KafkaSource,
+    mut stop: watch::Receiver<bool>,
+    status: Statuses,
+) {
+    let name = src.name.clone();
+    let mut cfg = client_config(&k.conn);
+    // Static membership (KIP-345), when configured: an engine that restarts with the same
+    // instance id takes its partitions back at once instead of waiting for its old session to
+    // time out. (A static member does not leave the group on shutdown either.)
+    if let Some(id) = &k.instance_id {
+        cfg.set("group.instance.id", id);
+    }
+    cfg.set("group.id", &k.group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &k.start_from)
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000");
+    let ctx = Ctx {
+        source: name.clone(),
+        status: status.clone(),
+    };
+    let consumer: StreamConsumer<Ctx> = match cfg.create_with_context(ctx) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(source = %name, error = %e, "cannot create the Kafka consumer");
+            set_error(&status, &name, e.to_string());
+            return;
+        }
+    };
+    let consumer = Arc::new(consumer);
+    let topics: Vec<&str> = k.topics.iter().map(|t| t.0.as_str()).collect();
+    if let Err(e) = consumer.subscribe(&topics) {
+        tracing::error!(source = %name, error = %e, "cannot subscribe");
+        set_error(&status, &name, e.to_string());
+        return;
+    }
+    tracing::info!(source = %name, group = %k.group, topics = ?topics, "consuming from Kafka");
+    let kinds: HashMap<String, PortTopic> = k.topics.iter().cloned().collect();
+    let watcher = tokio::spawn(watch_progress(
+        consumer.clone(),
+        name.clone(),
+        status.clone(),
+    ));
+    loop {
+        let msg = tokio::select! {
+            m = consumer.recv() => m,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let m = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(source = %name, error = %e, "Kafka error");
+                set_error(&status, &name, e.to_string());
+                if tokio::time::timeout(Duration::from_secs(1), stop.wait_for(|s| *s))
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+                continue;
+            }
+        };
+        let topic = m.topic().to_string();
+        let kind = kinds.get(&topic).copied().unwrap_or(PortTopic::ChangeLog);
+        // Handle until the event is durable (or knowingly skipped); pause while the outbox is full.
+        let mut paused = false;
+        loop {
+            match handle(
+                &st,
+                &src,
+                kind,
+                &topic,
+                m.partition(),
+                m.offset(),
+                m.payload(),
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(EnqueueError::Full { pending }) => {
+                    if !paused {
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(&topic, m.partition());
+                        let _ = consumer.pause(&tpl);
+                        paused = true;
+                        tracing::warn!(source = %name, pending, "outbox full: partition paused");
+                    }
+                }
+                Err(EnqueueError::Storage(e)) => {
+                    tracing::error!(source = %name, error = %e, "cannot commit to the outbox; retrying")
+                }
+            }
+            if tokio::time::timeout(Duration::from_millis(500), stop.wait_for(|s| *s))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        if paused {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, m.partition());
+            let _ = consumer.resume(&tpl);
+        }
+        if *stop.borrow() {
+            break;
+        }
+        if let Err(e) = consumer.store_offset_from_message(&m) {
+            tracing::warn!(source = %name, error = %e, "cannot store the offset");
+        }
+        if let Ok(mut s) = status.lock() {
+            if let Some(x) = s.get_mut(&name) {
+                x.consumed += 1;
+            }
+        }
+    }
+    watcher.abort();
+    // Commit what is stored, then leave the group (dropping the consumer closes it).
+    let c = consumer.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        c.commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+    })
+    .await;
+    tracing::info!(source = %name, "Kafka consumer stopped");
+}
+
+fn set_error(status: &Statuses, name: &str, e: String) {
+    if let Ok(mut s) = status.lock() {
+        if let Some(x) = s.get_mut(name) {
+            x.last_error = Some(e);
+        }
+    }
+}
+
+/// Every 5 s: committed offsets and lag of the assigned partitions, for `/status` and `/metrics`.
+async fn watch_progress(consumer: Arc<StreamConsumer<Ctx>>, name: String, status: Statuses) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let c = consumer.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let assignment = c.assignment().ok()?;
+            let committed = c
+                .committed_offsets(assignment.clone(), Duration::from_secs(2))
+                .ok()?;
+            let position = c.position().ok()?;
+            let mut out = Vec::new();
+            for e in assignment.elements() {
+                let key = format!("{}/{}", e.topic(), e.partition());
+                let high = c
+                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+                    .ok()
+                    .map(|w| w.1);
+                let pos = position
+                    .find_partition(e.topic(), e.partition())
+                    .and_then(|p| match p.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+                let com = committed
+                    .find_partition(e.topic(), e.partition())
+                    .and_then(|p| match p.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+                out.push((
+                    key,
+                    e.topic().to_string(),
+                    e.partition(),
+                    com,
+                    high.zip(pos).map(|(h, p)| (h - p).max(0)),
+                ));
+            }
+            Some(out)
+        })
+        .await;
+        let Ok(Some(rows)) = read else { continue };
+        if let Ok(mut s) = status.lock() {
+            if let Some(x) = s.get_mut(&name) {
+                x.committed.clear();
+                x.lag.clear();
+                for (key, topic, partition, com, lag) in rows {
+                    if let Some(c) = com {
+                        x.committed.insert(key.clone(), c);
+                    }
+                    if let Some(l) = lag {
+                        x.lag.insert(key, l);
+                        metrics::gauge!("switchyard_kafka_lag", "topic" => topic, "partition" => partition.to_string()).set(l as f64);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decodes, routes and durably enqueues one message. `Ok` means the offset may be stored.
+async fn handle(
+    st: &Arc<AppState>,
+    src: &SourceEntry,
+    kind: PortTopic,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    payload: Option<&[u8]>,
+) -> Result<(), EnqueueError> {
+    let where_ = format!("{topic}/{partition}@{offset}");
+    let raw = payload.unwrap_or_default();
+    let poison = |reason: String| {
+        tracing::warn!(source = %src.name, at = %where_, %reason, "poison message: kept as a dead letter and skipped");
+        count(topic, "poison");
+        NewJob {
+            destination: format!("kafka:{}", src.name),
+            rule: "-".into(),
+            event_id: format!("kafka:{topic}:{partition}:{offset}"),
+            target: Default::default(),
+            message: json!({"topic": topic, "partition": partition, "offset": offset, "raw": String::from_utf8_lossy(raw)}),
+            secret: false,
+            throttle: None,
+            error: Some(reason),
+        }
+    };
+    let body: Value = match serde_json::from_slice(raw) {
+        Ok(v) => v,
+        Err(e) => {
+            let job = poison(format!("not JSON: {e}"));
+            let key = job.event_id.clone();
+            return st
+                .outbox
+                .enqueue(
+                    Some((key, Duration::from_secs(7 * 24 * 3600))),
+                    vec![job],
+                    None,
+                )
+                .await
+                .map(|_| ());
+        }
+    };
+    if kind == PortTopic::Runs {
+        let backend = body["payload"]["action"]["invocationMethod"]["type"]
+            .as_str()
+            .unwrap_or("");
+        if backend != "KAFKA" {
+            count(topic, "skipped");
+            tracing::debug!(source = %src.name, at = %where_, backend, "run for another backend: skipped");
+            return Ok(());
+        }
+    }
+    let req = Request {
+        headers: Default::default(),
+        body: raw,
+        path_token: None,
+    };
+    let ev = match src.source.decode(&src.name, &req) {
+        Ok(Decoded::Event(ev)) => ev,
+        Ok(Decoded::Ack) => return Ok(()),
+        Err(r) => {
+            let job = poison(r.reason().to_string());
+            let key = job.event_id.clone();
+            return st
+                .outbox
+                .enqueue(
+                    Some((key, Duration::from_secs(7 * 24 * 3600))),
+                    vec![job],
+                    None,
+                )
+                .await
+                .map(|_| ());
+        }
+    };
+    let rs = st.rules.load_full();
+    let (jobs, tracker) = crate::server::plan(&rs, Some(src), &ev);
+    let n = jobs.len();
+    match st
+        .outbox
+        .enqueue(Some((ev.id.clone(), src.dedup_window)), jobs, tracker)
+        .await?
+    {
+        Enqueued::Committed(committed, _) => {
+            count(topic, if n == 0 { "unmatched" } else { "accepted" });
+            st.deliverer.submit(committed);
+        }
+        Enqueued::Duplicate => count(topic, "duplicate"),
+    }
+    Ok(())
+}
+
+/// The `kafka` destination: produces each message as JSON with the rendered key.
+pub struct KafkaDest {
+    producer: Result<FutureProducer, String>,
+    topic: String,
+    timeout: Duration,
+}
+
+impl KafkaDest {
+    /// A producer with idempotence (no duplicates from producer retries) and `acks=all`.
+    pub fn new(conn: &KafkaConn, topic: &str, timeout: Duration) -> Self {
+        let producer = client_config(conn)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", timeout.as_millis().to_string())
+            .create::<FutureProducer>()
+            .map_err(|e| e.to_string());
+        KafkaDest {
+            producer,
+            topic: topic.to_string(),
+            timeout,
+        }
+    }
+}
+
+impl Destination for KafkaDest {
+    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
+        Box::pin(async move {
+            let producer = self.producer.as_ref().map_err(|e| {
+                DeliveryError::Permanent(format!("cannot create the Kafka producer: {e}"))
+            })?;
+            let payload = job.message.to_string();
+            let mut record = FutureRecord::to(&self.topic).payload(&payload);
+            if let Some(k) = &job.target.key {
+                record = record.key(k);
+            }
+            match producer.send(record, self.timeout).await {
+                Ok(_) => Ok(Vec::new()),
+                Err((e, _)) => {
+                    use rdkafka::types::RDKafkaErrorCode as C;
+                    let reason = format!("produce to {}: {e}", self.topic);
+                    match e.rdkafka_error_code() {
+                        Some(
+                            C::MessageSizeTooLarge
+                            | C::TopicAuthorizationFailed
+                            | C::InvalidRecord
+                            | C::UnknownTopicOrPartition,
+                        ) => Err(DeliveryError::Permanent(reason)),
+                        _ => Err(DeliveryError::Transient {
+                            reason,
+                            retry_after: None,
+                        }),
+                    }
+                }
+            }
+        })
+    }
+
+    fn pace_key(&self, _job: &Job) -> Option<String> {
+        None
+    }
+}
