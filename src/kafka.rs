@@ -262,13 +262,14 @@ async fn consume(
         name.clone(),
         status.clone(),
     ));
+    let src = Arc::new(src);
     loop {
         let msg = tokio::select! {
             m = consumer.recv() => m,
             _ = stop.wait_for(|s| *s) => break,
         };
-        let m = match msg {
-            Ok(m) => m,
+        let first = match msg {
+            Ok(m) => m.detach(),
             Err(e) => {
                 tracing::warn!(source = %name, error = %e, "Kafka error");
                 set_error(&status, &name, e.to_string());
@@ -281,57 +282,109 @@ async fn consume(
                 continue;
             }
         };
-        let topic = m.topic().to_string();
-        let kind = kinds.get(&topic).copied().unwrap_or(PortTopic::ChangeLog);
-        // Handle until the event is durable (or knowingly skipped); pause while the outbox is full.
-        let mut paused = false;
-        loop {
-            match handle(
-                &st,
-                &src,
-                kind,
-                &topic,
-                m.partition(),
-                m.offset(),
-                m.payload(),
-            )
-            .await
-            {
-                Ok(()) => break,
-                Err(EnqueueError::Full { pending }) => {
-                    if !paused {
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(&topic, m.partition());
-                        let _ = consumer.pause(&tpl);
-                        paused = true;
-                        tracing::warn!(source = %name, pending, "outbox full: partition paused");
+        // Take what is already waiting (up to 256 messages) and handle it concurrently: the
+        // outbox groups the enqueues into one transaction. Offsets are stored in order after.
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match tokio::time::timeout(Duration::from_millis(1), consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, m) in batch.iter().enumerate() {
+            let (st, src, m) = (st.clone(), src.clone(), m.clone());
+            let kind = kinds
+                .get(m.topic())
+                .copied()
+                .unwrap_or(PortTopic::ChangeLog);
+            tasks.spawn(async move {
+                (
+                    i,
+                    handle(
+                        &st,
+                        &src,
+                        kind,
+                        m.topic(),
+                        m.partition(),
+                        m.offset(),
+                        m.payload(),
+                    )
+                    .await,
+                )
+            });
+        }
+        let mut failed: Vec<usize> = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            if let Ok((i, Err(_))) = r {
+                failed.push(i);
+            }
+        }
+        failed.sort_unstable();
+        // A message that could not be queued (outbox full, storage error) is retried on its own,
+        // with its partition paused, before anything after it is stored.
+        for i in failed {
+            let m = &batch[i];
+            let kind = kinds
+                .get(m.topic())
+                .copied()
+                .unwrap_or(PortTopic::ChangeLog);
+            let mut paused = false;
+            loop {
+                match handle(
+                    &st,
+                    &src,
+                    kind,
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    m.payload(),
+                )
+                .await
+                {
+                    Ok(()) => break,
+                    Err(EnqueueError::Full { pending }) => {
+                        if !paused {
+                            let mut tpl = TopicPartitionList::new();
+                            tpl.add_partition(m.topic(), m.partition());
+                            let _ = consumer.pause(&tpl);
+                            paused = true;
+                            tracing::warn!(source = %name, pending, "outbox full: partition paused");
+                        }
+                    }
+                    Err(EnqueueError::Storage(e)) => {
+                        tracing::error!(source = %name, error = %e, "cannot commit to the outbox; retrying")
                     }
                 }
-                Err(EnqueueError::Storage(e)) => {
-                    tracing::error!(source = %name, error = %e, "cannot commit to the outbox; retrying")
+                if tokio::time::timeout(Duration::from_millis(500), stop.wait_for(|s| *s))
+                    .await
+                    .is_ok()
+                {
+                    break;
                 }
             }
-            if tokio::time::timeout(Duration::from_millis(500), stop.wait_for(|s| *s))
-                .await
-                .is_ok()
-            {
+            if paused {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(m.topic(), m.partition());
+                let _ = consumer.resume(&tpl);
+            }
+            if *stop.borrow() {
                 break;
             }
         }
-        if paused {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&topic, m.partition());
-            let _ = consumer.resume(&tpl);
-        }
         if *stop.borrow() {
+            // Store nothing of an unfinished batch: it is read again after a restart.
             break;
         }
-        if let Err(e) = consumer.store_offset_from_message(&m) {
-            tracing::warn!(source = %name, error = %e, "cannot store the offset");
+        for m in &batch {
+            // librdkafka's rd_kafka_offset_store stores `offset + 1` (the next one to read) itself.
+            if let Err(e) = consumer.store_offset(m.topic(), m.partition(), m.offset()) {
+                tracing::warn!(source = %name, error = %e, "cannot store the offset");
+            }
         }
         if let Ok(mut s) = status.lock() {
             if let Some(x) = s.get_mut(&name) {
-                x.consumed += 1;
+                x.consumed += batch.len() as u64;
             }
         }
     }
@@ -443,16 +496,7 @@ async fn handle(
         Ok(v) => v,
         Err(e) => {
             let job = poison(format!("not JSON: {e}"));
-            let key = job.event_id.clone();
-            return st
-                .outbox
-                .enqueue(
-                    Some((key, Duration::from_secs(7 * 24 * 3600))),
-                    vec![job],
-                    None,
-                )
-                .await
-                .map(|_| ());
+            return keep_poison(st, job).await;
         }
     };
     if kind == PortTopic::Runs {
@@ -475,16 +519,7 @@ async fn handle(
         Ok(Decoded::Ack) => return Ok(()),
         Err(r) => {
             let job = poison(r.reason().to_string());
-            let key = job.event_id.clone();
-            return st
-                .outbox
-                .enqueue(
-                    Some((key, Duration::from_secs(7 * 24 * 3600))),
-                    vec![job],
-                    None,
-                )
-                .await
-                .map(|_| ());
+            return keep_poison(st, job).await;
         }
     };
     let rs = st.rules.load_full();
@@ -502,6 +537,19 @@ async fn handle(
         Enqueued::Duplicate => count(topic, "duplicate"),
     }
     Ok(())
+}
+
+/// Commits a poison message as a dead letter (once: its id is deduplicated for a week).
+async fn keep_poison(st: &AppState, job: NewJob) -> Result<(), EnqueueError> {
+    let key = job.event_id.clone();
+    st.outbox
+        .enqueue(
+            Some((key, Duration::from_secs(7 * 24 * 3600))),
+            vec![job],
+            None,
+        )
+        .await
+        .map(|_| ())
 }
 
 /// The `kafka` destination: produces each message as JSON with the rendered key.

@@ -539,3 +539,31 @@ async fn the_kafka_destination_produces_keyed_messages() {
     }
     assert_eq!(got.len(), 6);
 }
+
+/// Throughput of the Kafka path (not a pass/fail test: run it for the README's figure with
+/// `scripts/kafka-test.sh kafka_path_throughput -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn kafka_path_throughput() {
+    let Some(b) = broker() else { return };
+    let org = unique("org_bench");
+    let topic = format!("{org}.change.log");
+    create_topics(&b, None, &[&topic, &format!("{org}.runs")]).await;
+    let n = 20_000;
+    produce(&b, None, &topic, (0..n).map(change).collect()).await;
+    let slack = Fake::slack_ok().await;
+    let yaml = rules(
+        &b,
+        &org,
+        &format!("{org}.switchyard"),
+        &slack.url(HOOK),
+        "",
+        "",
+    );
+    let t0 = Instant::now();
+    let _e = start_engine(&yaml, &[]).await;
+    slack.wait_for(HOOK, n, 600).await;
+    let secs = t0.elapsed().as_secs_f64();
+    println!("kafka path: {n} change messages consumed, committed to the outbox and delivered in {secs:.1} s = {:.0} messages/s (engine start included)", n as f64 / secs);
+    assert_exactly(&slack, n);
+}
