@@ -222,6 +222,32 @@ async fn consume(
     status: Statuses,
 ) {
     let name = src.name.clone();
+    let mut k = k;
+    if let Some(from) = k.credentials_from.clone() {
+        // Brokers and SASL credentials from Port, with the `port` destination's API credentials;
+        // retried every 30 s until Port answers.
+        loop {
+            match fetch_credentials(&st, &from).await {
+                Ok((brokers, user, pass)) => {
+                    tracing::info!(source = %name, brokers = brokers.len(), "Kafka credentials fetched from Port");
+                    k.conn.brokers = brokers;
+                    k.conn.username = Some(user);
+                    k.conn.password = Some(pass);
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(source = %name, error = %e, "cannot fetch the Kafka credentials from Port; retrying in 30 s");
+                    set_error(&status, &name, e);
+                    if tokio::time::timeout(Duration::from_secs(30), stop.wait_for(|s| *s))
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
     let mut cfg = client_config(&k.conn);
     // Static membership (KIP-345), when configured: an engine that restarts with the same
     // instance id takes its partitions back at once instead of waiting for its old session to
@@ -537,6 +563,28 @@ async fn handle(
         Enqueued::Duplicate => count(topic, "duplicate"),
     }
     Ok(())
+}
+
+async fn fetch_credentials(
+    st: &Arc<AppState>,
+    from: &str,
+) -> Result<(Vec<String>, String, crate::config::secret::Secret), String> {
+    let rs = st.rules.load_full();
+    let cfg = rs
+        .destinations
+        .get(from)
+        .ok_or_else(|| format!("no destination `{from}`"))?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let api = crate::destinations::port::client_for(
+        cfg,
+        &client,
+        Arc::new(crate::destinations::TemplatesHandle(rs.clone())),
+    )
+    .ok_or_else(|| format!("`{from}` is not a `port` destination"))?;
+    api.kafka_credentials().await
 }
 
 /// Commits a poison message as a dead letter (once: its id is deduplicated for a week).

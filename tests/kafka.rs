@@ -567,3 +567,41 @@ async fn kafka_path_throughput() {
     println!("kafka path: {n} change messages consumed, committed to the outbox and delivered in {secs:.1} s = {:.0} messages/s (engine start included)", n as f64 / secs);
     assert_exactly(&slack, n);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_can_come_from_port() {
+    let Some(b) = broker() else { return };
+    let org = unique("org_c");
+    let topic = format!("{org}.change.log");
+    create_topics(&b, None, &[&topic, &format!("{org}.runs")]).await;
+    produce(&b, None, &topic, (0..5).map(change).collect()).await;
+    let broker_addr = b.clone();
+    let port = Fake::start(move |r: &Received, _| {
+        let ok = |v: Value| (200, vec![("content-type".to_string(), "application/json".to_string())], v.to_string());
+        match r.path.as_str() {
+            "/v1/auth/access_token" => ok(json!({"ok": true, "accessToken": "tok", "expiresIn": 10800})),
+            "/v1/kafka-credentials" => ok(json!({"ok": true, "credentials": {"brokers": [broker_addr], "username": "u", "password": "p"}})),
+            _ => (404, vec![], "{}".into()),
+        }
+    })
+    .await;
+    let slack = Fake::slack_ok().await;
+    let extra = format!("  port-api:\n    port: {{ client_id: cid, client_secret: \"${{PORT_SECRET}}\", base_url: \"{}\" }}\n", port.url(""));
+    let yaml = rules(
+        &b,
+        &org,
+        &format!("{org}.switchyard"),
+        &slack.url(HOOK),
+        "",
+        &extra,
+    )
+    .replace(
+        &format!("      brokers: [\"{b}\"]\n"),
+        "      credentials_from: port-api\n",
+    );
+    assert!(yaml.contains("credentials_from") && !yaml.contains("brokers: ["));
+    let _e = start_engine(&yaml, &[("PORT_SECRET", "s")]).await;
+    slack.wait_for(HOOK, 5, 60).await;
+    assert_exactly(&slack, 5);
+    assert_eq!(port.on_path("/v1/kafka-credentials").len(), 1);
+}

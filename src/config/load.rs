@@ -819,6 +819,7 @@ fn kafka_conn(
     username: &Option<String>,
     password: Option<Secret>,
     ca: &Option<String>,
+    from_port: bool,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<super::KafkaConn> {
     let before = diags.len();
@@ -829,7 +830,7 @@ fn kafka_conn(
         .into_iter()
         .filter(|b| !b.trim().is_empty())
         .collect();
-    if brokers.is_empty() && p.unset_under(&join_key(sp, "brokers")).is_empty() {
+    if brokers.is_empty() && !from_port && p.unset_under(&join_key(sp, "brokers")).is_empty() {
         diags.push(p.at_key(
             Diagnostic::error(
                 "missing-key",
@@ -879,6 +880,7 @@ fn kafka_conn(
         );
     }
     if protocol.starts_with("SASL")
+        && !from_port
         && (username.is_none() || password.is_none())
         && p.unset_under(sp).is_empty()
     {
@@ -940,6 +942,7 @@ fn kafka_source(
         &k.username,
         pw.into_iter().next(),
         &k.ssl_ca_location,
+        k.credentials_from.is_some(),
         diags,
     )?;
     let mut topics = Vec::new();
@@ -974,12 +977,6 @@ fn kafka_source(
             &join_key(sp, "start_from"),
         ));
     }
-    if k.credentials_from.is_some() {
-        diags.push(p.at(
-            Diagnostic::error("unsupported", "`credentials_from` is not supported yet").hint("give `brokers`, `username` and `password` (from Port's `GET /v1/kafka-credentials`)"),
-            &join_key(sp, "credentials_from"),
-        ));
-    }
     Some(super::KafkaSource {
         conn,
         group: k
@@ -989,6 +986,7 @@ fn kafka_source(
         topics,
         start_from,
         instance_id: k.instance_id.clone().filter(|i| !i.is_empty()),
+        credentials_from: k.credentials_from.clone(),
     })
 }
 
@@ -1010,7 +1008,29 @@ fn resolve_reporting(
     dests: &BTreeMap<String, DestinationConfig>,
     diags: &mut Vec<Diagnostic>,
 ) {
-    for src in sources.values_mut().filter(|s| s.kind == "port") {
+    for src in sources.values().filter(|s| s.kind == "port_kafka") {
+        let Some(from) = src.kafka.as_ref().and_then(|k| k.credentials_from.clone()) else {
+            continue;
+        };
+        if !dests
+            .get(&from)
+            .is_some_and(|d| matches!(d.kind, DestinationKind::Port { .. }))
+        {
+            if let Some(p) = parsed.iter().find(|p| p.path == src.file) {
+                diags.push(p.at(
+                    Diagnostic::error(
+                        "unknown-destination",
+                        format!("`credentials_from: {from}` is not a `port` destination"),
+                    ),
+                    &format!("sources.{}.port_kafka.credentials_from", src.name),
+                ));
+            }
+        }
+    }
+    for src in sources
+        .values_mut()
+        .filter(|s| s.kind == "port" || s.kind == "port_kafka")
+    {
         match &src.report_to {
             Some(to) => {
                 if !dests
@@ -1273,6 +1293,7 @@ fn build_destination(
             &k.username,
             pw,
             &k.ssl_ca_location,
+            false,
             diags,
         )?;
         let Some(topic) = k.topic.clone().filter(|t| !t.is_empty()) else {

@@ -113,6 +113,8 @@ pub struct KafkaSource {
     pub start_from: String,
     /// Static group membership id, when set.
     pub instance_id: Option<String>,
+    /// A `port` destination whose credentials fetch brokers, username and password from Port.
+    pub credentials_from: Option<String>,
 }
 
 impl DestinationKind {

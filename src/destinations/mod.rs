@@ -6,7 +6,7 @@
 //! 429, 5xx); everything else is permanent and goes to dead letters at once with the upstream's
 //! reason.
 
-mod port;
+pub mod port;
 mod slack;
 mod slack_webhook;
 mod stdout;
@@ -97,15 +97,14 @@ pub fn build(
             client_id,
             client_secret,
             base_url,
-        } => Arc::new(port::PortApi {
-            client: client.clone(),
-            base_url: base_url.trim_end_matches('/').to_string(),
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-            timeout: cfg.timeout,
-            token: tokio::sync::Mutex::new(None),
-            rules: templates,
-        }),
+        } => Arc::new(port::PortApi::new(
+            client_id.clone(),
+            client_secret.clone(),
+            base_url,
+            cfg.timeout,
+            client,
+            templates,
+        )),
         #[cfg(feature = "kafka")]
         DestinationKind::Kafka { conn, topic, .. } => {
             Arc::new(crate::kafka::KafkaDest::new(conn, topic, cfg.timeout))

@@ -20,6 +20,30 @@ use crate::event::Event;
 use crate::outbox::{Job, NewJob};
 use crate::routing::{DispatchError, Query};
 
+/// A Port API client for a `port` destination, outside the delivery pipeline (e.g. to fetch
+/// Kafka credentials); `None` for other kinds.
+pub fn client_for(
+    cfg: &crate::config::DestinationConfig,
+    client: &reqwest::Client,
+    rules: std::sync::Arc<TemplatesHandle>,
+) -> Option<PortApi> {
+    match &cfg.kind {
+        crate::config::DestinationKind::Port {
+            client_id,
+            client_secret,
+            base_url,
+        } => Some(PortApi::new(
+            client_id.clone(),
+            client_secret.clone(),
+            base_url,
+            cfg.timeout,
+            client,
+            rules,
+        )),
+        _ => None,
+    }
+}
+
 /// The Port API destination.
 pub struct PortApi {
     pub(super) client: reqwest::Client,
@@ -63,6 +87,26 @@ pub fn report_run_id(ev: &Value) -> Option<String> {
 }
 
 impl PortApi {
+    /// A client for `base_url` with the given credentials.
+    pub fn new(
+        client_id: Secret,
+        client_secret: Secret,
+        base_url: &str,
+        timeout: Duration,
+        client: &reqwest::Client,
+        rules: std::sync::Arc<TemplatesHandle>,
+    ) -> PortApi {
+        PortApi {
+            client: client.clone(),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            client_id,
+            client_secret,
+            timeout,
+            token: tokio::sync::Mutex::new(None),
+            rules,
+        }
+    }
+
     async fn token(&self, stale: Option<&str>) -> Result<String, DeliveryError> {
         let mut slot = self.token.lock().await;
         if let Some((t, exp)) = slot.as_ref() {
@@ -147,6 +191,37 @@ impl PortApi {
         Err(DeliveryError::Permanent(format!(
             "{what}: still unauthorized after refreshing the token"
         )))
+    }
+
+    /// `GET /v1/kafka-credentials`: `(brokers, username, password)` of the organisation's
+    /// managed Kafka.
+    pub async fn kafka_credentials(&self) -> Result<(Vec<String>, String, Secret), String> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                "/v1/kafka-credentials",
+                None,
+                "kafka credentials",
+            )
+            .await
+            .map_err(|e| e.reason().to_string())?;
+        let c = &v["credentials"];
+        let brokers: Vec<String> = c["brokers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match (
+            brokers.is_empty(),
+            c["username"].as_str(),
+            c["password"].as_str(),
+        ) {
+            (false, Some(u), Some(p)) => Ok((brokers, u.to_string(), Secret::new(p))),
+            _ => Err("kafka credentials: the answer lacks brokers, username or password".into()),
+        }
     }
 
     async fn log(&self, run_id: &str, message: &str) -> Result<(), DeliveryError> {
