@@ -335,7 +335,7 @@ async fn one_destination_down_does_not_slow_another() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_can_be_listed_and_replayed() {
     let slack = Fake::start(|_, _| (404, vec![], "channel_not_found".into())).await;
     let dests = webhook_dest("alerts", &slack.url(HOOK), "");
@@ -417,6 +417,10 @@ async fn dead_letters_can_be_listed_and_replayed() {
     })
     .await;
     assert_eq!(dead_letters(&e.data).len(), 1);
+    eventually(10, "the replay recorded as delivered", || {
+        (futures_block(e.get_json("/status"))["queue_depth"] == 0).then_some(())
+    })
+    .await;
 
     // Replay the other one offline against the data directory; it goes out on the next start.
     e.kill();
@@ -444,7 +448,7 @@ async fn dead_letters_can_be_listed_and_replayed() {
     assert!(purge.status.success());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_rule_sends_once_per_window_even_across_restarts() {
     let slack = Fake::slack_ok().await;
     let dests = webhook_dest("alerts", &slack.url(HOOK), "");
@@ -469,6 +473,13 @@ async fn a_throttled_rule_sends_once_per_window_even_across_restarts() {
     let status = e.get_json("/status").await;
     assert_eq!(status["throttle"]["suppressed_since_start"], 1);
     assert_eq!(status["throttle"]["active_keys"], 2);
+    // Both sends are finished (delivered and recorded) before the kill: a kill between Slack's
+    // answer and the outbox commit would resend one (at-least-once), which is not what this tests.
+    slack.wait_for(HOOK, 2, 10).await;
+    eventually(10, "an empty queue", || {
+        (futures_block(e.get_json("/status"))["queue_depth"] == 0).then_some(())
+    })
+    .await;
     e.kill();
     e.spawn().await;
     let (_, r4) = e.post_port("port", SECRET, &event(4, "svc-t")).await;

@@ -132,33 +132,38 @@ pub fn render(d: &Diagnostic, source: Option<&Arc<str>>, color: bool) -> String 
         }
         return s;
     };
-    let offset = pos.offset.min(src.len());
+    let mut offset = pos.offset.min(src.len());
+    // A position inside a multi-byte character (possible for offsets computed within a quoted
+    // scalar) moves back to the character's start.
+    while !src.is_char_boundary(offset) {
+        offset -= 1;
+    }
     // A snippet of a huge line (minified or garbage input) helps nobody.
     let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
     let line_end = src[offset..]
         .find('\n')
         .map(|i| offset + i)
         .unwrap_or(src.len());
-    if line_end - line_start > 400 || !src.is_char_boundary(offset) {
+    if line_end - line_start > 400 {
         let mut s = header;
         if let Some(h) = &d.hint {
             s.push_str(&format!("  help: {h}\n"));
         }
         return s;
     }
-    let len = pos
-        .len
-        .min(src.len().saturating_sub(offset))
-        .max(if src.is_empty() { 0 } else { 1 });
-    let offset = if offset == src.len() && offset > 0 {
-        offset - 1
-    } else {
-        offset
-    };
-    md = md.with_label(LabeledSpan::at(
-        offset..offset + len.min(src.len() - offset),
-        "here",
-    ));
+    // The labelled span: at least one character, inside the text, on character boundaries.
+    let mut start = offset;
+    if start == src.len() && start > 0 {
+        start -= 1;
+        while !src.is_char_boundary(start) {
+            start -= 1;
+        }
+    }
+    let mut end = (start + pos.len.max(1)).min(src.len());
+    while !src.is_char_boundary(end) {
+        end += 1;
+    }
+    md = md.with_label(LabeledSpan::at(start..end, "here"));
     let report = miette::Report::new(md).with_source_code(
         NamedSource::new(file.display().to_string(), src.to_string()).with_language("yaml"),
     );
@@ -203,4 +208,29 @@ pub fn did_you_mean<'a>(
         }
     }
     best.map(|(_, c)| c.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendering_never_splits_a_character() {
+        let src: Arc<str> = Arc::from("rules:\n  - id: é\n    where: ['$.x matches \"([é\"']\n");
+        for offset in 0..=src.len() + 2 {
+            for len in [0, 1, 2, 3, 100] {
+                let d = Diagnostic::error("t", "m").at(
+                    Path::new("f.yaml"),
+                    Pos {
+                        line: 2,
+                        column: 1,
+                        offset,
+                        len,
+                    },
+                );
+                let out = render(&d, Some(&src), false);
+                assert!(out.contains("f.yaml:2:1"));
+            }
+        }
+    }
 }
