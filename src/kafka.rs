@@ -282,7 +282,7 @@ async fn consume(
         return;
     }
     tracing::info!(source = %name, group = %k.group, topics = ?topics, "consuming from Kafka");
-    let kinds: HashMap<String, PortTopic> = k.topics.iter().cloned().collect();
+    let kinds: Arc<HashMap<String, PortTopic>> = Arc::new(k.topics.iter().cloned().collect());
     let watcher = tokio::spawn(watch_progress(
         consumer.clone(),
         name.clone(),
@@ -319,55 +319,24 @@ async fn consume(
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (i, m) in batch.iter().enumerate() {
-            let (st, src, m) = (st.clone(), src.clone(), m.clone());
-            let kind = kinds
-                .get(m.topic())
-                .copied()
-                .unwrap_or(PortTopic::ChangeLog);
-            tasks.spawn(async move {
-                (
-                    i,
-                    handle(
-                        &st,
-                        &src,
-                        kind,
-                        m.topic(),
-                        m.partition(),
-                        m.offset(),
-                        m.payload(),
-                    )
-                    .await,
-                )
-            });
+            let (st, src, kinds, m) = (st.clone(), src.clone(), kinds.clone(), m.clone());
+            tasks.spawn(async move { (i, handle_record(&st, &src, &kinds, &m).await) });
         }
-        let mut failed: Vec<usize> = Vec::new();
+        // Anything not reported done (an error, or a task that died) is retried below.
+        let mut done = vec![false; batch.len()];
         while let Some(r) = tasks.join_next().await {
-            if let Ok((i, Err(_))) = r {
-                failed.push(i);
+            if let Ok((i, Ok(()))) = r {
+                done[i] = true;
             }
         }
-        failed.sort_unstable();
+        let failed: Vec<usize> = (0..batch.len()).filter(|i| !done[*i]).collect();
         // A message that could not be queued (outbox full, storage error) is retried on its own,
         // with its partition paused, before anything after it is stored.
         for i in failed {
             let m = &batch[i];
-            let kind = kinds
-                .get(m.topic())
-                .copied()
-                .unwrap_or(PortTopic::ChangeLog);
             let mut paused = false;
             loop {
-                match handle(
-                    &st,
-                    &src,
-                    kind,
-                    m.topic(),
-                    m.partition(),
-                    m.offset(),
-                    m.payload(),
-                )
-                .await
-                {
+                match handle_record(&st, &src, &kinds, m).await {
                     Ok(()) => break,
                     Err(EnqueueError::Full { pending }) => {
                         if !paused {
@@ -490,6 +459,29 @@ async fn watch_progress(consumer: Arc<StreamConsumer<Ctx>>, name: String, status
             }
         }
     }
+}
+
+/// [`handle`] for a polled record, its topic's kind looked up.
+async fn handle_record(
+    st: &Arc<AppState>,
+    src: &SourceEntry,
+    kinds: &HashMap<String, PortTopic>,
+    m: &rdkafka::message::OwnedMessage,
+) -> Result<(), EnqueueError> {
+    let kind = kinds
+        .get(m.topic())
+        .copied()
+        .unwrap_or(PortTopic::ChangeLog);
+    handle(
+        st,
+        src,
+        kind,
+        m.topic(),
+        m.partition(),
+        m.offset(),
+        m.payload(),
+    )
+    .await
 }
 
 /// Decodes, routes and durably enqueues one message. `Ok` means the offset may be stored.
