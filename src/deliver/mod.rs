@@ -147,7 +147,16 @@ impl Deliverer {
                 .filter(|w| same_settings(&w.cfg, cfg))
                 .cloned();
             let w = match same {
-                Some(w) if !matches!(cfg.kind, DestinationKind::Webhook { .. }) => w,
+                // Webhook and Port destinations hold the ruleset they were built from (header
+                // templates; the rules a Port expansion renders): they are rebuilt on every reload.
+                Some(w)
+                    if !matches!(
+                        cfg.kind,
+                        DestinationKind::Webhook { .. } | DestinationKind::Port { .. }
+                    ) =>
+                {
+                    w
+                }
                 _ => Arc::new(Worker::new(cfg, &self.inner.client, rs)),
             };
             next.insert(name.clone(), w);
