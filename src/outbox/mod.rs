@@ -332,11 +332,22 @@ impl Outbox {
         .map_err(|e| e.to_string())
     }
 
+    /// Dead letters per destination.
+    pub fn dead_letters_by_destination(&self) -> Result<Vec<(String, i64)>, String> {
+        self.count_by_destination("dead_letters")
+    }
+
     /// Pending jobs per destination.
     pub fn pending_by_destination(&self) -> Result<Vec<(String, i64)>, String> {
+        self.count_by_destination("outbox")
+    }
+
+    fn count_by_destination(&self, table: &str) -> Result<Vec<(String, i64)>, String> {
         let c = open(&self.path).map_err(|e| e.to_string())?;
         let mut st = c
-            .prepare("SELECT destination, count(*) FROM outbox GROUP BY destination")
+            .prepare(&format!(
+                "SELECT destination, count(*) FROM {table} GROUP BY destination"
+            ))
             .map_err(|e| e.to_string())?;
         let rows = st
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))

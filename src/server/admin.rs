@@ -45,18 +45,12 @@ pub(super) fn status_json(st: &AppState) -> Value {
         .unwrap_or_default()
         .into_iter()
         .collect();
-    let dead: std::collections::HashMap<String, usize> = st
+    let dead: std::collections::HashMap<String, i64> = st
         .outbox
-        .dead_letters(&DeadLetterFilter {
-            limit: Some(100_000),
-            ..Default::default()
-        })
+        .dead_letters_by_destination()
         .unwrap_or_default()
         .into_iter()
-        .fold(Default::default(), |mut m, d| {
-            *m.entry(d.destination).or_default() += 1;
-            m
-        });
+        .collect();
     let stats = st.deliverer.stats();
     let destinations: serde_json::Map<String, Value> = rs
         .destinations
