@@ -108,23 +108,15 @@ fn change(seq: usize) -> (String, Vec<u8>) {
     (entity, serde_json::to_vec(&v).unwrap())
 }
 
-fn rules(
-    bootstrap: &str,
-    org: &str,
-    group: &str,
-    slack: &str,
-    extra_source: &str,
-    extra: &str,
-) -> String {
+fn rules(bootstrap: &str, org: &str, slack: &str, extra: &str) -> String {
     format!(
         r#"sources:
   port-kafka:
     port_kafka:
       brokers: ["{bootstrap}"]
       org_id: {org}
-      group: {group}
+      group: {org}.switchyard
       security_protocol: PLAINTEXT
-{extra_source}
 destinations:
   alerts:
     slack_webhook: {{ url: "{slack}" }}
@@ -171,18 +163,7 @@ async fn a_thousand_changes_over_three_partitions_are_delivered_exactly_once() {
     create_topics(&b, None, &[&topic, &format!("{org}.runs")]).await;
     produce(&b, None, &topic, (0..1000).map(change).collect()).await;
     let slack = Fake::slack_ok().await;
-    let e = start_engine(
-        &rules(
-            &b,
-            &org,
-            &format!("{org}.switchyard"),
-            &slack.url(HOOK),
-            "",
-            "",
-        ),
-        &[],
-    )
-    .await;
+    let e = start_engine(&rules(&b, &org, &slack.url(HOOK), ""), &[]).await;
     slack.wait_for(HOOK, 1000, 90).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly(&slack, 1000);
@@ -203,12 +184,7 @@ async fn a_thousand_changes_over_three_partitions_are_delivered_exactly_once() {
         3,
         "three partitions"
     );
-    let metrics = reqwest::get(e.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e.get_text("/metrics").await;
     assert!(
         metrics.contains("switchyard_kafka_messages_total"),
         "{metrics}"
@@ -238,18 +214,7 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_delivered() {
         .collect();
     produce(&b, None, &topic, records).await;
     let slack = Fake::slack_ok().await;
-    let e = start_engine(
-        &rules(
-            &b,
-            &org,
-            &format!("{org}.switchyard"),
-            &slack.url(HOOK),
-            "",
-            "",
-        ),
-        &[],
-    )
-    .await;
+    let e = start_engine(&rules(&b, &org, &slack.url(HOOK), ""), &[]).await;
     slack.wait_for(HOOK, 5, 60).await;
     let dead = eventually(20, "two dead letters", || {
         let d = dead_letters(&e.data);
@@ -311,7 +276,7 @@ async fn a_run_message_is_reported_to_port_like_the_http_path() {
     .await;
     let slack = Fake::slack_ok().await;
     let extra = format!("  port-api:\n    port: {{ client_id: cid, client_secret: \"${{PORT_SECRET}}\", base_url: \"{}\" }}\n", port.url(""));
-    let yaml = rules(&b, &org, &format!("{org}.switchyard"), &slack.url(HOOK), "", &extra).replace(
+    let yaml = rules(&b, &org, &slack.url(HOOK), &extra).replace(
         "rules:\n",
         "rules:\n  - id: kafka-run\n    on: port/run.created\n    where: ['$.action.identifier == \"send_scorecard_reminder\"']\n    send: [{ to: alerts, text: \"run {{run.id}} by {{user.email}}\" }]\n    report:\n      success: { summary: \"done by switchyard\" }\n",
     );
@@ -346,7 +311,7 @@ async fn a_killed_engine_loses_nothing_and_sends_nothing_twice() {
     let url = format!("http://{slack_addr}{HOOK}");
     // A stable instance id (static membership): the restarted engine takes its partitions back
     // at once instead of waiting for the killed member's session to expire.
-    let yaml = rules(&b, &org, &format!("{org}.switchyard"), &url, "", "").replace(
+    let yaml = rules(&b, &org, &url, "").replace(
         "      security_protocol: PLAINTEXT\n",
         "      security_protocol: PLAINTEXT\n      instance_id: engine-1\n",
     );
@@ -395,14 +360,7 @@ async fn two_engines_share_the_partitions_and_one_takes_over() {
     let topic = format!("{org}.change.log");
     create_topics(&b, None, &[&topic, &format!("{org}.runs")]).await;
     let slack = Fake::slack_ok().await;
-    let yaml = rules(
-        &b,
-        &org,
-        &format!("{org}.switchyard"),
-        &slack.url(HOOK),
-        "",
-        "",
-    );
+    let yaml = rules(&b, &org, &slack.url(HOOK), "");
     let mut a = start_engine(&yaml, &[]).await;
     let bb = start_engine(&yaml, &[]).await;
     // Both members get partitions (committed offsets show once records were consumed).
@@ -476,7 +434,7 @@ async fn scram_sha_512_authentication_works() {
     create_topics(&sb, creds, &[&topic, &format!("{org}.runs")]).await;
     produce(&sb, creds, &topic, (0..10).map(change).collect()).await;
     let slack = Fake::slack_ok().await;
-    let yaml = rules(&sb, &org, &format!("{org}.switchyard"), &slack.url(HOOK), "", "")
+    let yaml = rules(&sb, &org, &slack.url(HOOK), "")
         .replace("      security_protocol: PLAINTEXT\n", "      security_protocol: SASL_PLAINTEXT\n      sasl_mechanism: SCRAM-SHA-512\n      username: \"${KAFKA_USER}\"\n      password: \"${KAFKA_PASS}\"\n");
     let e = start_engine(&yaml, &[("KAFKA_USER", &user), ("KAFKA_PASS", &pass)]).await;
     slack.wait_for(HOOK, 10, 60).await;
@@ -497,15 +455,7 @@ async fn the_kafka_destination_produces_keyed_messages() {
     .await;
     let slack = Fake::slack_ok().await;
     let extra = format!("  audit:\n    kafka: {{ brokers: [\"{b}\"], topic: \"{audit}\", key: \"{{{{entity.identifier}}}}\" }}\n");
-    let yaml = rules(
-        &b,
-        &org,
-        &format!("{org}.switchyard"),
-        &slack.url(HOOK),
-        "",
-        &extra,
-    )
-    .replace(
+    let yaml = rules(&b, &org, &slack.url(HOOK), &extra).replace(
         "send: [{ to: alerts, text:",
         "send: [{ to: audit, text: \"audit {{entity.identifier}}\" }, { to: alerts, text:",
     );
@@ -552,14 +502,7 @@ async fn kafka_path_throughput() {
     let n = 20_000;
     produce(&b, None, &topic, (0..n).map(change).collect()).await;
     let slack = Fake::slack_ok().await;
-    let yaml = rules(
-        &b,
-        &org,
-        &format!("{org}.switchyard"),
-        &slack.url(HOOK),
-        "",
-        "",
-    );
+    let yaml = rules(&b, &org, &slack.url(HOOK), "");
     let t0 = Instant::now();
     let _e = start_engine(&yaml, &[]).await;
     slack.wait_for(HOOK, n, 600).await;
@@ -587,15 +530,7 @@ async fn credentials_can_come_from_port() {
     .await;
     let slack = Fake::slack_ok().await;
     let extra = format!("  port-api:\n    port: {{ client_id: cid, client_secret: \"${{PORT_SECRET}}\", base_url: \"{}\" }}\n", port.url(""));
-    let yaml = rules(
-        &b,
-        &org,
-        &format!("{org}.switchyard"),
-        &slack.url(HOOK),
-        "",
-        &extra,
-    )
-    .replace(
+    let yaml = rules(&b, &org, &slack.url(HOOK), &extra).replace(
         &format!("      brokers: [\"{b}\"]\n"),
         "      credentials_from: port-api\n",
     );

@@ -93,12 +93,7 @@ async fn editing_a_rules_file_takes_effect_and_a_broken_edit_keeps_the_old_rules
     );
     let (_, r) = e.post_port("port", SECRET, &event(100, "svc-a")).await;
     assert_eq!(r["dispatches"], 2, "the previous rules still serve");
-    let metrics = reqwest::get(e.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e.get_text("/metrics").await;
     assert!(
         metrics.contains("switchyard_reloads_total{outcome=\"error\"}"),
         "{metrics}"

@@ -142,10 +142,7 @@ impl Deliverer {
             .unwrap_or_else(|p| p.into_inner());
         let mut next = HashMap::new();
         for (name, cfg) in &rs.destinations {
-            let same = workers
-                .get(name)
-                .filter(|w| same_settings(&w.cfg, cfg))
-                .cloned();
+            let same = workers.get(name).filter(|w| w.cfg == *cfg).cloned();
             let w = match same {
                 // Webhook and Port destinations hold the ruleset they were built from (header
                 // templates; the rules a Port expansion renders): they are rebuilt on every reload.
@@ -214,10 +211,6 @@ impl Deliverer {
     pub fn tasks(&self) -> usize {
         self.inner.tracker.len()
     }
-}
-
-fn same_settings(a: &DestinationConfig, b: &DestinationConfig) -> bool {
-    a == b
 }
 
 /// Waits for `fut` unless shutdown is requested first; `None` on shutdown.

@@ -247,10 +247,10 @@ pub(super) async fn replay(
     headers: HeaderMap,
     body: Option<Json<DlQuery>>,
 ) -> Response {
-    if let Err(r) = authorized(&st, &headers) {
-        return r;
-    }
-    let q = body.map(|Json(q)| q).unwrap_or_default();
+    let q = match admin_body(&st, &headers, body) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
     let ids = if q.ids.is_empty() {
         match st.outbox.dead_letters(&q.filter()) {
             Ok(v) => v.into_iter().map(|d| d.id).collect(),
@@ -265,6 +265,16 @@ pub(super) async fn replay(
     }
 }
 
+/// Checks the admin token and takes the (optional) JSON filter of a dead-letter request.
+fn admin_body(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Option<Json<DlQuery>>,
+) -> Result<DlQuery, Response> {
+    authorized(st, headers)?;
+    Ok(body.map(|Json(q)| q).unwrap_or_default())
+}
+
 async fn replay_ids(st: &Arc<AppState>, ids: Vec<i64>) -> Result<usize, String> {
     let jobs = st.outbox.replay(ids).await?;
     let n = jobs.len();
@@ -277,10 +287,10 @@ pub(super) async fn purge(
     headers: HeaderMap,
     body: Option<Json<DlQuery>>,
 ) -> Response {
-    if let Err(r) = authorized(&st, &headers) {
-        return r;
-    }
-    let q = body.map(|Json(q)| q).unwrap_or_default();
+    let q = match admin_body(&st, &headers, body) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
     match st.outbox.purge(q.filter()).await {
         Ok(n) => Json(json!({"purged": n})).into_response(),
         Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),

@@ -375,6 +375,15 @@ impl Engine {
         )
     }
 
+    pub async fn get_text(&self, path: &str) -> String {
+        reqwest::get(self.url(path))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         reqwest::get(self.url(path))
             .await
