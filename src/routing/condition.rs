@@ -15,7 +15,7 @@
 use regex::Regex;
 use serde_json::Value;
 
-use super::path::JsonPathExpr;
+use super::path::{Interner, JsonPathExpr, Lookup};
 
 /// A comparison operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,8 @@ pub struct Comparison {
     value: Value,
     number: Option<f64>,
     regex: Option<Regex>,
+    /// Memo slots of `$.before` and `$.after` (transitions only; see [`Interner`]).
+    update_slots: Option<(u32, u32)>,
 }
 
 /// A problem with a condition; `offset`/`len` are within the one-line text when known.
@@ -394,6 +396,7 @@ fn build(
         value,
         number,
         regex,
+        update_slots: None,
     })))
 }
 
@@ -515,6 +518,29 @@ impl Comparison {
         self.path.any(ev, |n| self.node_holds(n))
     }
 
+    /// [`eval`](Self::eval) through the per-event memo; always the same answer.
+    fn eval_in(&self, lk: &mut Lookup<'_>) -> bool {
+        if let Some(bp) = &self.before {
+            let (b, a) = match self.update_slots {
+                Some((b, a)) => (lk.member(Some(b), "before"), lk.member(Some(a), "after")),
+                None => (lk.member(None, "before"), lk.member(None, "after")),
+            };
+            if !(b.is_some_and(Value::is_object) && a.is_some_and(Value::is_object)) {
+                return false;
+            }
+            return self.transition_holds(bp.first_in(lk), self.path.first_in(lk));
+        }
+        self.path.any_in(lk, |n| self.node_holds(n))
+    }
+
+    fn intern(&mut self, interner: &mut Interner) {
+        self.path.intern(interner);
+        if let Some(bp) = &mut self.before {
+            bp.intern(interner);
+            self.update_slots = Some((interner.member("before"), interner.member("after")));
+        }
+    }
+
     fn explain(&self, ev: &Value) -> Trace {
         if let Some(bp) = &self.before {
             let (b, a) = (bp.first(ev), self.path.first(ev));
@@ -600,6 +626,28 @@ impl Condition {
         }
     }
 
+    /// Evaluates through a per-event memo of resolved paths (what routing uses); the same
+    /// answer as [`eval`](Self::eval).
+    pub fn eval_in(&self, lk: &mut Lookup<'_>) -> bool {
+        match self {
+            Condition::Cmp(c) => c.eval_in(lk),
+            Condition::All(cs) => cs.iter().all(|c| c.eval_in(lk)),
+            Condition::Any(cs) => cs.iter().any(|c| c.eval_in(lk)),
+            Condition::Not(c) => !c.eval_in(lk),
+        }
+    }
+
+    /// Gives every simple path of this condition its memo slot in `interner`.
+    pub fn intern(&mut self, interner: &mut Interner) {
+        match self {
+            Condition::Cmp(c) => c.intern(interner),
+            Condition::All(cs) | Condition::Any(cs) => {
+                cs.iter_mut().for_each(|c| c.intern(interner))
+            }
+            Condition::Not(c) => c.intern(interner),
+        }
+    }
+
     /// Evaluates and explains; `eval` and `explain` always agree.
     pub fn explain(&self, ev: &Value) -> Trace {
         match self {
@@ -649,6 +697,22 @@ mod tests {
             r,
             c.explain(ev).holds,
             "eval and explain disagree on {cond}"
+        );
+        // The memoised evaluation routing uses gives the same answer, also when the memo
+        // already holds the paths (evaluated twice with one lookup).
+        let mut interned = c.clone();
+        let mut interner = Interner::default();
+        interned.intern(&mut interner);
+        let mut lk = Lookup::new(ev, interner.len());
+        assert_eq!(
+            interned.eval_in(&mut lk),
+            r,
+            "memoised eval disagrees on {cond}"
+        );
+        assert_eq!(
+            interned.eval_in(&mut lk),
+            r,
+            "memoised eval disagrees on {cond}"
         );
         r
     }

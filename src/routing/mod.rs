@@ -164,6 +164,8 @@ pub struct Ruleset {
     pub schedules: BTreeMap<String, crate::config::Schedule>,
     /// Rule indices per event type, in file order, wildcards included.
     by_type: HashMap<String, Vec<usize>>,
+    /// Distinct simple paths of the rules' conditions (memo slots, see [`path::Interner`]).
+    path_slots: usize,
 }
 
 impl Ruleset {
@@ -176,7 +178,15 @@ impl Ruleset {
         tests: Vec<RuleTest>,
         files: Vec<LoadedFile>,
     ) -> Self {
+        let mut rules = rules;
+        let mut interner = path::Interner::default();
+        for r in &mut rules {
+            r.conditions
+                .iter_mut()
+                .for_each(|c| c.intern(&mut interner));
+        }
         let mut rs = Ruleset {
+            path_slots: interner.len(),
             rules,
             sources,
             destinations,
@@ -242,9 +252,10 @@ pub fn type_matches(pattern: &str, event_type: &str) -> bool {
 /// The rules that match an event, in order, honouring `stop: true`. Pure.
 pub fn matching<'a>(rs: &'a Ruleset, ev: &Event) -> Vec<&'a Rule> {
     let mut out = Vec::new();
+    let mut lk = path::Lookup::new(&ev.data, rs.path_slots);
     for &i in rs.candidates(&ev.event_type).iter() {
         let rule = &rs.rules[i];
-        if !rule.conditions.iter().all(|c| c.eval(&ev.data)) {
+        if !rule.conditions.iter().all(|c| c.eval_in(&mut lk)) {
             continue;
         }
         out.push(rule);

@@ -5,6 +5,15 @@
 //! exactly the RFC's result for such paths without building the result paths the general
 //! engine computes. Everything else (wildcards, filters, slices, descendants) goes through
 //! `jsonpath-rust`.
+//!
+//! Rules tend to read the same few paths (`$.blueprint`, `$.after.properties.status`) again and
+//! again. When a ruleset is assembled, every member/index chain its conditions use gets a
+//! *slot* ([`Interner`]); routing one event then resolves each slot at most once through a
+//! [`Lookup`], so a hundred rules over five distinct paths walk the event five times, not a
+//! hundred. The result is the same as walking each time (the walk is a pure function of the
+//! event); only the number of map lookups changes.
+
+use std::collections::HashMap;
 
 use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
 use serde_json::Value;
@@ -14,6 +23,8 @@ use serde_json::Value;
 pub struct JsonPathExpr {
     text: String,
     kind: Kind,
+    /// The memo slot of a simple path inside an assembled ruleset (see [`Interner`]).
+    slot: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -22,7 +33,7 @@ enum Kind {
     General(Box<JpQuery>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Step {
     Name(String),
     Index(i64),
@@ -46,6 +57,7 @@ impl JsonPathExpr {
                     return JsonPathExpr {
                         text,
                         kind: Kind::General(Box::new(q)),
+                        slot: None,
                     }
                 }
             }
@@ -53,6 +65,7 @@ impl JsonPathExpr {
         JsonPathExpr {
             text,
             kind: Kind::Simple(steps),
+            slot: None,
         }
     }
 
@@ -84,6 +97,7 @@ impl JsonPathExpr {
                 Some(JsonPathExpr {
                     text,
                     kind: Kind::Simple(steps),
+                    slot: None,
                 })
             }
             Kind::General(q) => {
@@ -95,6 +109,7 @@ impl JsonPathExpr {
                 Some(JsonPathExpr {
                     text,
                     kind: Kind::General(Box::new(q)),
+                    slot: None,
                 })
             }
         }
@@ -140,6 +155,108 @@ impl JsonPathExpr {
         match &self.kind {
             Kind::Simple(steps) => Self::walk(steps, root),
             Kind::General(_) => self.select(root).into_iter().next(),
+        }
+    }
+
+    /// [`first`](Self::first), memoised in `lk` when the path has a slot.
+    pub fn first_in<'a>(&self, lk: &mut Lookup<'a>) -> Option<&'a Value> {
+        match (&self.kind, self.slot) {
+            (Kind::Simple(steps), Some(slot)) => lk.resolve(slot, steps),
+            _ => self.first(lk.root),
+        }
+    }
+
+    /// [`any`](Self::any), memoised in `lk` when the path has a slot.
+    pub fn any_in(&self, lk: &mut Lookup<'_>, f: impl FnMut(&Value) -> bool) -> bool {
+        match (&self.kind, self.slot) {
+            (Kind::Simple(steps), Some(slot)) => lk.resolve(slot, steps).is_some_and(f),
+            _ => self.any(lk.root, f),
+        }
+    }
+
+    /// Gives a simple path its memo slot (general paths keep none).
+    pub fn intern(&mut self, interner: &mut Interner) {
+        if let Kind::Simple(steps) = &self.kind {
+            self.slot = Some(interner.slot(steps));
+        }
+    }
+}
+
+/// Assigns one slot per distinct member/index chain of a ruleset.
+#[derive(Debug, Default)]
+pub struct Interner {
+    slots: HashMap<Vec<Step>, u32>,
+}
+
+impl Interner {
+    fn slot(&mut self, steps: &[Step]) -> u32 {
+        let next = self.slots.len() as u32;
+        *self.slots.entry(steps.to_vec()).or_insert(next)
+    }
+
+    /// The slot of `$.<name>` (used for the `before`/`after` test of transitions).
+    pub fn member(&mut self, name: &str) -> u32 {
+        self.slot(&[Step::Name(name.to_string())])
+    }
+
+    /// How many slots were handed out.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when no slot was handed out.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// The paths of one event resolved so far (for one routing of one event).
+pub struct Lookup<'a> {
+    root: &'a Value,
+    /// `None`: not resolved yet; `Some(None)`: the path selects nothing.
+    memo: Vec<Option<Option<&'a Value>>>,
+}
+
+impl<'a> Lookup<'a> {
+    /// An empty memo over `root`, sized for `slots` slots (it grows if needed).
+    pub fn new(root: &'a Value, slots: usize) -> Self {
+        Lookup {
+            root,
+            memo: vec![None; slots],
+        }
+    }
+
+    /// The event being routed.
+    pub fn root(&self) -> &'a Value {
+        self.root
+    }
+
+    fn memo(
+        &mut self,
+        slot: u32,
+        walk: impl FnOnce(&'a Value) -> Option<&'a Value>,
+    ) -> Option<&'a Value> {
+        let i = slot as usize;
+        if i >= self.memo.len() {
+            self.memo.resize(i + 1, None);
+        }
+        if let Some(v) = self.memo[i] {
+            return v;
+        }
+        let v = walk(self.root);
+        self.memo[i] = Some(v);
+        v
+    }
+
+    fn resolve(&mut self, slot: u32, steps: &[Step]) -> Option<&'a Value> {
+        self.memo(slot, |root| JsonPathExpr::walk(steps, root))
+    }
+
+    /// `$.<name>` through the memo, when the interner gave it `slot`.
+    pub fn member(&mut self, slot: Option<u32>, name: &str) -> Option<&'a Value> {
+        match slot {
+            Some(s) => self.memo(s, |root| root.get(name)),
+            None => self.root.get(name),
         }
     }
 }
