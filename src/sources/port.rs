@@ -210,7 +210,10 @@ fn body_hash(raw: &[u8]) -> String {
     hex::encode(Sha256::digest(raw))
 }
 
-fn envelope(family: &str, body: &Value) -> Map<String, Value> {
+/// The envelope's fields in their documented order; `body` is a placeholder that
+/// [`with_body`] fills at the end by moving the parsed body in (decoding copies only the parts
+/// it lifts out, never the whole body).
+fn envelope(family: &str) -> Map<String, Value> {
     let mut m = Map::new();
     for k in [
         "blueprint",
@@ -227,8 +230,14 @@ fn envelope(family: &str, body: &Value) -> Map<String, Value> {
         m.insert(k.into(), Value::Null);
     }
     m.insert("family".into(), Value::String(family.into()));
-    m.insert("body".into(), body.clone());
+    m.insert("body".into(), Value::Null);
     m
+}
+
+/// The finished envelope: `m` with the original body moved into its `body` field.
+fn with_body(mut m: Map<String, Value>, body: Value) -> Value {
+    m.insert("body".into(), body);
+    Value::Object(m)
 }
 
 fn unknown_shape() -> Rejection {
@@ -261,7 +270,7 @@ fn decode_value(
         })?;
         let payload = &body["payload"];
         let blueprint = body["context"]["blueprint"].as_str();
-        let mut m = envelope("run", &body);
+        let mut m = envelope("run");
         m.insert(
             "blueprint".into(),
             blueprint.map(Value::from).unwrap_or(Value::Null),
@@ -289,7 +298,7 @@ fn decode_value(
             name,
             "port/run.created",
             id,
-            Value::Object(m),
+            with_body(m, body),
             false,
         ))));
     }
@@ -297,7 +306,7 @@ fn decode_value(
     if let Some(ev) = top.get("event") {
         match ev {
             Value::Object(e) if e.get("resourceType").is_some() => {
-                return decode_automation(name, &body, req).map(|e| Decoded::Event(Box::new(e)));
+                return decode_automation(name, body, req).map(|e| Decoded::Event(Box::new(e)));
             }
             Value::String(_) => {
                 return Err(Rejection::Unprocessable(
@@ -316,7 +325,7 @@ fn decode_value(
     ) && top.get("resourceType").is_some()
         && top.get("context").is_some_and(Value::is_object)
     {
-        return decode_changelog(name, &body, req.body).map(|e| Decoded::Event(Box::new(e)));
+        return decode_changelog(name, body, req.body).map(|e| Decoded::Event(Box::new(e)));
     }
     // (d) author-defined run body
     let run_id = body["port_context"]["runId"]
@@ -337,7 +346,7 @@ fn decode_value(
         for k in ["port_context", "runId", "context", "headers"] {
             inputs.remove(k);
         }
-        let mut m = envelope("custom", &body);
+        let mut m = envelope("custom");
         m.insert("run".into(), json!({"id": run_id, "status": "IN_PROGRESS"}));
         m.insert("properties".into(), Value::Object(inputs));
         if let Some(a) = &src.action {
@@ -351,20 +360,20 @@ fn decode_value(
             name,
             "port/run.created",
             id,
-            Value::Object(m),
+            with_body(m, body),
             false,
         ))));
     }
     Err(unknown_shape())
 }
 
-fn decode_automation(name: &str, body: &Value, req: &Request) -> Result<Event, Rejection> {
+fn decode_automation(name: &str, body: Value, req: &Request) -> Result<Event, Rejection> {
     let ev = &body["event"];
     let rt = ev["resourceType"].as_str().unwrap_or("");
     let action = ev["action"].as_str().unwrap_or("");
     let diff = &ev["diff"];
     let (before, after) = (diff["before"].clone(), diff["after"].clone());
-    let mut m = envelope("automation", body);
+    let mut m = envelope("automation");
     m.insert("trigger".into(), body["trigger"].clone());
     m.insert("user".into(), user_of(&body["trigger"]["by"]["user"]));
     m.insert("automation_run".into(), body["run"].clone());
@@ -453,10 +462,10 @@ fn decode_automation(name: &str, body: &Value, req: &Request) -> Result<Event, R
     } else {
         format!("port:sha256:{}", body_hash(req.body))
     };
-    Ok(Event::new(name, event_type, id, Value::Object(m), false))
+    Ok(Event::new(name, event_type, id, with_body(m, body), false))
 }
 
-fn decode_changelog(name: &str, body: &Value, raw: &[u8]) -> Result<Event, Rejection> {
+fn decode_changelog(name: &str, body: Value, raw: &[u8]) -> Result<Event, Rejection> {
     let action = body["action"].as_str().unwrap_or("");
     let rt = body["resourceType"].as_str().unwrap_or("");
     let ctx = &body["context"];
@@ -464,7 +473,7 @@ fn decode_changelog(name: &str, body: &Value, raw: &[u8]) -> Result<Event, Rejec
         body["diff"]["before"].clone(),
         body["diff"]["after"].clone(),
     );
-    let mut m = envelope("changelog", body);
+    let mut m = envelope("changelog");
     m.insert("trigger".into(), body["trigger"].clone());
     m.insert("user".into(), user_of(&body["trigger"]["by"]["user"]));
     let bp = ctx["blueprint"].as_str();
@@ -515,7 +524,7 @@ fn decode_changelog(name: &str, body: &Value, raw: &[u8]) -> Result<Event, Rejec
             )))
         }
     };
-    Ok(Event::new(name, event_type, id, Value::Object(m), false))
+    Ok(Event::new(name, event_type, id, with_body(m, body), false))
 }
 
 #[cfg(test)]
