@@ -51,6 +51,29 @@ struct Worker {
     keyed: Option<DefaultKeyedRateLimiter<String>>,
     permits: Semaphore,
     stats: Mutex<DestinationStats>,
+    metrics: WorkerMetrics,
+}
+
+/// This destination's metric handles, registered once (not looked up per message).
+struct WorkerMetrics {
+    duration: metrics::Histogram,
+    delivered: metrics::Counter,
+    retry: metrics::Counter,
+    dead: metrics::Counter,
+    dead_letters: metrics::Counter,
+}
+
+impl WorkerMetrics {
+    fn new(name: &str) -> Self {
+        let d = name.to_string();
+        WorkerMetrics {
+            duration: metrics::histogram!("switchyard_delivery_duration_seconds", "destination" => d.clone()),
+            delivered: metrics::counter!("switchyard_deliveries_total", "destination" => d.clone(), "outcome" => "delivered"),
+            retry: metrics::counter!("switchyard_deliveries_total", "destination" => d.clone(), "outcome" => "retry"),
+            dead: metrics::counter!("switchyard_deliveries_total", "destination" => d.clone(), "outcome" => "dead_letter"),
+            dead_letters: metrics::counter!("switchyard_dead_letters_total", "destination" => d),
+        }
+    }
 }
 
 fn quota(rate: f64) -> Option<Quota> {
@@ -86,6 +109,7 @@ impl Worker {
                 kind: cfg.kind.name(),
                 ..Default::default()
             }),
+            metrics: WorkerMetrics::new(&cfg.name),
         }
     }
 
@@ -230,8 +254,7 @@ async fn or_stop<T>(
 async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
     if let Some(reason) = &w.cfg.disabled {
         tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, "{reason}; kept as a dead letter");
-        metrics::counter!("switchyard_dead_letters_total", "destination" => w.name.clone())
-            .increment(1);
+        w.metrics.dead_letters.increment(1);
         w.stats().dead_letters += 1;
         let created = inner
             .outbox
@@ -257,7 +280,6 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         .build();
     let mut attempts = job.attempts;
     let pace = w.dest.pace_key(&job);
-    let dest_label = w.name.clone();
     loop {
         if let Some(l) = &w.limiter {
             if or_stop(&mut stop, l.until_ready()).await.is_none() {
@@ -276,7 +298,7 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         let started = Instant::now();
         let mut result = w.dest.deliver(&job).await;
         drop(permit);
-        metrics::histogram!("switchyard_delivery_duration_seconds", "destination" => dest_label.clone()).record(started.elapsed().as_secs_f64());
+        w.metrics.duration.record(started.elapsed().as_secs_f64());
         attempts += 1;
         let outcome = {
             let mut st = w.stats();
@@ -316,19 +338,18 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
                 }
             }
         };
-        let label = match &outcome {
-            Outcome::Delivered { .. } => "delivered",
-            Outcome::Retry { .. } => "retry",
-            Outcome::Dead { .. } => "dead_letter",
-        };
-        metrics::counter!("switchyard_deliveries_total", "destination" => dest_label.clone(), "outcome" => label).increment(1);
+        match &outcome {
+            Outcome::Delivered { .. } => w.metrics.delivered.increment(1),
+            Outcome::Retry { .. } => w.metrics.retry.increment(1),
+            Outcome::Dead { .. } => w.metrics.dead.increment(1),
+        }
         match &outcome {
             Outcome::Delivered { .. } => {
                 tracing::debug!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, "delivered");
             }
             Outcome::Dead { error } => {
                 w.stats().dead_letters += 1;
-                metrics::counter!("switchyard_dead_letters_total", "destination" => dest_label.clone()).increment(1);
+                w.metrics.dead_letters.increment(1);
                 tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, reason = %error, "delivery failed permanently; kept as a dead letter");
             }
             Outcome::Retry { error } => {

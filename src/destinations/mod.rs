@@ -59,6 +59,12 @@ pub trait Destination: Send + Sync {
     }
 }
 
+/// The URL parsed once, when the destination is built (not per message). `None` when it does
+/// not parse: the request is then built from the text, and fails the way it always did.
+fn parse_url(url: &crate::config::secret::Secret) -> Option<reqwest::Url> {
+    reqwest::Url::parse(url.expose()).ok()
+}
+
 /// Builds the destination for a configuration.
 pub fn build(
     cfg: &DestinationConfig,
@@ -70,6 +76,7 @@ pub fn build(
             name: cfg.name.clone(),
         }),
         DestinationKind::SlackWebhook { url } => Arc::new(slack_webhook::SlackWebhook {
+            parsed: parse_url(url),
             url: url.clone(),
             client: client.clone(),
             timeout: cfg.timeout,
@@ -80,6 +87,7 @@ pub fn build(
             headers,
             ..
         } => Arc::new(webhook::Webhook {
+            parsed: parse_url(url),
             url: url.clone(),
             method: method.clone(),
             headers: headers.clone(),

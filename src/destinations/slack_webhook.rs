@@ -11,6 +11,7 @@ use crate::outbox::Job;
 
 pub(super) struct SlackWebhook {
     pub url: Secret,
+    pub parsed: Option<reqwest::Url>,
     pub client: reqwest::Client,
     pub timeout: Duration,
 }
@@ -21,9 +22,11 @@ impl Destination for SlackWebhook {
         job: &'a Job,
     ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
-            let resp = self
-                .client
-                .post(self.url.expose())
+            let req = match &self.parsed {
+                Some(u) => self.client.post(u.clone()),
+                None => self.client.post(self.url.expose()),
+            };
+            let resp = req
                 .timeout(self.timeout)
                 .json(&prepare_message(job))
                 .send()

@@ -16,6 +16,7 @@ use crate::outbox::Job;
 
 pub(super) struct Webhook {
     pub url: Secret,
+    pub parsed: Option<reqwest::Url>,
     pub method: String,
     pub headers: Vec<(String, String)>,
     pub client: reqwest::Client,
@@ -31,11 +32,11 @@ impl Destination for Webhook {
         Box::pin(async move {
             let method = reqwest::Method::from_bytes(self.method.as_bytes())
                 .unwrap_or(reqwest::Method::POST);
-            let mut req = self
-                .client
-                .request(method, self.url.expose())
-                .timeout(self.timeout)
-                .json(&job.message);
+            let req = match &self.parsed {
+                Some(u) => self.client.request(method, u.clone()),
+                None => self.client.request(method, self.url.expose()),
+            };
+            let mut req = req.timeout(self.timeout).json(&job.message);
             if !self.headers.is_empty() {
                 let ctx = Context::from(
                     json!({"rule": job.rule, "event_id": job.event_id, "message": job.message}),

@@ -117,6 +117,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         ));
     };
     let rs = Arc::new(rs);
+    // Before the deliverer: its workers take their metric handles when they are built.
+    let metrics = install_metrics();
     let outbox = Outbox::open(&cfg.data_dir, cfg.max_pending)?;
     let deliverer = Deliverer::new(outbox.clone())?;
     deliverer.configure(&rs);
@@ -138,7 +140,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         ready: AtomicBool::new(true),
         reload: Mutex::new(ReloadStatus::initial(&rs, &diags)),
         started: Instant::now(),
-        metrics: install_metrics(),
+        metrics,
         throttled: Mutex::new(0),
         #[cfg(feature = "kafka")]
         kafka: crate::kafka::Consumers::default(),

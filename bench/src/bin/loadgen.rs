@@ -32,7 +32,7 @@ struct Args {
     unsigned: bool,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let a = Args::parse();
     let host = a

@@ -126,7 +126,7 @@ async fn reset(State(st): State<St>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"reset": true}))
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let a = Args::parse();
     let st = St {
