@@ -25,10 +25,39 @@ pub fn kind_of(seq: u64) -> &'static str {
 }
 
 /// A changelog body for the `seq`-th event.
+///
+/// Written with `format!` rather than built as a `serde_json::Value`: the generator shares the
+/// machine with the engine it measures, so it should spend as little CPU per request as it
+/// can. A test checks that the text is the JSON [`event_value`] describes.
 pub fn event(seq: u64) -> Vec<u8> {
     let kind = kind_of(seq);
+    let ident = seq % 5000;
+    let prev = seq - seq.min(1);
+    let sent = now_us();
+    format!(
+        concat!(
+            r#"{{"action":"UPDATE","resourceType":"entity","status":"SUCCESS","#,
+            r#""trigger":{{"by":{{"orgId":"org_bench","userId":"bench@clients"}},"origin":"API","at":"2026-09-21T14:13:17.482Z"}},"#,
+            r#""context":{{"blueprint":"BenchDeployment","entity":"bench-{ident}"}},"#,
+            r#""diff":{{"before":{{"identifier":"bench-{ident}","title":"Bench {seq}","blueprint":"BenchDeployment","team":["bench"],"#,
+            r#""properties":{{"cpuUtil":42,"memoryUtil":40,"healthStatus":"Healthy","kind":"{kind}","seq":{prev}}}}},"#,
+            r#""after":{{"identifier":"bench-{ident}","title":"Bench {seq}","blueprint":"BenchDeployment","team":["bench"],"#,
+            r#""properties":{{"cpuUtil":91,"memoryUtil":40,"healthStatus":"Healthy","kind":"{kind}","seq":{seq},"sent_us":{sent}}}}}}}}}"#
+        ),
+        ident = ident,
+        seq = seq,
+        kind = kind,
+        prev = prev,
+        sent = sent
+    )
+    .into_bytes()
+}
+
+/// The `seq`-th event as a JSON value (what [`event`] writes), with `sent_us` given.
+pub fn event_value(seq: u64, sent_us: u64) -> Value {
+    let kind = kind_of(seq);
     let ident = format!("bench-{}", seq % 5000);
-    let body: Value = json!({
+    json!({
         "action": "UPDATE",
         "resourceType": "entity",
         "status": "SUCCESS",
@@ -38,10 +67,9 @@ pub fn event(seq: u64) -> Vec<u8> {
             "before": {"identifier": ident, "title": format!("Bench {seq}"), "blueprint": "BenchDeployment", "team": ["bench"],
                        "properties": {"cpuUtil": 42, "memoryUtil": 40, "healthStatus": "Healthy", "kind": kind, "seq": seq - seq.min(1)}},
             "after": {"identifier": ident, "title": format!("Bench {seq}"), "blueprint": "BenchDeployment", "team": ["bench"],
-                      "properties": {"cpuUtil": 91, "memoryUtil": 40, "healthStatus": "Healthy", "kind": kind, "seq": seq, "sent_us": now_us()}}
+                      "properties": {"cpuUtil": 91, "memoryUtil": 40, "healthStatus": "Healthy", "kind": kind, "seq": seq, "sent_us": sent_us}}
         }
-    });
-    serde_json::to_vec(&body).unwrap_or_default()
+    })
 }
 
 /// A rules file with `n` rules: `n - 4` that never match the bench events (varied conditions
@@ -97,3 +125,19 @@ pub const TEMPLATE: &str = r#"{
     { "type": "context", "elements": [ { "type": "mrkdwn", "text": "RULE seq {{after.properties.seq}} · {{date trigger.at}}" } ] }
   ]
 }"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_written_event_is_the_described_json() {
+        for seq in [0, 1, 2, 3, 10, 4999, 5001, 123_456_789] {
+            let v: Value = serde_json::from_slice(&event(seq)).expect("valid JSON");
+            let sent = v["diff"]["after"]["properties"]["sent_us"]
+                .as_u64()
+                .expect("sent_us");
+            assert_eq!(v, event_value(seq, sent), "seq {seq}");
+        }
+    }
+}
