@@ -229,14 +229,19 @@ pub fn classify_transport(e: &reqwest::Error) -> DeliveryError {
 }
 
 /// The message as it is sent: limits enforced (texts cut with an ellipsis), `thread_ts` added.
-pub fn prepare_message(job: &Job) -> serde_json::Value {
+/// Borrowed (no copy) when there is nothing to change, which is nearly always.
+pub fn prepare_message(job: &Job) -> std::borrow::Cow<'_, serde_json::Value> {
+    use crate::render::blockkit;
+    if job.target.thread_ts.is_none() && blockkit::fits(&job.message) {
+        return std::borrow::Cow::Borrowed(&job.message);
+    }
     let mut m = job.message.clone();
-    crate::render::blockkit::enforce(&mut m);
+    blockkit::enforce(&mut m);
     if let (Some(ts), Some(obj)) = (&job.target.thread_ts, m.as_object_mut()) {
         obj.insert("thread_ts".into(), serde_json::Value::String(ts.clone()));
         if job.target.reply_broadcast {
             obj.insert("reply_broadcast".into(), serde_json::Value::Bool(true));
         }
     }
-    m
+    std::borrow::Cow::Owned(m)
 }

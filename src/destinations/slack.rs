@@ -214,7 +214,8 @@ impl Destination for SlackBot {
                     ))
                 }
             };
-            let mut msg = prepare_message(job);
+            // The bot adds `channel`, so it always works on its own copy.
+            let mut msg = prepare_message(job).into_owned();
             if let Some(obj) = msg.as_object_mut() {
                 obj.insert("channel".into(), json!(channel));
             }

@@ -211,17 +211,69 @@ pub fn check(msg: &Value) -> Vec<Violation> {
     out
 }
 
-fn cut(v: &mut Value, max: usize) {
-    if let Value::String(s) = v {
+fn cut(v: Option<&mut Value>, max: usize) {
+    if let Some(Value::String(s)) = v {
         if s.chars().count() > max {
             *s = truncate_chars(s, max);
         }
     }
 }
 
+/// The value at `path` below `v`, if every step exists (never inserts, unlike `v["a"]["b"]`).
+fn at<'a>(v: &'a mut Value, path: &[&str]) -> Option<&'a mut Value> {
+    path.iter().try_fold(v, |v, k| v.get_mut(*k))
+}
+
+/// The same, read-only.
+fn get<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+/// True when [`enforce`] would leave the message as it is (the common case: the sender can
+/// then send the stored message without copying it).
+pub fn fits(msg: &Value) -> bool {
+    let over = |v: Option<&Value>, max: usize| v.map(len).unwrap_or(0) > max;
+    let many =
+        |v: Option<&Value>, max: usize| v.and_then(Value::as_array).is_some_and(|a| a.len() > max);
+    if over(msg.get("text"), MAX_TEXT) {
+        return false;
+    }
+    let Some(blocks) = msg.get("blocks").and_then(Value::as_array) else {
+        return true;
+    };
+    if blocks.len() > MAX_BLOCKS {
+        return false;
+    }
+    blocks.iter().all(|b| {
+        let own = match b.get("type").and_then(Value::as_str).unwrap_or("") {
+            "header" => !over(get(b, &["text", "text"]), MAX_HEADER),
+            "section" => {
+                !over(get(b, &["text", "text"]), MAX_SECTION)
+                    && !many(b.get("fields"), MAX_FIELDS)
+                    && b.get("fields")
+                        .and_then(Value::as_array)
+                        .is_none_or(|fs| fs.iter().all(|f| !over(f.get("text"), MAX_FIELD)))
+            }
+            "actions" => !many(b.get("elements"), MAX_ACTIONS),
+            "context" => !many(b.get("elements"), MAX_CONTEXT),
+            _ => true,
+        };
+        own && b
+            .get("elements")
+            .and_then(Value::as_array)
+            .is_none_or(|els| {
+                els.iter().all(|el| {
+                    el.get("type").and_then(Value::as_str) != Some("button")
+                        || (!over(get(el, &["text", "text"]), MAX_BUTTON_TEXT)
+                            && !over(el.get("value"), MAX_BUTTON_VALUE))
+                })
+            })
+    })
+}
+
 /// Makes a message fit Slack's limits by cutting texts (with `…`) and surplus blocks.
 pub fn enforce(msg: &mut Value) {
-    cut(&mut msg["text"], MAX_TEXT);
+    cut(msg.get_mut("text"), MAX_TEXT);
     let Some(blocks) = msg.get_mut("blocks").and_then(Value::as_array_mut) else {
         return;
     };
@@ -233,16 +285,14 @@ pub fn enforce(msg: &mut Value) {
         ]}));
     }
     for b in blocks.iter_mut() {
-        match b["type"].as_str().unwrap_or("") {
-            "header" => cut(&mut b["text"]["text"], MAX_HEADER),
+        match b.get("type").and_then(Value::as_str).unwrap_or("") {
+            "header" => cut(at(b, &["text", "text"]), MAX_HEADER),
             "section" => {
-                if b.get("text").is_some() {
-                    cut(&mut b["text"]["text"], MAX_SECTION);
-                }
+                cut(at(b, &["text", "text"]), MAX_SECTION);
                 if let Some(fields) = b.get_mut("fields").and_then(Value::as_array_mut) {
                     fields.truncate(MAX_FIELDS);
                     for f in fields {
-                        cut(&mut f["text"], MAX_FIELD);
+                        cut(f.get_mut("text"), MAX_FIELD);
                     }
                 }
             }
@@ -260,11 +310,9 @@ pub fn enforce(msg: &mut Value) {
         }
         if let Some(els) = b.get_mut("elements").and_then(Value::as_array_mut) {
             for el in els {
-                if el["type"] == "button" {
-                    cut(&mut el["text"]["text"], MAX_BUTTON_TEXT);
-                    if el.get("value").is_some() {
-                        cut(&mut el["value"], MAX_BUTTON_VALUE);
-                    }
+                if el.get("type").and_then(Value::as_str) == Some("button") {
+                    cut(at(el, &["text", "text"]), MAX_BUTTON_TEXT);
+                    cut(el.get_mut("value"), MAX_BUTTON_VALUE);
                 }
             }
         }
@@ -274,6 +322,41 @@ pub fn enforce(msg: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fits_is_true_exactly_when_enforce_changes_nothing() {
+        let x = |n: usize| "x".repeat(n);
+        let el = |n: usize| vec![json!({"type": "mrkdwn", "text": "e"}); n];
+        let msgs = vec![
+            json!({"text": "short"}),
+            json!({"text": x(MAX_TEXT)}),
+            json!({"text": x(MAX_TEXT + 1)}),
+            json!({"blocks": [{"type": "header"}]}),
+            json!({"blocks": [{"type": "header", "text": {"type": "plain_text", "text": x(MAX_HEADER)}}]}),
+            json!({"blocks": [{"type": "header", "text": {"type": "plain_text", "text": x(MAX_HEADER + 1)}}]}),
+            json!({"blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": x(MAX_SECTION + 1)}}]}),
+            json!({"blocks": [{"type": "section", "fields": vec![json!({"type": "mrkdwn", "text": "f"}); MAX_FIELDS]}]}),
+            json!({"blocks": [{"type": "section", "fields": vec![json!({"type": "mrkdwn", "text": "f"}); MAX_FIELDS + 1]}]}),
+            json!({"blocks": [{"type": "section", "fields": [{"type": "mrkdwn", "text": x(MAX_FIELD + 1)}]}]}),
+            json!({"blocks": [{"type": "context", "elements": el(MAX_CONTEXT)}]}),
+            json!({"blocks": [{"type": "context", "elements": el(MAX_CONTEXT + 1)}]}),
+            json!({"blocks": [{"type": "actions", "elements": vec![json!({"type": "button", "text": {"type": "plain_text", "text": "b"}}); MAX_ACTIONS + 1]}]}),
+            json!({"blocks": [{"type": "actions", "elements": [{"type": "button", "text": {"type": "plain_text", "text": x(MAX_BUTTON_TEXT + 1)}}]}]}),
+            json!({"blocks": [{"type": "actions", "elements": [{"type": "button", "text": {"type": "plain_text", "text": "b"}, "value": x(MAX_BUTTON_VALUE + 1)}]}]}),
+            json!({"blocks": vec![json!({"type": "divider"}); MAX_BLOCKS]}),
+            json!({"blocks": vec![json!({"type": "divider"}); MAX_BLOCKS + 1]}),
+        ];
+        for m in msgs {
+            let mut e = m.clone();
+            enforce(&mut e);
+            assert_eq!(
+                fits(&m),
+                e == m,
+                "{}",
+                crate::render::blockkit::truncate_chars(&m.to_string(), 120)
+            );
+        }
+    }
 
     #[test]
     fn finds_and_fixes_overflows() {
@@ -293,8 +376,10 @@ mod tests {
                 "/blocks/2/elements/0/text/text"
             ]
         );
+        assert!(!fits(&msg));
         enforce(&mut msg);
         assert!(check(&msg).is_empty());
+        assert!(fits(&msg), "an enforced message fits");
         let s = msg["blocks"][1]["text"]["text"].as_str().unwrap();
         assert_eq!(s.chars().count(), 3000);
         assert!(s.ends_with('…'));
