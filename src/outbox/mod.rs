@@ -194,8 +194,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   attempt_log TEXT NOT NULL, last_error TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_at);
-CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, until INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_expires ON dedup(expires_at);
+CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, until INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run_trackers (
   event_id TEXT PRIMARY KEY, destination TEXT NOT NULL, run_id TEXT NOT NULL,
   pending INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
@@ -730,7 +731,8 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
             }
         }
     }
-    // Expired dedup keys are dropped now and then, inside the same transaction.
+    // Expired dedup keys are dropped now and then, inside the same transaction; the index on
+    // `expires_at` makes that a range delete of what expired, not a scan of every key.
     if now % 64 == 0 {
         tx.exec_c("DELETE FROM dedup WHERE expires_at < ?", [now])
             .map_err(|e| e.to_string())?;

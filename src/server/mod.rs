@@ -413,12 +413,13 @@ async fn handle(
         }
     };
     let req = Request {
+        // `HeaderName`s are already lower case.
         headers: headers
             .iter()
             .filter_map(|(k, v)| {
                 v.to_str()
                     .ok()
-                    .map(|v| (k.as_str().to_ascii_lowercase(), v.to_string()))
+                    .map(|v| (k.as_str().to_string(), v.to_string()))
             })
             .collect(),
         body: &bytes,
