@@ -179,6 +179,7 @@ pub fn now_ms() -> i64 {
 const SCHEMA: &str = "
 PRAGMA journal_mode=WAL;
 PRAGMA synchronous=FULL;
+PRAGMA wal_autocheckpoint=8000;
 CREATE TABLE IF NOT EXISTS outbox (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   destination TEXT NOT NULL, rule TEXT NOT NULL, event_id TEXT NOT NULL,
