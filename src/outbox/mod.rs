@@ -489,6 +489,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsiz
                 Err(e) => tracing::error!(error = %e, "cannot set the outbox's synchronous mode"),
             }
         }
+        metrics::counter!("switchyard_outbox_commits_total", "sync" => if need { "full" } else { "normal" }).increment(1);
+        metrics::counter!("switchyard_outbox_commands_total").increment(batch.len() as u64);
         // On failure every waiting caller gets an error (its reply channel is answered or
         // dropped), and nothing of the batch is committed.
         if let Err(e) = apply(&mut conn, batch, &pending) {
