@@ -119,6 +119,18 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     let rs = Arc::new(rs);
     // Before the deliverer: its workers take their metric handles when they are built.
     let metrics = install_metrics();
+    if let Some(h) = metrics.clone() {
+        // The exporter keeps every histogram observation until upkeep folds it into the
+        // buckets; without this an engine nobody scrapes grows by ~60 KB/s at 5,000 events/s
+        // (found by the 5-minute soak at that rate).
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                h.run_upkeep();
+            }
+        });
+    }
     let outbox = Outbox::open(&cfg.data_dir, cfg.max_pending)?;
     let deliverer = Deliverer::new(outbox.clone())?;
     deliverer.configure(&rs);
