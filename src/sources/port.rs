@@ -234,6 +234,18 @@ fn envelope(family: &str) -> Map<String, Value> {
     m
 }
 
+/// A `port/run.created` event for a run we are the backend of (legacy or author-defined body).
+fn run_created(name: &str, run_id: &str, m: Map<String, Value>, body: Value) -> Decoded {
+    let id = format!("port:run:{run_id}");
+    Decoded::Event(Box::new(Event::new(
+        name,
+        "port/run.created",
+        id,
+        with_body(m, body),
+        false,
+    )))
+}
+
 /// The finished envelope: `m` with the original body moved into its `body` field.
 fn with_body(mut m: Map<String, Value>, body: Value) -> Value {
     m.insert("body".into(), body);
@@ -265,9 +277,12 @@ fn decode_value(
         && top.get("status").and_then(s) == Some("TRIGGERED")
         && top.get("payload").is_some_and(Value::is_object)
     {
-        let run_id = body["context"]["runId"].as_str().ok_or_else(|| {
-            Rejection::Unprocessable("action run envelope without `context.runId`".into())
-        })?;
+        let run_id = body["context"]["runId"]
+            .as_str()
+            .ok_or_else(|| {
+                Rejection::Unprocessable("action run envelope without `context.runId`".into())
+            })?
+            .to_string();
         let payload = &body["payload"];
         let blueprint = body["context"]["blueprint"].as_str();
         let mut m = envelope("run");
@@ -293,14 +308,7 @@ fn decode_value(
         m.insert("trigger".into(), body["trigger"].clone());
         m.insert("user".into(), user_of(&body["trigger"]["by"]["user"]));
         m.insert("run".into(), json!({"id": run_id, "status": "IN_PROGRESS"}));
-        let id = format!("port:run:{run_id}");
-        return Ok(Decoded::Event(Box::new(Event::new(
-            name,
-            "port/run.created",
-            id,
-            with_body(m, body),
-            false,
-        ))));
+        return Ok(run_created(name, &run_id, m, body));
     }
     // (b) automation body
     if let Some(ev) = top.get("event") {
@@ -355,14 +363,7 @@ fn decode_value(
         if let Some(e) = body["port_context"]["entity"].as_str() {
             m.insert("entity".into(), json!({"identifier": e, "title": e}));
         }
-        let id = format!("port:run:{run_id}");
-        return Ok(Decoded::Event(Box::new(Event::new(
-            name,
-            "port/run.created",
-            id,
-            with_body(m, body),
-            false,
-        ))));
+        return Ok(run_created(name, &run_id, m, body));
     }
     Err(unknown_shape())
 }
