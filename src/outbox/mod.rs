@@ -539,6 +539,13 @@ enum Reply {
 fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Result<(), String> {
     let tx = conn.transaction().map_err(|e| e.to_string())?;
     let now = now_ms();
+    // A job's run tracker is created in the transaction that creates the job, so a job finished
+    // in this batch can only have one if some tracker exists as the batch starts.
+    let tracked = tx
+        .row_c("SELECT EXISTS (SELECT 1 FROM run_trackers)", [], |r| {
+            r.get::<_, bool>(0)
+        })
+        .map_err(|e| e.to_string())?;
     let mut replies = Vec::new();
     let mut added: isize = 0;
     for cmd in batch {
@@ -550,21 +557,20 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                 reply,
             } => {
                 if let Some((key, expires)) = &dedup {
-                    let seen: Option<i64> = tx
-                        .row_c("SELECT expires_at FROM dedup WHERE key = ?", [key], |r| {
-                            r.get(0)
-                        })
-                        .optional()
+                    // One statement: a new key is inserted, an expired one renewed, a live one
+                    // left alone (no row changed: a duplicate).
+                    let changed = tx
+                        .exec_c(
+                            "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
+                             ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+                             WHERE dedup.expires_at <= ?3",
+                            params![key, expires, now],
+                        )
                         .map_err(|e| e.to_string())?;
-                    if seen.is_some_and(|e| e > now) {
+                    if changed == 0 {
                         replies.push(Reply::Enqueue(reply, Ok(Enqueued::Duplicate)));
                         continue;
                     }
-                    tx.exec_c(
-                        "INSERT OR REPLACE INTO dedup (key, expires_at) VALUES (?, ?)",
-                        params![key, expires],
-                    )
-                    .map_err(|e| e.to_string())?;
                 }
                 let mut out = Vec::with_capacity(jobs.len());
                 let mut throttled = 0;
@@ -611,12 +617,17 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                 ));
             }
             Cmd::Finish { id, outcome, reply } => {
-                let event_id: Option<String> = tx
-                    .row_c("SELECT event_id FROM outbox WHERE id = ?", [id], |r| {
+                // The event id only matters to its run tracker; without any tracker (the usual
+                // case) there is nothing to look up.
+                let event_id: Option<String> = if tracked {
+                    tx.row_c("SELECT event_id FROM outbox WHERE id = ?", [id], |r| {
                         r.get(0)
                     })
                     .optional()
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| e.to_string())?
+                } else {
+                    None
+                };
                 let mut created = Vec::new();
                 match outcome {
                     Outcome::Delivered {
@@ -624,7 +635,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                         message,
                     } => {
                         let n = tx
-                            .execute("DELETE FROM outbox WHERE id = ?", [id])
+                            .exec_c("DELETE FROM outbox WHERE id = ?", [id])
                             .map_err(|e| e.to_string())?;
                         added -= n as isize;
                         let mut new_pending = 0i64;
@@ -662,7 +673,7 @@ fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Resul
                     Outcome::Dead { error } => {
                         let log = append_log(&tx, id, now, &error)?;
                         let n = tx
-                            .execute(
+                            .exec_c(
                                 "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error)
                                  SELECT destination, rule, event_id, target, CASE WHEN secret = 1 THEN ? ELSE message END, created_at, ?, ?, ? FROM outbox WHERE id = ?",
                                 params![redacted_json(), now, log, error, id],
@@ -976,4 +987,85 @@ fn append_log(
         v.drain(10..v.len() - 40);
     }
     serde_json::to_string(&v).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(event_id: &str) -> NewJob {
+        NewJob {
+            destination: "d".into(),
+            rule: "r".into(),
+            event_id: event_id.into(),
+            target: Target::default(),
+            message: json!({"text": "hi"}),
+            secret: false,
+            throttle: None,
+            error: None,
+        }
+    }
+
+    fn committed(r: Result<Enqueued, EnqueueError>) -> Vec<Job> {
+        match r {
+            Ok(Enqueued::Committed(jobs, _)) => jobs,
+            Ok(Enqueued::Duplicate) => panic!("unexpected duplicate"),
+            Err(e) => panic!("enqueue failed: {e:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn dedup_keys_hold_for_their_window_and_then_renew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ob = Outbox::open(dir.path(), 100).expect("open");
+        let long = Some(("k1".to_string(), Duration::from_secs(3600)));
+        assert_eq!(
+            committed(ob.enqueue(long.clone(), vec![job("k1")], None).await).len(),
+            1
+        );
+        assert!(matches!(
+            ob.enqueue(long, vec![job("k1")], None).await,
+            Ok(Enqueued::Duplicate)
+        ));
+        // A window that is already over lets the same key in again (its row is renewed).
+        let short = Some(("k2".to_string(), Duration::ZERO));
+        committed(ob.enqueue(short.clone(), vec![job("k2")], None).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            committed(ob.enqueue(short, vec![job("k2")], None).await).len(),
+            1
+        );
+        assert_eq!(ob.pending(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_event_with_nothing_to_send_is_not_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ob = Outbox::open(dir.path(), 100).expect("open");
+        let key = Some(("nothing".to_string(), Duration::from_secs(3600)));
+        // Twice the same key, no jobs: both answered as committed, nothing kept, no dedup row.
+        assert!(committed(ob.enqueue(key.clone(), vec![], None).await).is_empty());
+        assert!(committed(ob.enqueue(key.clone(), vec![], None).await).is_empty());
+        // The key is still free for a redelivery that does produce a job.
+        assert_eq!(
+            committed(ob.enqueue(key, vec![job("nothing")], None).await).len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivered_job_leaves_the_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ob = Outbox::open(dir.path(), 100).expect("open");
+        let jobs = committed(ob.enqueue(None, vec![job("e"), job("e")], None).await);
+        assert_eq!(ob.pending(), 2);
+        let delivered = Outcome::Delivered {
+            follow_ups: vec![],
+            message: true,
+        };
+        assert!(ob.finish(jobs[0].id, delivered).await.is_empty());
+        assert_eq!(ob.pending(), 1);
+        assert_eq!(ob.load_pending().expect("pending").len(), 1);
+    }
 }
