@@ -521,10 +521,8 @@ impl Comparison {
     /// [`eval`](Self::eval) through the per-event memo; always the same answer.
     fn eval_in(&self, lk: &mut Lookup<'_>) -> bool {
         if let Some(bp) = &self.before {
-            let (b, a) = match self.update_slots {
-                Some((b, a)) => (lk.member(Some(b), "before"), lk.member(Some(a), "after")),
-                None => (lk.member(None, "before"), lk.member(None, "after")),
-            };
+            let (bs, as_) = self.update_slots.unzip();
+            let (b, a) = (lk.member(bs, "before"), lk.member(as_, "after"));
             if !(b.is_some_and(Value::is_object) && a.is_some_and(Value::is_object)) {
                 return false;
             }

@@ -226,11 +226,6 @@ impl<'a> Lookup<'a> {
         }
     }
 
-    /// The event being routed.
-    pub fn root(&self) -> &'a Value {
-        self.root
-    }
-
     fn memo(
         &mut self,
         slot: u32,
