@@ -481,7 +481,14 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsiz
                 Err(_) => break,
             }
         }
-        let need = needs_sync(&conn, &batch);
+        // The writer is the only connection that changes run trackers, so this holds for the
+        // whole batch. `true` when it cannot be read: then nothing is skipped.
+        let tracked = conn
+            .row_c("SELECT EXISTS (SELECT 1 FROM run_trackers)", [], |r| {
+                r.get::<_, bool>(0)
+            })
+            .unwrap_or(true);
+        let need = needs_sync(&batch, tracked);
         if need != full {
             let mode = if need { "FULL" } else { "NORMAL" };
             match conn.pragma_update(None, "synchronous", mode) {
@@ -493,7 +500,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsiz
         metrics::counter!("switchyard_outbox_commands_total").increment(batch.len() as u64);
         // On failure every waiting caller gets an error (its reply channel is answered or
         // dropped), and nothing of the batch is committed.
-        if let Err(e) = apply(&mut conn, batch, &pending) {
+        if let Err(e) = apply(&mut conn, batch, &pending, tracked) {
             tracing::error!(error = %e, "outbox transaction failed");
         }
     }
@@ -505,7 +512,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsiz
 /// close into a report) does not: SQLite's WAL makes it durable with the next synced commit or
 /// checkpoint, and a power loss before that can only make a delivered message be sent again,
 /// which at-least-once delivery allows anyway. Under load that halves the fsyncs (bench/).
-fn needs_sync(conn: &Connection, batch: &[Cmd]) -> bool {
+fn needs_sync(batch: &[Cmd], tracked: bool) -> bool {
     let mut finishes = false;
     for c in batch {
         match c {
@@ -517,12 +524,7 @@ fn needs_sync(conn: &Connection, batch: &[Cmd]) -> bool {
             _ => return true,
         }
     }
-    finishes
-        && conn
-            .row_c("SELECT EXISTS (SELECT 1 FROM run_trackers)", [], |r| {
-                r.get::<_, bool>(0)
-            })
-            .unwrap_or(true)
+    finishes && tracked
 }
 
 /// Replies sent after a successful commit.
@@ -536,16 +538,17 @@ enum Reply {
     Purge(oneshot::Sender<Result<usize, String>>, usize),
 }
 
-fn apply(conn: &mut Connection, batch: Vec<Cmd>, pending: &AtomicUsize) -> Result<(), String> {
+/// Applies a batch in one transaction. `tracked`: some run tracker exists as the batch starts
+/// (a job's tracker is created in the transaction that creates the job, so a job finished in
+/// this batch can only have one if so).
+fn apply(
+    conn: &mut Connection,
+    batch: Vec<Cmd>,
+    pending: &AtomicUsize,
+    tracked: bool,
+) -> Result<(), String> {
     let tx = conn.transaction().map_err(|e| e.to_string())?;
     let now = now_ms();
-    // A job's run tracker is created in the transaction that creates the job, so a job finished
-    // in this batch can only have one if some tracker exists as the batch starts.
-    let tracked = tx
-        .row_c("SELECT EXISTS (SELECT 1 FROM run_trackers)", [], |r| {
-            r.get::<_, bool>(0)
-        })
-        .map_err(|e| e.to_string())?;
     let mut replies = Vec::new();
     let mut added: isize = 0;
     for cmd in batch {
