@@ -15,6 +15,14 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// Serves `app` on `listen` and prints the bound address as the first line of stdout (the
+/// harness reads it to find the port). For the floor and the sink.
+pub async fn serve(listen: &str, app: axum::Router) {
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+    println!("{}", listener.local_addr().expect("addr"));
+    axum::serve(listener, app).await.expect("serve");
+}
+
 /// The kind of the `seq`-th event in the 70/20/10 mix.
 pub fn kind_of(seq: u64) -> &'static str {
     match seq % 10 {

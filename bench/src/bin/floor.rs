@@ -45,9 +45,5 @@ async fn main() {
     let app = axum::Router::new()
         .fallback(axum::routing::post(forward))
         .with_state(st);
-    let listener = tokio::net::TcpListener::bind(&a.listen)
-        .await
-        .expect("bind");
-    println!("{}", listener.local_addr().expect("addr"));
-    axum::serve(listener, app).await.expect("serve");
+    switchyard_bench::serve(&a.listen, app).await;
 }

@@ -32,6 +32,58 @@ struct Args {
     unsigned: bool,
 }
 
+/// What every request shares: the client, the target and the counters.
+struct Load {
+    client: reqwest::Client,
+    url: String,
+    secret: String,
+    unsigned: bool,
+    seq: AtomicU64,
+    hist: Mutex<Histogram<u64>>,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    expected_msgs: AtomicU64,
+}
+
+impl Load {
+    /// Sends the next event of the mix and records its outcome and latency.
+    async fn send_one(&self) {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let body = switchyard_bench::event(n);
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json");
+        if !self.unsigned {
+            let ts = (switchyard_bench::now_us() / 1_000_000).to_string();
+            let sig = switchyard::sources::port::sign(&self.secret, &ts, &body);
+            req = req
+                .header("x-port-timestamp", ts)
+                .header("x-port-signature", sig);
+        }
+        let t = Instant::now();
+        let r = req.body(body).send().await;
+        let us = t.elapsed().as_micros() as u64;
+        match r {
+            Ok(resp) if resp.status().as_u16() == 202 => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                let msgs = match switchyard_bench::kind_of(n) {
+                    "three" => 3,
+                    "one" => 1,
+                    _ => 0,
+                };
+                self.expected_msgs.fetch_add(msgs, Ordering::Relaxed);
+                if let Ok(mut h) = self.hist.lock() {
+                    let _ = h.record(us.max(1));
+                }
+            }
+            _ => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let a = Args::parse();
@@ -51,69 +103,19 @@ async fn main() {
         .pool_max_idle_per_host(1024)
         .build()
         .expect("client");
-    let seq = Arc::new(AtomicU64::new(a.start_seq));
-    let hist = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
-    ));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let expected_msgs = Arc::new(AtomicU64::new(0));
+    let load = Arc::new(Load {
+        client,
+        url: a.url.clone(),
+        secret: a.secret.clone(),
+        unsigned: a.unsigned,
+        seq: AtomicU64::new(a.start_seq),
+        hist: Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
+        ok: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        expected_msgs: AtomicU64::new(0),
+    });
     let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
     let started = Instant::now();
-
-    let one = {
-        let (client, url, secret, unsigned) =
-            (client.clone(), a.url.clone(), a.secret.clone(), a.unsigned);
-        let (seq, hist, ok, failed, expected_msgs) = (
-            seq.clone(),
-            hist.clone(),
-            ok.clone(),
-            failed.clone(),
-            expected_msgs.clone(),
-        );
-        move || {
-            let (client, url, secret) = (client.clone(), url.clone(), secret.clone());
-            let (seq, hist, ok, failed, expected_msgs) = (
-                seq.clone(),
-                hist.clone(),
-                ok.clone(),
-                failed.clone(),
-                expected_msgs.clone(),
-            );
-            async move {
-                let n = seq.fetch_add(1, Ordering::Relaxed);
-                let body = switchyard_bench::event(n);
-                let mut req = client.post(&url).header("content-type", "application/json");
-                if !unsigned {
-                    let ts = (switchyard_bench::now_us() / 1_000_000).to_string();
-                    let sig = switchyard::sources::port::sign(&secret, &ts, &body);
-                    req = req
-                        .header("x-port-timestamp", ts)
-                        .header("x-port-signature", sig);
-                }
-                let t = Instant::now();
-                let r = req.body(body).send().await;
-                let us = t.elapsed().as_micros() as u64;
-                match r {
-                    Ok(resp) if resp.status().as_u16() == 202 => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                        let msgs = match switchyard_bench::kind_of(n) {
-                            "three" => 3,
-                            "one" => 1,
-                            _ => 0,
-                        };
-                        expected_msgs.fetch_add(msgs, Ordering::Relaxed);
-                        if let Ok(mut h) = hist.lock() {
-                            let _ = h.record(us.max(1));
-                        }
-                    }
-                    _ => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-    };
 
     match a.rate {
         Some(rate) => {
@@ -122,7 +124,8 @@ async fn main() {
             let mut tasks = tokio::task::JoinSet::new();
             while Instant::now() < deadline {
                 tick.tick().await;
-                tasks.spawn(one());
+                let load = load.clone();
+                tasks.spawn(async move { load.send_one().await });
                 while tasks.try_join_next().is_some() {}
             }
             while tasks.join_next().await.is_some() {}
@@ -130,10 +133,10 @@ async fn main() {
         None => {
             let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..a.concurrency {
-                let one = one.clone();
+                let load = load.clone();
                 tasks.spawn(async move {
                     while Instant::now() < deadline {
-                        one().await;
+                        load.send_one().await;
                     }
                 });
             }
@@ -141,18 +144,18 @@ async fn main() {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let h = hist.lock().map(|h| h.clone()).expect("histogram");
-    let accepted = ok.load(Ordering::Relaxed);
+    let h = load.hist.lock().map(|h| h.clone()).expect("histogram");
+    let accepted = load.ok.load(Ordering::Relaxed);
     println!(
         "{}",
         serde_json::json!({
             "accepted": accepted,
-            "failed": failed.load(Ordering::Relaxed),
-            "expected_messages": expected_msgs.load(Ordering::Relaxed),
+            "failed": load.failed.load(Ordering::Relaxed),
+            "expected_messages": load.expected_msgs.load(Ordering::Relaxed),
             "seconds": elapsed,
             "accepted_per_s": accepted as f64 / elapsed,
             "latency_us": {"p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99), "p999": h.value_at_quantile(0.999), "max": h.max()},
-            "next_seq": seq.load(Ordering::Relaxed),
+            "next_seq": load.seq.load(Ordering::Relaxed),
         })
     );
 }

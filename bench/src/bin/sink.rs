@@ -147,9 +147,5 @@ async fn main() {
         .route("/reset", post(reset))
         .fallback(post(hook))
         .with_state(st);
-    let listener = tokio::net::TcpListener::bind(&a.listen)
-        .await
-        .expect("bind");
-    println!("{}", listener.local_addr().expect("addr"));
-    axum::serve(listener, app).await.expect("serve");
+    switchyard_bench::serve(&a.listen, app).await;
 }
