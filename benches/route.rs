@@ -60,7 +60,7 @@ fn benches(c: &mut Criterion) {
     headers.insert("x-port-timestamp".to_string(), ts.to_string());
     headers.insert("x-port-signature".to_string(), sig);
     let req = Request {
-        headers,
+        headers: headers.into(),
         body: &body,
         path_token: None,
     };
@@ -96,7 +96,7 @@ fn render_and_enqueue(c: &mut Criterion) {
         ..PortSource::default()
     };
     let req = Request {
-        headers: BTreeMap::new(),
+        headers: BTreeMap::new().into(),
         body: &body,
         path_token: None,
     };

@@ -71,7 +71,7 @@ fn run_test(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) {
         return;
     };
     let req = Request {
-        headers: t.headers.clone(),
+        headers: t.headers.clone().into(),
         body: &t.body,
         path_token: None,
     };

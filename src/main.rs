@@ -350,7 +350,7 @@ fn cmd_simulate(
         }
     };
     let req = Request {
-        headers,
+        headers: headers.into(),
         body: &body,
         path_token: None,
     };

@@ -36,7 +36,8 @@ fn req<'a>(body: &'a [u8], headers: &[(&str, &str)]) -> Request<'a> {
         headers: headers
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
+            .collect::<BTreeMap<_, _>>()
+            .into(),
         body,
         path_token: None,
     }

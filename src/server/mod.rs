@@ -33,7 +33,7 @@ use crate::config::{load_dir, LoadOptions, Mode};
 use crate::deliver::Deliverer;
 use crate::outbox::{EnqueueError, Enqueued, NewJob, NewTracker, Outbox};
 use crate::routing::{route, DispatchError, Ruleset};
-use crate::sources::{Decoded, Request};
+use crate::sources::{Decoded, Headers, Request};
 
 pub use reload::ReloadStatus;
 
@@ -70,6 +70,8 @@ pub struct AppState {
     pub kafka: crate::kafka::Consumers,
     /// Serialises reloads.
     reload_lock: tokio::sync::Mutex<()>,
+    /// Metric handles of the request path.
+    source_metrics: MetricHandles,
 }
 
 type St = State<Arc<AppState>>;
@@ -157,6 +159,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         #[cfg(feature = "kafka")]
         kafka: crate::kafka::Consumers::default(),
         reload_lock: tokio::sync::Mutex::new(()),
+        source_metrics: MetricHandles::default(),
     });
     for (name, s) in &rs.sources {
         match &s.disabled {
@@ -354,6 +357,76 @@ fn count(source: &str, outcome: &'static str) {
     metrics::counter!("switchyard_events_total", "source" => source.to_string(), "outcome" => outcome).increment(1);
 }
 
+/// The request path's metric handles for one configured source, registered once. Looking a
+/// metric up by its labels on every request (hashing the label set, a registry read) was about
+/// 1.3% of the engine's CPU under load.
+struct SourceMetrics {
+    source: String,
+    /// `switchyard_events_total{source, outcome}` for each outcome the handler counts.
+    events: Vec<(&'static str, metrics::Counter)>,
+    ingest: metrics::Histogram,
+}
+
+/// Every outcome `handle` counts for a configured source.
+const OUTCOMES: [&str; 9] = [
+    "accepted",
+    "unmatched",
+    "duplicate",
+    "rejected",
+    "unauthorized",
+    "acknowledged",
+    "disabled",
+    "overloaded",
+    "error",
+];
+
+impl SourceMetrics {
+    fn new(source: &str) -> SourceMetrics {
+        SourceMetrics {
+            source: source.to_string(),
+            events: OUTCOMES
+                .iter()
+                .map(|o| {
+                    let c = metrics::counter!("switchyard_events_total", "source" => source.to_string(), "outcome" => *o);
+                    (*o, c)
+                })
+                .collect(),
+            ingest: metrics::histogram!("switchyard_ingest_duration_seconds", "source" => source.to_string()),
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        match self.events.iter().find(|(o, _)| *o == outcome) {
+            Some((_, c)) => c.increment(1),
+            None => count(&self.source, outcome),
+        }
+    }
+}
+
+/// [`SourceMetrics`] by configured source name. Only names found in the ruleset get an entry,
+/// so a caller posting to made-up sources cannot grow it.
+#[derive(Default)]
+pub struct MetricHandles(std::sync::RwLock<std::collections::HashMap<String, Arc<SourceMetrics>>>);
+
+impl MetricHandles {
+    fn get(&self, source: &str) -> Arc<SourceMetrics> {
+        let found = self
+            .0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(source)
+            .cloned();
+        found.unwrap_or_else(|| {
+            let m = Arc::new(SourceMetrics::new(source));
+            self.0
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(source.to_string(), m.clone());
+            m
+        })
+    }
+}
+
 async fn handle(
     State(st): St,
     source: String,
@@ -368,15 +441,16 @@ async fn handle(
         count("unknown", "unknown_source");
         return reject(StatusCode::NOT_FOUND, format!("no source named `{source}`"));
     };
+    let m = st.source_metrics.get(&source);
     if src.kafka.is_some() {
-        count(&source, "rejected");
+        m.count("rejected");
         return reject(
             StatusCode::NOT_FOUND,
             format!("source `{source}` reads from Kafka; it takes no HTTP requests"),
         );
     }
     if let Some(why) = &src.disabled {
-        count(&source, "disabled");
+        m.count("disabled");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "60")],
@@ -395,7 +469,7 @@ async fn handle(
         .trim()
         .to_ascii_lowercase();
     if !src.source.content_types().contains(&ct_base.as_str()) {
-        count(&source, "rejected");
+        m.count("rejected");
         let want = src.source.content_types().join(" or ");
         tracing::warn!(source = %source, content_type = %ct, "rejected: wrong content type");
         return reject(
@@ -408,7 +482,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > src.max_body) {
-        count(&source, "rejected");
+        m.count("rejected");
         return reject(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("body is over the {} byte limit", src.max_body),
@@ -417,7 +491,7 @@ async fn handle(
     let bytes: Bytes = match axum::body::to_bytes(body, src.max_body).await {
         Ok(b) => b,
         Err(_) => {
-            count(&source, "rejected");
+            m.count("rejected");
             return reject(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body is over the {} byte limit", src.max_body),
@@ -425,32 +499,24 @@ async fn handle(
         }
     };
     let req = Request {
-        // `HeaderName`s are already lower case.
-        headers: headers
-            .iter()
-            .filter_map(|(k, v)| {
-                v.to_str()
-                    .ok()
-                    .map(|v| (k.as_str().to_string(), v.to_string()))
-            })
-            .collect(),
+        headers: Headers::Http(&headers),
         body: &bytes,
         path_token: token,
     };
     let now = chrono::Utc::now().timestamp();
     if let Err(r) = src.source.verify(&req, now) {
-        count(&source, "unauthorized");
+        m.count("unauthorized");
         tracing::warn!(source = %source, reason = r.reason(), "rejected: verification failed");
         return reject(StatusCode::UNAUTHORIZED, r.reason());
     }
     let ev = match src.source.decode(&source, &req) {
         Ok(Decoded::Event(ev)) => ev,
         Ok(Decoded::Ack) => {
-            count(&source, "acknowledged");
+            m.count("acknowledged");
             return StatusCode::OK.into_response();
         }
         Err(r) => {
-            count(&source, "rejected");
+            m.count("rejected");
             tracing::warn!(source = %source, status = r.status(), reason = r.reason(), "rejected: cannot decode");
             let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST);
             return reject(status, r.reason());
@@ -460,13 +526,12 @@ async fn handle(
     let n = jobs.len();
     let dedup = Some((ev.id.clone(), src.dedup_window));
     let result = st.outbox.enqueue(dedup, jobs, tracker).await;
-    metrics::histogram!("switchyard_ingest_duration_seconds", "source" => source.clone())
-        .record(started.elapsed().as_secs_f64());
+    m.ingest.record(started.elapsed().as_secs_f64());
     metrics::gauge!("switchyard_queue_depth").set(st.outbox.pending() as f64);
     let slack = src.kind == "slack";
     match result {
         Ok(Enqueued::Committed(committed, throttled)) => {
-            count(&source, if n == 0 { "unmatched" } else { "accepted" });
+            m.count(if n == 0 { "unmatched" } else { "accepted" });
             if throttled > 0 {
                 metrics::counter!("switchyard_throttled_total").increment(throttled as u64);
                 let mut t = st.throttled.lock().unwrap_or_else(|p| p.into_inner());
@@ -480,14 +545,18 @@ async fn handle(
                 // Slack wants an empty 200 within 3 s.
                 return StatusCode::OK.into_response();
             }
+            // The JSON written directly: this answer goes out for every event, and building it
+            // as a map first cost more than the rest of the response.
+            let id = serde_json::to_string(&ev.id).unwrap_or_default();
             (
                 StatusCode::ACCEPTED,
-                Json(json!({"accepted": true, "event_id": ev.id, "dispatches": n, "throttled": throttled})),
+                [(header::CONTENT_TYPE, "application/json")],
+                format!(r#"{{"accepted":true,"event_id":{id},"dispatches":{n},"throttled":{throttled}}}"#),
             )
                 .into_response()
         }
         Ok(Enqueued::Duplicate) => {
-            count(&source, "duplicate");
+            m.count("duplicate");
             tracing::info!(source = %source, event_id = %ev.id, "duplicate delivery; already accepted");
             if slack {
                 return StatusCode::OK.into_response();
@@ -495,7 +564,7 @@ async fn handle(
             (StatusCode::ACCEPTED, Json(json!({"accepted": true, "duplicate": true, "event_id": ev.id, "dispatches": 0}))).into_response()
         }
         Err(EnqueueError::Full { pending }) => {
-            count(&source, "overloaded");
+            m.count("overloaded");
             tracing::warn!(source = %source, pending, "outbox full; asking the sender to retry");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -505,7 +574,7 @@ async fn handle(
                 .into_response()
         }
         Err(EnqueueError::Storage(e)) => {
-            count(&source, "error");
+            m.count("error");
             tracing::error!(source = %source, error = %e, "cannot commit to the outbox");
             reject(
                 StatusCode::SERVICE_UNAVAILABLE,
