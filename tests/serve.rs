@@ -327,6 +327,61 @@ async fn channel_not_found_is_a_dead_letter_after_one_try() {
 }
 
 #[tokio::test]
+async fn a_redirect_is_a_dead_letter_and_is_not_followed() {
+    // The fake answers the webhook with 302 to another path of its own: a client that followed
+    // it would send a GET there, get 200, and count the message as delivered.
+    let slack = Fake::start(|r, _| {
+        if r.path == HOOK {
+            (
+                302,
+                vec![("Location".into(), "/elsewhere".into())],
+                String::new(),
+            )
+        } else {
+            (200, vec![], "ok".into())
+        }
+    })
+    .await;
+    let engine = delivery_engine(&slack, "").await;
+    let (status, _) = engine
+        .post_port(
+            "port",
+            SECRET,
+            &fixture("port/changelog-update-cpu-bump.json"),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let dead = eventually(10, "a dead letter", || {
+        let d = dead_letters(&engine.data);
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert!(
+        dead[0].last_error.contains("HTTP 302"),
+        "{}",
+        dead[0].last_error
+    );
+    assert!(
+        dead[0].last_error.contains("redirect"),
+        "{}",
+        dead[0].last_error
+    );
+    assert!(
+        !dead[0].last_error.contains("/elsewhere"),
+        "the Location is not repeated"
+    );
+    assert_eq!(
+        slack.on_path(HOOK).len(),
+        1,
+        "one try: a redirect is permanent"
+    );
+    assert!(
+        slack.on_path("/elsewhere").is_empty(),
+        "the redirect was not followed"
+    );
+}
+
+#[tokio::test]
 async fn texts_over_slack_limits_are_cut_not_rejected() {
     let slack = Fake::slack_ok().await;
     let long_rule = format!(

@@ -140,6 +140,11 @@ impl Deliverer {
             .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(64)
             .connect_timeout(Duration::from_secs(5))
+            // A redirect is answered, not followed: on 301/302/303 an HTTP client resends a POST
+            // as a GET without its body, which the far end would answer 200 to, and the message
+            // would count as delivered while nobody got it. (Not following also spares a body
+            // copy per request that the redirect layer keeps for a possible resend.)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let (stop_tx, stop_rx) = watch::channel(false);

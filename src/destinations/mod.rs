@@ -193,6 +193,14 @@ pub fn classify_status(
             retry_after: Some(retry_after(headers).unwrap_or(Duration::from_secs(1))),
         });
     }
+    if status.is_redirection() {
+        // The `Location` is left out: it can be as secret as the URL that answered.
+        return Err(DeliveryError::Permanent(format!(
+            "HTTP {}: the destination answered with a redirect, which switchyard does not follow \
+             (a POST would arrive as a GET without the message); configure the URL it redirects to",
+            status.as_u16()
+        )));
+    }
     if status.is_server_error() || status.as_u16() == 408 {
         return Err(DeliveryError::Transient {
             reason,
