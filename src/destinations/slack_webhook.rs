@@ -1,6 +1,7 @@
 //! `slack_webhook`: a Slack incoming webhook (protocols.md §4.1). Success is 200 with `ok`;
 //! failures are classified by status, then body (`invalid_blocks`, `channel_not_found`, ...).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use super::{
@@ -26,12 +27,15 @@ impl Destination for SlackWebhook {
                 Some(u) => self.client.post(u.clone()),
                 None => self.client.post(self.url.expose()),
             };
-            let resp = req
+            let req = req
                 .timeout(self.timeout)
-                .json(&prepare_message(job))
-                .send()
-                .await
-                .map_err(|e| classify_transport(&e))?;
+                .header(reqwest::header::CONTENT_TYPE, "application/json");
+            let req = match prepare_message(job) {
+                // Unchanged: the text written when the job was stored, not a new serialisation.
+                Cow::Borrowed(_) => req.body(job.body()),
+                Cow::Owned(m) => req.body(m.to_string()),
+            };
+            let resp = req.send().await.map_err(|e| classify_transport(&e))?;
             let a = super::read_answer(resp).await;
             classify_status(a.status, &a.headers, &a.body).map(|()| Vec::new())
         })

@@ -36,7 +36,10 @@ impl Destination for Webhook {
                 Some(u) => self.client.request(method, u.clone()),
                 None => self.client.request(method, self.url.expose()),
             };
-            let mut req = req.timeout(self.timeout).json(&job.message);
+            let mut req = req
+                .timeout(self.timeout)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(job.body());
             if !self.headers.is_empty() {
                 let ctx = Context::from(
                     json!({"rule": job.rule, "event_id": job.event_id, "message": job.message}),

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -66,10 +67,27 @@ pub struct Job {
     pub event_id: String,
     pub target: Target,
     pub message: Value,
+    /// `message` as compact JSON: the text stored in the outbox, and the body sent when the
+    /// message goes out unchanged, so it is written once rather than once per use. Read it
+    /// through [`Job::body`].
+    #[serde(skip)]
+    pub text: Bytes,
     pub secret: bool,
     /// Unix milliseconds when accepted.
     pub created_at: i64,
     pub attempts: u32,
+}
+
+impl Job {
+    /// The message as compact JSON, to send as it is.
+    pub fn body(&self) -> Bytes {
+        if self.text.is_empty() {
+            // A job not made by the outbox (deserialised); never the case in the pipeline.
+            Bytes::from(self.message.to_string())
+        } else {
+            self.text.clone()
+        }
+    }
 }
 
 /// One delivery attempt, as recorded for dead letters.
@@ -340,13 +358,15 @@ impl Outbox {
             .map_err(|e| e.to_string())?;
         let rows = st
             .query_map([], |r| {
+                let text: String = r.get(5)?;
                 Ok(Job {
                     id: r.get(0)?,
                     destination: r.get(1)?,
                     rule: r.get(2)?,
                     event_id: r.get(3)?,
                     target: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
-                    message: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or(Value::Null),
+                    message: serde_json::from_str(&text).unwrap_or(Value::Null),
+                    text: Bytes::from(text),
                     secret: r.get::<_, i64>(6)? != 0,
                     created_at: r.get(7)?,
                     attempts: r.get::<_, i64>(8)? as u32,
@@ -729,6 +749,7 @@ fn apply(
                         event_id,
                         target: serde_json::from_str(&target).unwrap_or_default(),
                         message: serde_json::from_str(&message).unwrap_or(Value::Null),
+                        text: Bytes::from(message),
                         secret: false,
                         created_at: now,
                         attempts: 0,
@@ -806,9 +827,10 @@ fn apply(
 }
 
 fn insert_job(tx: &rusqlite::Transaction<'_>, j: NewJob, now: i64) -> Result<Job, String> {
+    let text = j.message.to_string();
     tx.exec_c(
         "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), j.message.to_string(), j.secret as i64, now],
+        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), text, j.secret as i64, now],
     )
     .map_err(|e| e.to_string())?;
     Ok(Job {
@@ -818,6 +840,7 @@ fn insert_job(tx: &rusqlite::Transaction<'_>, j: NewJob, now: i64) -> Result<Job
         event_id: j.event_id,
         target: j.target,
         message: j.message,
+        text: Bytes::from(text),
         secret: j.secret,
         created_at: now,
         attempts: 0,

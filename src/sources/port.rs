@@ -214,7 +214,9 @@ fn body_hash(raw: &[u8]) -> String {
 /// [`with_body`] fills at the end by moving the parsed body in (decoding copies only the parts
 /// it lifts out, never the whole body).
 fn envelope(family: &str) -> Map<String, Value> {
-    let mut m = Map::new();
+    // Room for every key it ends with (these, `body`, and the three `Event::new` adds), so the
+    // map is never grown and rehashed on the way.
+    let mut m = Map::with_capacity(20);
     for k in [
         "blueprint",
         "entity",
