@@ -532,7 +532,7 @@ async fn handle(
         body: raw,
         path_token: None,
     };
-    let ev = match src.source.decode(&src.name, &req) {
+    let mut ev = match src.source.decode(&src.name, &req) {
         Ok(Decoded::Event(ev)) => ev,
         Ok(Decoded::Ack) => return Ok(()),
         Err(r) => {
@@ -541,7 +541,7 @@ async fn handle(
         }
     };
     let rs = st.rules.load_full();
-    let (jobs, tracker) = crate::server::plan(&rs, Some(src), &ev);
+    let (jobs, tracker) = crate::server::plan(&rs, Some(src), &mut ev);
     let n = jobs.len();
     match st
         .outbox

@@ -286,6 +286,43 @@ fn the_shipped_rules_pass() {
     assert_eq!(report.tests_run, report.tests_passed);
 }
 
+/// The server routes with `route_in_place` (no copy of the event), `check` and `simulate` with
+/// `route`: for every fixture and the shipped rules, both give the same dispatches, and the event
+/// is left as it was.
+#[test]
+fn routing_in_place_equals_routing_a_copy() {
+    use switchyard::routing::{route, route_in_place};
+    use switchyard::sources::{Decoded, Request};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let (rs, _) = check::run(&dir, &opts());
+    let rs = rs.expect("the shipped rules load");
+    let mut routed = 0;
+    for kind in ["port", "coder"] {
+        let src = rs
+            .sources
+            .values()
+            .find(|s| s.kind == kind)
+            .expect("a source");
+        for f in std::fs::read_dir(fixture(kind)).unwrap() {
+            let body = std::fs::read(f.unwrap().path()).unwrap();
+            let req = Request {
+                body: &body,
+                ..Default::default()
+            };
+            let Ok(Decoded::Event(ev)) = src.source.decode(&src.name, &req) else {
+                continue;
+            };
+            let copy = route(&rs, &ev);
+            let mut same = (*ev).clone();
+            let in_place = route_in_place(&rs, &mut same);
+            assert_eq!(format!("{copy:?}"), format!("{in_place:?}"));
+            assert_eq!(same.data, ev.data, "the event's data is back in place");
+            routed += copy.len();
+        }
+    }
+    assert!(routed >= 5, "the fixtures produce dispatches ({routed})");
+}
+
 #[test]
 fn cli_exit_codes_and_json_output() {
     let bin = env!("CARGO_BIN_EXE_switchyard");

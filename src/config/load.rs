@@ -1973,7 +1973,7 @@ fn check_secret_routing(rs: &Ruleset, parsed: &[Parsed], diags: &mut Vec<Diagnos
             // A destination standing in as a fallback is an operational substitution: judge the
             // rule by what it declares (the engine still refuses at run time while it falls back).
             if d.to != d.destination
-                && crate::routing::secret_allowed(rs, &ev, &d.to, &d.target).is_ok()
+                && crate::routing::secret_allowed(rs, &ev.data, &d.to, &d.target).is_ok()
             {
                 continue;
             }

@@ -728,12 +728,36 @@ mod tests {
 
     #[test]
     fn literal_patterns_answer_as_the_regex_does() {
-        let texts = ["svc-1-api", "my-svc-1-", "", "SVC-1-x", "svc-1", "ünï-svc-1-", "a.b", "axb"];
-        for src in ["^svc-1-", "svc-1-", "^", "", "ünï", "^a.b", "a\\.b", "^svc-[0-9]-", "x$", "(?i)^svc"] {
+        let texts = [
+            "svc-1-api",
+            "my-svc-1-",
+            "",
+            "SVC-1-x",
+            "svc-1",
+            "ünï-svc-1-",
+            "a.b",
+            "axb",
+        ];
+        for src in [
+            "^svc-1-",
+            "svc-1-",
+            "^",
+            "",
+            "ünï",
+            "^a.b",
+            "a\\.b",
+            "^svc-[0-9]-",
+            "x$",
+            "(?i)^svc",
+        ] {
             let re = Regex::new(src).unwrap();
             let p = Pattern::new(re.clone());
             let literal = !matches!(p, Pattern::Regex(_));
-            assert_eq!(literal, ["^svc-1-", "svc-1-", "^", "", "ünï"].contains(&src), "{src}");
+            assert_eq!(
+                literal,
+                ["^svc-1-", "svc-1-", "^", "", "ünï"].contains(&src),
+                "{src}"
+            );
             for t in texts {
                 assert_eq!(p.is_match(t), re.is_match(t), "{src} on {t:?}");
             }

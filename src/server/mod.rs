@@ -32,7 +32,7 @@ use crate::config::secret::Secret;
 use crate::config::{load_dir, LoadOptions, Mode};
 use crate::deliver::Deliverer;
 use crate::outbox::{EnqueueError, Enqueued, NewJob, NewTracker, Outbox};
-use crate::routing::{route, DispatchError, Ruleset};
+use crate::routing::{route_in_place, DispatchError, Ruleset};
 use crate::sources::{Decoded, Headers, Request};
 
 pub use reload::ReloadStatus;
@@ -209,9 +209,9 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
 pub(crate) fn plan(
     rs: &Ruleset,
     src: Option<&crate::config::SourceEntry>,
-    ev: &crate::event::Event,
+    ev: &mut crate::event::Event,
 ) -> (Vec<NewJob>, Option<(String, NewTracker)>) {
-    let dispatches = route(rs, ev);
+    let dispatches = route_in_place(rs, ev);
     let mut jobs = Vec::new();
     let mut matched: Vec<String> = Vec::new();
     for d in dispatches {
@@ -509,7 +509,7 @@ async fn handle(
         tracing::warn!(source = %source, reason = r.reason(), "rejected: verification failed");
         return reject(StatusCode::UNAUTHORIZED, r.reason());
     }
-    let ev = match src.source.decode(&source, &req) {
+    let mut ev = match src.source.decode(&source, &req) {
         Ok(Decoded::Event(ev)) => ev,
         Ok(Decoded::Ack) => {
             m.count("acknowledged");
@@ -522,7 +522,7 @@ async fn handle(
             return reject(status, r.reason());
         }
     };
-    let (jobs, tracker) = plan(&rs, Some(src), &ev);
+    let (jobs, tracker) = plan(&rs, Some(src), &mut ev);
     let n = jobs.len();
     let dedup = Some((ev.id.clone(), src.dedup_window));
     let result = st.outbox.enqueue(dedup, jobs, tracker).await;

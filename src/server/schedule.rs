@@ -76,7 +76,7 @@ async fn fire(st: &Arc<AppState>, s: &Schedule, tick: DateTime<Utc>) {
         "tick": local.to_rfc3339(),
         "tick_utc": tick.to_rfc3339(),
     });
-    let ev = Event::new(
+    let mut ev = Event::new(
         "schedule",
         &format!("schedule/{}", s.name),
         id.clone(),
@@ -84,7 +84,7 @@ async fn fire(st: &Arc<AppState>, s: &Schedule, tick: DateTime<Utc>) {
         false,
     );
     let rs = st.rules.load_full();
-    let (jobs, _) = super::plan(&rs, None, &ev);
+    let (jobs, _) = super::plan(&rs, None, &mut ev);
     let n = jobs.len();
     match st
         .outbox
