@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use serde_json::json;
 use switchyard::check;
 use switchyard::config::diag::Diagnostic;
 use switchyard::config::{LoadOptions, Mode};
@@ -284,6 +285,77 @@ fn the_shipped_rules_pass() {
     assert!(report.valid, "{errs:#?}");
     assert!(report.tests_run >= 10);
     assert_eq!(report.tests_run, report.tests_passed);
+}
+
+/// Routing looks rules with `<path> == "<text>"` up by the event's value instead of evaluating
+/// each: for a mixed ruleset (grouped and scanned rules, numeric-looking texts, `stop`, several
+/// event types and wildcards) and many events, the rules found are exactly a plain scan's.
+#[test]
+fn the_equality_index_finds_what_a_scan_finds() {
+    use switchyard::event::Event;
+    use switchyard::routing::matching;
+    use switchyard::routing::Rule;
+    let mut body = String::from("rules:\n");
+    for i in 0..60 {
+        let on = ["port/entity.updated", "port/*", "*", "port/entity.created"][i % 4];
+        let cond = match i % 6 {
+            0 => format!("'$.blueprint == \"bp{}\"'", i % 5),
+            1 => format!("'$.after.properties.kind == \"k{}\"'", i % 3),
+            2 => format!("'$.after.properties.kind == \"{}\"'", i % 2),
+            3 => format!(
+                "'$.blueprint == \"bp{}\"', '$.after.properties.n > {}'",
+                i % 5,
+                i % 7
+            ),
+            4 => format!("'$.after.properties.n crosses_above {}'", i % 9),
+            _ => format!("'$.after.properties.kind != \"k{}\"'", i % 3),
+        };
+        let stop = if i % 17 == 16 { "    stop: true\n" } else { "" };
+        body.push_str(&format!(
+            "  - id: r{i}\n    on: \"{on}\"\n    where: [{cond}]\n{stop}    send: [{{ to: console, text: hi }}]\n"
+        ));
+    }
+    let d = dir_with(&body, &[]);
+    let (rs, report) = check::run(d.path(), &opts());
+    let rs = rs.unwrap_or_else(|| panic!("{:#?}", report.diagnostics));
+    let scan = |ev: &Event| -> Vec<String> {
+        let mut out = Vec::new();
+        for &i in rs.candidates(&ev.event_type).iter() {
+            let r: &Rule = &rs.rules[i];
+            if r.conditions.iter().all(|c| c.eval(&ev.data)) {
+                out.push(r.id.clone());
+                if r.stop {
+                    break;
+                }
+            }
+        }
+        out
+    };
+    let mut matched = 0;
+    for n in 0..400u64 {
+        let kind = match n % 5 {
+            0 => json!(format!("k{}", n % 4)),
+            1 => json!(n % 2),
+            2 => json!(format!("{}", n % 3)),
+            3 => json!(null),
+            _ => json!(["k1"]),
+        };
+        let data = json!({
+            "blueprint": if n % 7 == 0 { json!(3) } else { json!(format!("bp{}", n % 6)) },
+            "before": {"properties": {"kind": "k0", "n": n % 5}},
+            "after": {"properties": {"kind": kind, "n": n % 11}},
+        });
+        let t = [
+            "port/entity.updated",
+            "port/entity.created",
+            "coder/notification",
+        ][(n % 3) as usize];
+        let ev = Event::new("port", t, format!("e{n}"), data, false);
+        let fast: Vec<String> = matching(&rs, &ev).iter().map(|r| r.id.clone()).collect();
+        assert_eq!(fast, scan(&ev), "event {n}: {}", ev.data);
+        matched += fast.len();
+    }
+    assert!(matched > 200, "the events match rules ({matched})");
 }
 
 /// The server routes with `route_in_place` (no copy of the event), `check` and `simulate` with

@@ -164,6 +164,8 @@ pub struct Ruleset {
     pub schedules: BTreeMap<String, crate::config::Schedule>,
     /// Rule indices per event type, in file order, wildcards included.
     by_type: HashMap<String, Vec<usize>>,
+    /// The same, split for [`matching`]: see [`TypeIndex`].
+    index: HashMap<String, TypeIndex>,
     /// Distinct simple paths of the rules' conditions (memo slots, see [`path::Interner`]).
     path_slots: usize,
 }
@@ -195,6 +197,7 @@ impl Ruleset {
             files,
             schedules: BTreeMap::new(),
             by_type: HashMap::new(),
+            index: HashMap::new(),
         };
         let types: Vec<String> = crate::event::EVENT_TYPES
             .iter()
@@ -202,6 +205,7 @@ impl Ruleset {
             .collect();
         for t in types {
             let idx = rs.candidates_slow(&t);
+            rs.index.insert(t.clone(), TypeIndex::new(&rs.rules, &idx));
             rs.by_type.insert(t, idx);
         }
         rs
@@ -238,6 +242,55 @@ impl Ruleset {
     }
 }
 
+/// The candidate rules of one event type, arranged so that rules which need a path to equal a
+/// given text are found by looking the event's value up rather than by evaluating each.
+///
+/// Rules are usually told apart by a kind of thing (`$.blueprint == "service"`), so a ruleset
+/// of many rules has many rules over one path. A rule with a [`Condition::equality_key`] among
+/// its conditions goes into the group of that path under its text, when at least two rules
+/// share the path; every other rule is scanned. [`matching`] takes the scanned rules and the
+/// rules under the event's values, in file order, and evaluates all conditions of each: the
+/// index only skips rules whose condition could not hold, so the result is the scan's (a test
+/// compares them).
+#[derive(Debug, Default)]
+struct TypeIndex {
+    /// Rules evaluated for every event, in file order.
+    scanned: Vec<usize>,
+    /// Grouped rules: the path (with its memo slot) and the rules by text, each in file order.
+    groups: Vec<(path::JsonPathExpr, HashMap<String, Vec<usize>>)>,
+}
+
+impl TypeIndex {
+    fn new(rules: &[Rule], candidates: &[usize]) -> TypeIndex {
+        let key = |i: usize| rules[i].conditions.iter().find_map(Condition::equality_key);
+        let mut per_slot: HashMap<u32, usize> = HashMap::new();
+        for &i in candidates {
+            if let Some(slot) = key(i).and_then(|(p, _)| p.slot()) {
+                *per_slot.entry(slot).or_default() += 1;
+            }
+        }
+        let mut ix = TypeIndex::default();
+        let mut group_of: HashMap<u32, usize> = HashMap::new();
+        for &i in candidates {
+            let grouped = key(i).and_then(|(p, text)| {
+                let slot = p.slot()?;
+                (per_slot.get(&slot).copied().unwrap_or(0) >= 2).then_some((slot, p, text))
+            });
+            match grouped {
+                Some((slot, p, text)) => {
+                    let g = *group_of.entry(slot).or_insert_with(|| {
+                        ix.groups.push((p.clone(), HashMap::new()));
+                        ix.groups.len() - 1
+                    });
+                    ix.groups[g].1.entry(text.to_string()).or_default().push(i);
+                }
+                None => ix.scanned.push(i),
+            }
+        }
+        ix
+    }
+}
+
 /// `port/entity.updated` matches `port/entity.updated`, `port/*`, `port/entity.*` and `*`.
 pub fn type_matches(pattern: &str, event_type: &str) -> bool {
     if pattern == "*" || pattern == event_type {
@@ -253,7 +306,22 @@ pub fn type_matches(pattern: &str, event_type: &str) -> bool {
 pub fn matching<'a>(rs: &'a Ruleset, ev: &Event) -> Vec<&'a Rule> {
     let mut out = Vec::new();
     let mut lk = path::Lookup::new(&ev.data, rs.path_slots);
-    for &i in rs.candidates(&ev.event_type).iter() {
+    let candidates = match rs.index.get(&ev.event_type) {
+        Some(ix) if !ix.groups.is_empty() => {
+            let mut c = ix.scanned.clone();
+            for (p, by_text) in &ix.groups {
+                if let Some(Value::String(t)) = p.first_in(&mut lk) {
+                    if let Some(rules) = by_text.get(t) {
+                        c.extend_from_slice(rules);
+                    }
+                }
+            }
+            c.sort_unstable();
+            std::borrow::Cow::Owned(c)
+        }
+        _ => rs.candidates(&ev.event_type),
+    };
+    for &i in candidates.iter() {
         let rule = &rs.rules[i];
         if !rule.conditions.iter().all(|c| c.eval_in(&mut lk)) {
             continue;

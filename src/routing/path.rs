@@ -174,6 +174,16 @@ impl JsonPathExpr {
         }
     }
 
+    /// True for a member/index chain that has its memo slot (selects at most one node).
+    pub fn is_simple(&self) -> bool {
+        matches!(self.kind, Kind::Simple(_)) && self.slot.is_some()
+    }
+
+    /// The memo slot, for a simple path inside an assembled ruleset.
+    pub fn slot(&self) -> Option<u32> {
+        self.slot
+    }
+
     /// Gives a simple path its memo slot (general paths keep none).
     pub fn intern(&mut self, interner: &mut Interner) {
         if let Kind::Simple(steps) = &self.kind {
