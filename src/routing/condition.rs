@@ -665,16 +665,17 @@ impl Condition {
 
     /// Evaluates through a per-event memo of resolved paths (what routing uses); the same
     /// answer as [`eval`](Self::eval).
-    /// For `<member/index path> == "<text>"` with a text that is not a number: the path and the
-    /// text. Such a condition holds exactly when the path selects that string (a non-numeric
-    /// string equals no number, and a simple path selects at most one node), so routing can
-    /// find the rules that need a value by looking the event's value up.
-    pub fn equality_key(&self) -> Option<(&JsonPathExpr, &str)> {
+    /// A path and a text such that this condition can only hold when the path selects exactly
+    /// that string: `<member/index path> == "<text>"`, or `<path> changed_to "<text>"`, with a
+    /// text that is not a number (a non-numeric string equals no number, and a simple path
+    /// selects at most one node). Routing uses it to skip, without evaluating them, the rules
+    /// whose text the event does not have.
+    pub fn required_text(&self) -> Option<(&JsonPathExpr, &str)> {
         let Condition::Cmp(c) = self else {
             return None;
         };
-        match (&c.op, &c.value, &c.before) {
-            (Op::Eq, Value::String(s), None)
+        match (&c.op, &c.value) {
+            (Op::Eq | Op::ChangedTo, Value::String(s))
                 if c.path.is_simple() && as_number(&c.value).is_none() =>
             {
                 Some((&c.path, s.as_str()))

@@ -246,7 +246,7 @@ impl Ruleset {
 /// given text are found by looking the event's value up rather than by evaluating each.
 ///
 /// Rules are usually told apart by a kind of thing (`$.blueprint == "service"`), so a ruleset
-/// of many rules has many rules over one path. A rule with a [`Condition::equality_key`] among
+/// of many rules has many rules over one path. A rule with a [`Condition::required_text`] among
 /// its conditions goes into the group of that path under its text, when at least two rules
 /// share the path; every other rule is scanned. [`matching`] takes the scanned rules and the
 /// rules under the event's values, in file order, and evaluates all conditions of each: the
@@ -262,7 +262,12 @@ struct TypeIndex {
 
 impl TypeIndex {
     fn new(rules: &[Rule], candidates: &[usize]) -> TypeIndex {
-        let key = |i: usize| rules[i].conditions.iter().find_map(Condition::equality_key);
+        let key = |i: usize| {
+            rules[i]
+                .conditions
+                .iter()
+                .find_map(Condition::required_text)
+        };
         let mut per_slot: HashMap<u32, usize> = HashMap::new();
         for &i in candidates {
             if let Some(slot) = key(i).and_then(|(p, _)| p.slot()) {
