@@ -291,10 +291,8 @@ async fn a_429_with_retry_after_is_honoured_and_delivered_once() {
     assert!(dead_letters(&engine.data).is_empty());
 }
 
-#[tokio::test]
-async fn channel_not_found_is_a_dead_letter_after_one_try() {
-    let slack = Fake::start(|_, _| (404, vec![], "channel_not_found".into())).await;
-    let engine = delivery_engine(&slack, "").await;
+/// Posts the CPU-bump changelog (202 expected) and waits for its dead letters.
+async fn post_until_dead_letter(engine: &Engine) -> (Value, Vec<switchyard::outbox::DeadLetter>) {
     let (status, reply) = engine
         .post_port(
             "port",
@@ -302,12 +300,20 @@ async fn channel_not_found_is_a_dead_letter_after_one_try() {
             &fixture("port/changelog-update-cpu-bump.json"),
         )
         .await;
-    assert_eq!(status, 202);
+    assert_eq!(status, 202, "{reply}");
     let dead = eventually(10, "a dead letter", || {
         let d = dead_letters(&engine.data);
         (!d.is_empty()).then_some(d)
     })
     .await;
+    (reply, dead)
+}
+
+#[tokio::test]
+async fn channel_not_found_is_a_dead_letter_after_one_try() {
+    let slack = Fake::start(|_, _| (404, vec![], "channel_not_found".into())).await;
+    let engine = delivery_engine(&slack, "").await;
+    let (reply, dead) = post_until_dead_letter(&engine).await;
     assert_eq!(slack.on_path(HOOK).len(), 1);
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].destination, "alerts");
@@ -343,19 +349,7 @@ async fn a_redirect_is_a_dead_letter_and_is_not_followed() {
     })
     .await;
     let engine = delivery_engine(&slack, "").await;
-    let (status, _) = engine
-        .post_port(
-            "port",
-            SECRET,
-            &fixture("port/changelog-update-cpu-bump.json"),
-        )
-        .await;
-    assert_eq!(status, 202);
-    let dead = eventually(10, "a dead letter", || {
-        let d = dead_letters(&engine.data);
-        (!d.is_empty()).then_some(d)
-    })
-    .await;
+    let (_, dead) = post_until_dead_letter(&engine).await;
     assert!(
         dead[0].last_error.contains("HTTP 302"),
         "{}",
