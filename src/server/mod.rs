@@ -72,6 +72,8 @@ pub struct AppState {
     reload_lock: tokio::sync::Mutex<()>,
     /// Metric handles of the request path.
     source_metrics: MetricHandles,
+    /// `switchyard_queue_depth`, set after every enqueue.
+    queue_depth: metrics::Gauge,
 }
 
 type St = State<Arc<AppState>>;
@@ -160,6 +162,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         kafka: crate::kafka::Consumers::default(),
         reload_lock: tokio::sync::Mutex::new(()),
         source_metrics: MetricHandles::default(),
+        queue_depth: metrics::gauge!("switchyard_queue_depth"),
     });
     for (name, s) in &rs.sources {
         match &s.disabled {
@@ -527,7 +530,7 @@ async fn handle(
     let dedup = Some((ev.id.clone(), src.dedup_window));
     let result = st.outbox.enqueue(dedup, jobs, tracker).await;
     m.ingest.record(started.elapsed().as_secs_f64());
-    metrics::gauge!("switchyard_queue_depth").set(st.outbox.pending() as f64);
+    st.queue_depth.set(st.outbox.pending() as f64);
     let slack = src.kind == "slack";
     match result {
         Ok(Enqueued::Committed(committed, throttled)) => {
