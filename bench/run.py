@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """End-to-end benchmark of switchyard against the floor, on 127.0.0.1 only.
 
-Runs, in one go: (a) the floor (a minimal forwarder: accept, answer 202, one POST to the sink),
-(b) switchyard with 100 rules, signature verification and the durable outbox, both at a fixed
-concurrency; (c) switchyard at a fixed rate of 5,000 events/s for the ingest-latency target;
-(d) a reload of 1,000 rules under load. Prints one Markdown table. Needs only python3 and the
-workspace's binaries (built first, in release mode).
+Runs, in one go: (a) the floor (a minimal forwarder: accept, answer 202, one POST to the sink)
+and (b) switchyard with 100 rules, signature verification and the durable outbox, both at a
+fixed concurrency, in alternating rounds; (c) switchyard at a fixed rate of 5,000 events/s for
+the ingest-latency target; (d) a reload of 1,000 rules under load. Prints one Markdown table.
+Needs only python3 and the workspace's binaries (built first, in release mode).
 
-    bench/run.py [--seconds 15] [--concurrency 64] [--soak SECONDS]
+    bench/run.py [--seconds 15] [--rounds 3] [--concurrency 64] [--skip-build]
+
+`--seconds` is the load time per side, split into `--rounds` alternating rounds.
 """
 
 import argparse
@@ -141,10 +143,41 @@ def run_engine(tmp, sink, seconds, concurrency, start_seq):
     return lg, s, (cpu1 - cpu0), hwm, rss0
 
 
+def segment(sink, pid, url, seconds, concurrency, unsigned=False, start_seq=1):
+    """One timed run against `url`: the load generator's and the sink's figures, and the CPU
+    seconds the process `pid` used meanwhile (until the last message arrived)."""
+    http_json(f"http://{sink}/reset", data=b"", method="POST")
+    cpu0 = proc_stats(pid)[0]
+    lg = loadgen(url, seconds, concurrency=concurrency, unsigned=unsigned, start_seq=start_seq)
+    s = wait_delivered(sink, lg["accepted"] if unsigned else lg["expected_messages"])
+    return lg, s, proc_stats(pid)[0] - cpu0
+
+
+def combine(runs, one_per_event=False):
+    """Totals over rounds: rates from summed counts and times, latencies as the median round's."""
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2]
+    accepted = sum(lg["accepted"] for lg, _, _ in runs)
+    msgs = sum(s["messages"] for _, s, _ in runs)
+    return {
+        "accepted": accepted,
+        "expected": sum(lg["accepted"] if one_per_event else lg["expected_messages"] for lg, _, _ in runs),
+        "accepted_per_s": accepted / sum(lg["seconds"] for lg, _, _ in runs),
+        "messages": msgs,
+        "duplicates": sum(s["duplicates"] for _, s, _ in runs),
+        "per_s": msgs / sum(s["messages"] / s["per_s"] for _, s, _ in runs if s["per_s"]),
+        "latency_ms": {q: med([lg["latency_us"][q] for lg, _, _ in runs]) / 1000 for q in ("p50", "p99", "p999")},
+        "e2e_ms": {q: med([s["e2e_us"][q] for _, s, _ in runs]) / 1000 for q in ("p50", "p99")},
+        "cpu_per_1k": sum(c for _, _, c in runs) / max(accepted, 1) * 1000,
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating floor/switchyard rounds (the time is split)")
     ap.add_argument("--skip-build", action="store_true")
     args = ap.parse_args()
     if not args.skip_build:
@@ -155,19 +188,30 @@ def main():
     sink = first_line(sink_p)
     procs = [sink_p]
     try:
-        # (a) the floor
-        print("floor…", file=sys.stderr)
+        # (a) the floor and (b) switchyard, in alternating rounds: this VM's speed drifts by 10% and
+        # more within minutes, and alternating gives both sides the same share of the drift.
         floor_p = start([os.path.join(BIN, "floor"), "--sink", f"http://{sink}/hook"])
         procs.append(floor_p)
         floor = first_line(floor_p)
-        floor_lg = loadgen(f"http://{floor}/hooks/port", args.seconds, concurrency=args.concurrency, unsigned=True)
-        floor_s = wait_delivered(sink, floor_lg["accepted"])
-        floor_cpu, floor_hwm, _ = proc_stats(floor_p.pid)
+        p, port, _ = engine(tmp, 100, sink, "main")
+        procs.append(p)
+        rss0 = proc_stats(p.pid)[2]
+        seg = args.seconds / args.rounds
+        floor_runs, sy_runs, ratios = [], [], []
+        seq = 10_000_000
+        for r in range(args.rounds):
+            print(f"round {r + 1} of {args.rounds}: floor, then switchyard (100 rules, durable outbox)…", file=sys.stderr)
+            f = segment(sink, floor_p.pid, f"http://{floor}/hooks/port", seg, args.concurrency, unsigned=True)
+            e = segment(sink, p.pid, f"http://127.0.0.1:{port}/hooks/port", seg, args.concurrency, start_seq=seq)
+            seq = e[0]["next_seq"]
+            floor_runs.append(f)
+            sy_runs.append(e)
+            ratios.append(e[1]["per_s"] / f[1]["per_s"] if f[1]["per_s"] else 0)
+        floor_hwm = proc_stats(floor_p.pid)[1]
+        hwm = proc_stats(p.pid)[1]
         stop(floor_p)
-
-        # (b) switchyard, same load
-        print("switchyard, 100 rules, durable outbox…", file=sys.stderr)
-        lg, s, cpu, hwm, rss0 = run_engine(tmp, sink, args.seconds, args.concurrency, start_seq=10_000_000)
+        stop(p)
+        fl, sy = combine(floor_runs, one_per_event=True), combine(sy_runs)
 
         # (c) fixed rate 5,000/s for the latency target
         print("switchyard at 5,000 events/s…", file=sys.stderr)
@@ -200,19 +244,21 @@ def main():
             stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    delivered_ratio = s["per_s"] / floor_s["per_s"] if floor_s["per_s"] else 0
+    delivered_ratio = sy["per_s"] / fl["per_s"] if fl["per_s"] else 0
+    lat = lambda x: f"{x['latency_ms']['p50']:.2f} / {x['latency_ms']['p99']:.2f} / {x['latency_ms']['p999']:.2f} ms"
     rows = [
-        ("accepted events/s", f"{floor_lg['accepted_per_s']:,.0f}", f"{lg['accepted_per_s']:,.0f}"),
-        ("delivered messages/s", f"{floor_s['per_s']:,.0f}", f"{s['per_s']:,.0f}"),
-        ("messages delivered / expected", f"{floor_s['messages']:,} / {floor_lg['accepted']:,}", f"{s['messages']:,} / {lg['expected_messages']:,} (duplicates {s['duplicates']})"),
-        ("ingest latency p50 / p99 / p99.9", f"{floor_lg['latency_us']['p50']/1000:.2f} / {floor_lg['latency_us']['p99']/1000:.2f} / {floor_lg['latency_us']['p999']/1000:.2f} ms",
-         f"{lg['latency_us']['p50']/1000:.2f} / {lg['latency_us']['p99']/1000:.2f} / {lg['latency_us']['p999']/1000:.2f} ms"),
-        ("end-to-end (sent → delivered) p50 / p99", f"{floor_s['e2e_us']['p50']/1000:.1f} / {floor_s['e2e_us']['p99']/1000:.1f} ms", f"{s['e2e_us']['p50']/1000:.1f} / {s['e2e_us']['p99']/1000:.1f} ms"),
+        ("accepted events/s", f"{fl['accepted_per_s']:,.0f}", f"{sy['accepted_per_s']:,.0f}"),
+        ("delivered messages/s", f"{fl['per_s']:,.0f}", f"{sy['per_s']:,.0f}"),
+        ("messages delivered / expected", f"{fl['messages']:,} / {fl['expected']:,}", f"{sy['messages']:,} / {sy['expected']:,} (duplicates {sy['duplicates']})"),
+        ("ingest latency p50 / p99 / p99.9", lat(fl), lat(sy)),
+        ("end-to-end (sent → delivered) p50 / p99", f"{fl['e2e_ms']['p50']:.1f} / {fl['e2e_ms']['p99']:.1f} ms", f"{sy['e2e_ms']['p50']:.1f} / {sy['e2e_ms']['p99']:.1f} ms"),
         ("peak RSS", f"{floor_hwm:.0f} MB", f"{hwm:.0f} MB (at start {rss0:.0f} MB)"),
-        ("CPU seconds per 1,000 events", f"{floor_cpu / max(floor_lg['accepted'], 1) * 1000:.3f}", f"{cpu / max(lg['accepted'], 1) * 1000:.3f}"),
-        ("throughput vs the floor (delivered)", "1.00", f"{delivered_ratio:.2f}"),
+        ("CPU seconds per 1,000 events", f"{fl['cpu_per_1k']:.3f}", f"{sy['cpu_per_1k']:.3f}"),
+        ("throughput vs the floor (delivered messages)", "1.00", f"{delivered_ratio:.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"),
+        ("throughput vs the floor (accepted events)", "1.00", f"{sy['accepted_per_s'] / fl['accepted_per_s']:.2f}" if fl["accepted_per_s"] else "-"),
     ]
-    print(f"\nconcurrency {args.concurrency}, {args.seconds:.0f} s per run, 70% no match / 20% one rule / 10% three rules\n")
+    print(f"\nconcurrency {args.concurrency}, {args.rounds} alternating rounds of {args.seconds / args.rounds:.0f} s per side, "
+          f"70% no match / 20% one rule / 10% three rules; latencies are the median round's\n")
     print("| | floor | switchyard (100 rules, verify, durable outbox) |")
     print("|---|---|---|")
     for r in rows:
