@@ -232,7 +232,11 @@ fn get<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
 /// True when [`enforce`] would leave the message as it is (the common case: the sender can
 /// then send the stored message without copying it).
 pub fn fits(msg: &Value) -> bool {
-    let over = |v: Option<&Value>, max: usize| v.map(len).unwrap_or(0) > max;
+    // A string of at most `max` bytes has at most `max` characters: count only longer ones.
+    let over = |v: Option<&Value>, max: usize| {
+        v.and_then(Value::as_str)
+            .is_some_and(|s| s.len() > max && s.chars().count() > max)
+    };
     let many =
         |v: Option<&Value>, max: usize| v.and_then(Value::as_array).is_some_and(|a| a.len() > max);
     if over(msg.get("text"), MAX_TEXT) {
