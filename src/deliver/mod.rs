@@ -145,6 +145,10 @@ impl Deliverer {
             // would count as delivered while nobody got it. (Not following also spares a body
             // copy per request that the redirect layer keeps for a possible resend.)
             .redirect(reqwest::redirect::Policy::none())
+            // Retries are the delivery stage's (classified, with backoff, recorded in the
+            // outbox). reqwest's own retry of refused HTTP/2 streams would copy every request
+            // in case it is needed; a refused stream comes back as a transient error instead.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let (stop_tx, stop_rx) = watch::channel(false);
