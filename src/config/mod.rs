@@ -1,5 +1,5 @@
 //! The rules directory: reading files, `${VAR}` expansion, validation with positions, and
-//! compilation into an immutable [`Ruleset`].
+//! compilation into an immutable [`Ruleset`](crate::routing::Ruleset).
 //!
 //! [`load_dir`] never panics and never stops at the first problem it can survive: it collects
 //! every diagnostic it can (per file, per rule) so `check` shows them all at once. A ruleset is

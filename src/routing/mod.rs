@@ -3,8 +3,11 @@
 //! [`route`] is a pure function of `(&Ruleset, &Event)`: no I/O, no clock, no randomness. The
 //! server, `check`, `simulate`, the rule tests and the benchmarks all call it, so what a test
 //! shows is what production does. It selects the rules for the event's type (precomputed
-//! index), evaluates their conditions in file order, stops after a matching rule with
-//! `stop: true`, and renders one message per `send` step.
+//! index), skips those whose `== "text"` / `changed_to "text"` condition the event cannot meet
+//! (looked up by the event's value, see `TypeIndex`), evaluates the conditions of the rest in
+//! file order, stops after a matching rule with `stop: true`, and renders one message per
+//! `send` step. The server calls [`route_in_place`], which renders from the event's own data
+//! rather than a copy; the result is the same.
 
 pub mod condition;
 pub mod path;

@@ -406,7 +406,7 @@ impl SourceMetrics {
     }
 }
 
-/// [`SourceMetrics`] by configured source name. Only names found in the ruleset get an entry,
+/// `SourceMetrics` by configured source name. Only names found in the ruleset get an entry,
 /// so a caller posting to made-up sources cannot grow it.
 #[derive(Default)]
 pub struct MetricHandles(std::sync::RwLock<std::collections::HashMap<String, Arc<SourceMetrics>>>);
