@@ -409,7 +409,7 @@ impl SourceMetrics {
 /// `SourceMetrics` by configured source name. Only names found in the ruleset get an entry,
 /// so a caller posting to made-up sources cannot grow it.
 #[derive(Default)]
-pub struct MetricHandles(std::sync::RwLock<std::collections::HashMap<String, Arc<SourceMetrics>>>);
+struct MetricHandles(std::sync::RwLock<std::collections::HashMap<String, Arc<SourceMetrics>>>);
 
 impl MetricHandles {
     fn get(&self, source: &str) -> Arc<SourceMetrics> {
