@@ -7,7 +7,7 @@ fixed concurrency, in alternating rounds; (c) switchyard at a fixed rate of 5,00
 the ingest-latency target; (d) a reload of 1,000 rules under load. Prints one Markdown table.
 Needs only python3 and the workspace's binaries (built first, in release mode).
 
-    bench/run.py [--seconds 15] [--rounds 3] [--concurrency 64] [--skip-build]
+    bench/run.py [--seconds 15] [--rounds 3] [--concurrency 64] [--profile release|dist] [--skip-build]
 
 `--seconds` is the load time per side, split into `--rounds` alternating rounds.
 """
@@ -24,15 +24,16 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release")
+TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+BIN = os.path.join(TARGET, "release")
 SECRET = "bench-secret"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def build():
+def build(profile="release"):
     # Without the Kafka feature: librdkafka and OpenSSL are not needed to measure the HTTP path,
     # and leaving them out keeps a cold build of the harness within a few minutes.
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--no-default-features", "-p", "switchyard", "-p", "switchyard-bench"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--profile", profile, "--quiet", "--no-default-features", "-p", "switchyard", "-p", "switchyard-bench"], cwd=ROOT, check=True)
 
 
 def start(args, **kw):
@@ -179,10 +180,13 @@ def main():
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="alternating floor/switchyard rounds (the time is split)")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--profile", default="release", help="cargo profile to build and measure (`dist`: the deployment build)")
     args = ap.parse_args()
+    global BIN
+    BIN = os.path.join(TARGET, args.profile)
     if not args.skip_build:
-        print("building (release)…", file=sys.stderr)
-        build()
+        print(f"building ({args.profile})…", file=sys.stderr)
+        build(args.profile)
     tmp = tempfile.mkdtemp(prefix="switchyard-bench-")
     sink_p = start([os.path.join(BIN, "sink")])
     sink = first_line(sink_p)
