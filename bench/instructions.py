@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Instructions per event of the engine, under callgrind: a measure that repeats to 0.1% on a
+shared VM whose wall-clock speed drifts by 10% (used for the README's round-2 table).
+
+Starts `switchyard serve` (100 bench rules, a fake Slack) under `valgrind --tool=callgrind`,
+warms it up, zeroes the counters, sends EVENTS events at 300/s, waits for delivery, dumps, and
+prints the user-space instructions per event summed over all threads. valgrind runs SHA-256 in
+software, so about 86,000 of the figure is the HMAC and body hash that SHA-NI does in a few
+thousand on the CPU. `--floor` measures the floor the same way. Needs valgrind.
+
+    bench/instructions.py [--events 1500] [--floor] [--binary PATH] [--skip-build]
+"""
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=1500)
+    ap.add_argument("--floor", action="store_true", help="measure the floor instead of switchyard")
+    ap.add_argument("--binary", help="the switchyard binary to measure (default: the release build)")
+    ap.add_argument("--skip-build", action="store_true")
+    a = ap.parse_args()
+    if not a.skip_build:
+        run.build()
+    tmp = tempfile.mkdtemp(prefix="switchyard-instr-")
+    sink_p = run.start([os.path.join(run.BIN, "sink")])
+    sink = run.first_line(sink_p)
+    out = os.path.join(tmp, "callgrind.out")
+    port = run.free_port()
+    cg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    try:
+        if a.floor:
+            p = subprocess.Popen(cg + [os.path.join(run.BIN, "floor"), "--sink", f"http://{sink}/hook", "--listen", f"127.0.0.1:{port}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            p.stdout.readline()
+        else:
+            rules = os.path.join(tmp, "rules")
+            subprocess.run([os.path.join(run.BIN, "benchrules"), rules, "100", f"http://{sink}/hook"], check=True)
+            env = dict(os.environ, PORT_CLIENT_SECRET=run.SECRET, SWITCHYARD_LOG="warn")
+            binary = a.binary or os.path.join(run.BIN, "switchyard")
+            p = subprocess.Popen(cg + [binary, "serve", "--rules", rules, "--data-dir", os.path.join(tmp, "data"),
+                                       "--listen", f"127.0.0.1:{port}", "--no-watch"],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run.wait_ready(f"http://127.0.0.1:{port}/readyz", 120)
+        url = f"http://127.0.0.1:{port}/hooks/port"
+        run.loadgen(url, 2, rate=200, unsigned=a.floor, start_seq=1)  # warm-up
+        time.sleep(1)
+        subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True, check=True)
+        lg = run.loadgen(url, a.events / 300, rate=300, unsigned=a.floor, start_seq=1_000_000)
+        time.sleep(2)  # let deliveries finish
+        subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True)
+        time.sleep(1)
+        run.stop(p)
+        total = 0
+        for f in glob.glob(out + "*"):
+            with open(f, errors="replace") as fh:
+                for line in fh:
+                    if line.startswith("totals:"):
+                        total += int(line.split()[1])
+        what = "floor" if a.floor else "switchyard"
+        print(f"{what}: {lg['accepted']} events, {total / max(1, lg['accepted']):,.0f} instructions per event")
+    finally:
+        run.stop(sink_p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
