@@ -142,8 +142,7 @@ impl Deliverer {
             .connect_timeout(Duration::from_secs(5))
             // A redirect is answered, not followed: on 301/302/303 an HTTP client resends a POST
             // as a GET without its body, which the far end would answer 200 to, and the message
-            // would count as delivered while nobody got it. (Not following also spares a body
-            // copy per request that the redirect layer keeps for a possible resend.)
+            // would count as delivered while nobody got it.
             .redirect(reqwest::redirect::Policy::none())
             // Retries are the delivery stage's (classified, with backoff, recorded in the
             // outbox). reqwest's own retry of refused HTTP/2 streams would copy every request
