@@ -347,20 +347,18 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
             }
         };
         match &outcome {
-            Outcome::Delivered { .. } => w.metrics.delivered.increment(1),
-            Outcome::Retry { .. } => w.metrics.retry.increment(1),
-            Outcome::Dead { .. } => w.metrics.dead.increment(1),
-        }
-        match &outcome {
             Outcome::Delivered { .. } => {
+                w.metrics.delivered.increment(1);
                 tracing::debug!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, "delivered");
             }
             Outcome::Dead { error } => {
+                w.metrics.dead.increment(1);
                 w.stats().dead_letters += 1;
                 w.metrics.dead_letters.increment(1);
                 tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, reason = %error, "delivery failed permanently; kept as a dead letter");
             }
             Outcome::Retry { error } => {
+                w.metrics.retry.increment(1);
                 tracing::info!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, reason = %error, "delivery failed; will retry");
             }
         }

@@ -492,6 +492,10 @@ pub fn list_dead(path: &Path, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, S
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsize>) {
     let mut full = true; // the schema opens the connection with synchronous=FULL
+                         // Registered once (the server installs the recorder before it opens the outbox).
+    let commits_full = metrics::counter!("switchyard_outbox_commits_total", "sync" => "full");
+    let commits_normal = metrics::counter!("switchyard_outbox_commits_total", "sync" => "normal");
+    let commands = metrics::counter!("switchyard_outbox_commands_total");
     while let Ok(first) = rx.recv() {
         // Group every command already waiting into one transaction ("group commit").
         let mut batch = vec![first];
@@ -516,8 +520,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsiz
                 Err(e) => tracing::error!(error = %e, "cannot set the outbox's synchronous mode"),
             }
         }
-        metrics::counter!("switchyard_outbox_commits_total", "sync" => if need { "full" } else { "normal" }).increment(1);
-        metrics::counter!("switchyard_outbox_commands_total").increment(batch.len() as u64);
+        if need { &commits_full } else { &commits_normal }.increment(1);
+        commands.increment(batch.len() as u64);
         // On failure every waiting caller gets an error (its reply channel is answered or
         // dropped), and nothing of the batch is committed.
         if let Err(e) = apply(&mut conn, batch, &pending, tracked) {
