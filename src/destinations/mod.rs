@@ -59,10 +59,36 @@ pub trait Destination: Send + Sync {
     }
 }
 
-/// The URL parsed once, when the destination is built (not per message). `None` when it does
-/// not parse: the request is then built from the text, and fails the way it always did.
-fn parse_url(url: &crate::config::secret::Secret) -> Option<reqwest::Url> {
-    reqwest::Url::parse(url.expose()).ok()
+/// A destination's URL (a secret) with its parse, done once when the destination is built, not
+/// per message. When it does not parse, requests are built from the text and fail the way they
+/// always did.
+pub(super) struct Endpoint {
+    url: crate::config::secret::Secret,
+    parsed: Option<reqwest::Url>,
+}
+
+impl Endpoint {
+    fn new(url: &crate::config::secret::Secret) -> Endpoint {
+        Endpoint {
+            parsed: reqwest::Url::parse(url.expose()).ok(),
+            url: url.clone(),
+        }
+    }
+
+    /// A request with a JSON body to come, with the destination's timeout.
+    pub(super) fn json_request(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        timeout: Duration,
+    ) -> reqwest::RequestBuilder {
+        let req = match &self.parsed {
+            Some(u) => client.request(method, u.clone()),
+            None => client.request(method, self.url.expose()),
+        };
+        req.timeout(timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+    }
 }
 
 /// Builds the destination for a configuration.
@@ -76,8 +102,7 @@ pub fn build(
             name: cfg.name.clone(),
         }),
         DestinationKind::SlackWebhook { url } => Arc::new(slack_webhook::SlackWebhook {
-            parsed: parse_url(url),
-            url: url.clone(),
+            endpoint: Endpoint::new(url),
             client: client.clone(),
             timeout: cfg.timeout,
         }),
@@ -87,8 +112,7 @@ pub fn build(
             headers,
             ..
         } => Arc::new(webhook::Webhook {
-            parsed: parse_url(url),
-            url: url.clone(),
+            endpoint: Endpoint::new(url),
             method: method.clone(),
             headers: headers.clone(),
             client: client.clone(),

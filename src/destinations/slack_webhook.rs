@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use super::{
     classify_status, classify_transport, prepare_message, BoxFut, DeliveryError, Destination,
+    Endpoint,
 };
-use crate::config::secret::Secret;
 use crate::outbox::Job;
 
 pub(super) struct SlackWebhook {
-    pub url: Secret,
-    pub parsed: Option<reqwest::Url>,
+    pub endpoint: Endpoint,
     pub client: reqwest::Client,
     pub timeout: Duration,
 }
@@ -23,13 +22,9 @@ impl Destination for SlackWebhook {
         job: &'a Job,
     ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
-            let req = match &self.parsed {
-                Some(u) => self.client.post(u.clone()),
-                None => self.client.post(self.url.expose()),
-            };
-            let req = req
-                .timeout(self.timeout)
-                .header(reqwest::header::CONTENT_TYPE, "application/json");
+            let req = self
+                .endpoint
+                .json_request(&self.client, reqwest::Method::POST, self.timeout);
             let req = match prepare_message(job) {
                 // Unchanged: the text written when the job was stored, not a new serialisation.
                 Cow::Borrowed(_) => req.body(job.body()),

@@ -9,14 +9,13 @@ use handlebars::Context;
 use serde_json::json;
 
 use super::{
-    classify_status, classify_transport, BoxFut, DeliveryError, Destination, TemplatesHandle,
+    classify_status, classify_transport, BoxFut, DeliveryError, Destination, Endpoint,
+    TemplatesHandle,
 };
-use crate::config::secret::Secret;
 use crate::outbox::Job;
 
 pub(super) struct Webhook {
-    pub url: Secret,
-    pub parsed: Option<reqwest::Url>,
+    pub endpoint: Endpoint,
     pub method: String,
     pub headers: Vec<(String, String)>,
     pub client: reqwest::Client,
@@ -32,13 +31,9 @@ impl Destination for Webhook {
         Box::pin(async move {
             let method = reqwest::Method::from_bytes(self.method.as_bytes())
                 .unwrap_or(reqwest::Method::POST);
-            let req = match &self.parsed {
-                Some(u) => self.client.request(method, u.clone()),
-                None => self.client.request(method, self.url.expose()),
-            };
-            let mut req = req
-                .timeout(self.timeout)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+            let mut req = self
+                .endpoint
+                .json_request(&self.client, method, self.timeout)
                 .body(job.body());
             if !self.headers.is_empty() {
                 let ctx = Context::from(
