@@ -165,9 +165,7 @@ pub struct Ruleset {
     pub files: Vec<LoadedFile>,
     /// Schedules by name.
     pub schedules: BTreeMap<String, crate::config::Schedule>,
-    /// Rule indices per event type, in file order, wildcards included.
-    by_type: HashMap<String, Vec<usize>>,
-    /// The same, split for [`matching`]: see [`TypeIndex`].
+    /// The candidate rules per event type (wildcards included), see [`TypeIndex`].
     index: HashMap<String, TypeIndex>,
     /// Distinct simple paths of the rules' conditions (memo slots, see [`path::Interner`]).
     path_slots: usize,
@@ -199,7 +197,6 @@ impl Ruleset {
             tests,
             files,
             schedules: BTreeMap::new(),
-            by_type: HashMap::new(),
             index: HashMap::new(),
         };
         let types: Vec<String> = crate::event::EVENT_TYPES
@@ -208,8 +205,7 @@ impl Ruleset {
             .collect();
         for t in types {
             let idx = rs.candidates_slow(&t);
-            rs.index.insert(t.clone(), TypeIndex::new(&rs.rules, &idx));
-            rs.by_type.insert(t, idx);
+            rs.index.insert(t, TypeIndex::new(&rs.rules, idx));
         }
         rs
     }
@@ -225,8 +221,8 @@ impl Ruleset {
 
     /// Indices of the rules whose `on` covers `event_type`, in file order.
     pub fn candidates(&self, event_type: &str) -> std::borrow::Cow<'_, [usize]> {
-        match self.by_type.get(event_type) {
-            Some(v) => std::borrow::Cow::Borrowed(v.as_slice()),
+        match self.index.get(event_type) {
+            Some(ix) => std::borrow::Cow::Borrowed(ix.all.as_slice()),
             None => std::borrow::Cow::Owned(self.candidates_slow(event_type)),
         }
     }
@@ -257,6 +253,8 @@ impl Ruleset {
 /// compares them).
 #[derive(Debug, Default)]
 struct TypeIndex {
+    /// Every rule whose `on` covers the type, in file order.
+    all: Vec<usize>,
     /// Rules evaluated for every event, in file order.
     scanned: Vec<usize>,
     /// Grouped rules: the path (with its memo slot) and the rules by text, each in file order.
@@ -264,7 +262,7 @@ struct TypeIndex {
 }
 
 impl TypeIndex {
-    fn new(rules: &[Rule], candidates: &[usize]) -> TypeIndex {
+    fn new(rules: &[Rule], candidates: Vec<usize>) -> TypeIndex {
         let key = |i: usize| {
             rules[i]
                 .conditions
@@ -272,14 +270,14 @@ impl TypeIndex {
                 .find_map(Condition::required_text)
         };
         let mut per_slot: HashMap<u32, usize> = HashMap::new();
-        for &i in candidates {
+        for &i in &candidates {
             if let Some(slot) = key(i).and_then(|(p, _)| p.slot()) {
                 *per_slot.entry(slot).or_default() += 1;
             }
         }
         let mut ix = TypeIndex::default();
         let mut group_of: HashMap<u32, usize> = HashMap::new();
-        for &i in candidates {
+        for &i in &candidates {
             let grouped = key(i).and_then(|(p, text)| {
                 let slot = p.slot()?;
                 (per_slot.get(&slot).copied().unwrap_or(0) >= 2).then_some((slot, p, text))
@@ -295,6 +293,7 @@ impl TypeIndex {
                 None => ix.scanned.push(i),
             }
         }
+        ix.all = candidates;
         ix
     }
 }
@@ -327,7 +326,8 @@ pub fn matching<'a>(rs: &'a Ruleset, ev: &Event) -> Vec<&'a Rule> {
             c.sort_unstable();
             std::borrow::Cow::Owned(c)
         }
-        _ => rs.candidates(&ev.event_type),
+        Some(ix) => std::borrow::Cow::Borrowed(ix.all.as_slice()),
+        None => rs.candidates(&ev.event_type),
     };
     for &i in candidates.iter() {
         let rule = &rs.rules[i];
