@@ -37,22 +37,15 @@ def main():
     sink_p = run.start([os.path.join(run.BIN, "sink")])
     sink = run.first_line(sink_p)
     out = os.path.join(tmp, "callgrind.out")
-    port = run.free_port()
     cg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     try:
         if a.floor:
+            port = run.free_port()
             p = subprocess.Popen(cg + [os.path.join(run.BIN, "floor"), "--sink", f"http://{sink}/hook", "--listen", f"127.0.0.1:{port}"],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             p.stdout.readline()
         else:
-            rules = os.path.join(tmp, "rules")
-            subprocess.run([os.path.join(run.BIN, "benchrules"), rules, "100", f"http://{sink}/hook"], check=True)
-            env = dict(os.environ, PORT_CLIENT_SECRET=run.SECRET, SWITCHYARD_LOG="warn")
-            binary = a.binary or os.path.join(run.BIN, "switchyard")
-            p = subprocess.Popen(cg + [binary, "serve", "--rules", rules, "--data-dir", os.path.join(tmp, "data"),
-                                       "--listen", f"127.0.0.1:{port}", "--no-watch"],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            run.wait_ready(f"http://127.0.0.1:{port}/readyz", 120)
+            p, port, _ = run.engine(tmp, 100, sink, "instr", wrap=cg, ready_secs=120, binary=a.binary)
         url = f"http://127.0.0.1:{port}/hooks/port"
         run.loadgen(url, 2, rate=200, unsigned=a.floor, start_seq=1)  # warm-up
         time.sleep(1)

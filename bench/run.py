@@ -100,7 +100,9 @@ def wait_delivered(sink, expected, secs=60):
     return http_json(f"http://{sink}/stats")
 
 
-def engine(tmp, rules_n, sink, name):
+def engine(tmp, rules_n, sink, name, wrap=(), ready_secs=30, binary=None):
+    """Starts `switchyard serve` on `rules_n` bench rules sending to `sink`; `wrap` is a command
+    to run it under (valgrind, for bench/instructions.py)."""
     rules = os.path.join(tmp, f"rules-{name}")
     subprocess.run([os.path.join(BIN, "benchrules"), rules, str(rules_n), f"http://{sink}/hook"], check=True)
     data = os.path.join(tmp, f"data-{name}")
@@ -108,10 +110,10 @@ def engine(tmp, rules_n, sink, name):
     env = dict(os.environ, PORT_CLIENT_SECRET=SECRET, SWITCHYARD_LOG="warn", SWITCHYARD_ADMIN_TOKEN="bench-admin")
     log = open(os.path.join(tmp, f"{name}.log"), "w")
     p = subprocess.Popen(
-        [os.path.join(BIN, "switchyard"), "serve", "--rules", rules, "--data-dir", data, "--listen", f"127.0.0.1:{port}", "--no-watch"],
+        [*wrap, binary or os.path.join(BIN, "switchyard"), "serve", "--rules", rules, "--data-dir", data, "--listen", f"127.0.0.1:{port}", "--no-watch"],
         env=env, stdout=subprocess.DEVNULL, stderr=log,
     )
-    wait_ready(f"http://127.0.0.1:{port}/readyz")
+    wait_ready(f"http://127.0.0.1:{port}/readyz", ready_secs)
     return p, port, rules
 
 
@@ -131,17 +133,6 @@ def stop(p):
             p.wait(timeout=15)
         except subprocess.TimeoutExpired:
             p.kill()
-
-
-def run_engine(tmp, sink, seconds, concurrency, start_seq):
-    http_json(f"http://{sink}/reset", data=b"", method="POST")
-    p, port, _ = engine(tmp, 100, sink, "main")
-    cpu0, _, rss0 = proc_stats(p.pid)
-    lg = loadgen(f"http://127.0.0.1:{port}/hooks/port", seconds, concurrency=concurrency, start_seq=start_seq)
-    s = wait_delivered(sink, lg["expected_messages"])
-    cpu1, hwm, _ = proc_stats(p.pid)
-    stop(p)
-    return lg, s, (cpu1 - cpu0), hwm, rss0
 
 
 def segment(sink, pid, url, seconds, concurrency, unsigned=False, start_seq=1):
