@@ -63,6 +63,7 @@ fn benches(c: &mut Criterion) {
         headers: headers.into(),
         body: &body,
         path_token: None,
+        signed: None,
     };
     c.bench_function("verify (port HMAC, 2 KiB body)", |b| {
         b.iter(|| port.verify(black_box(&req), 1_790_000_000).unwrap())
@@ -99,6 +100,7 @@ fn render_and_enqueue(c: &mut Criterion) {
         headers: BTreeMap::new().into(),
         body: &body,
         path_token: None,
+        signed: None,
     };
     let Decoded::Event(ev) = port.decode("port", &req).unwrap() else {
         unreachable!()

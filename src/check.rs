@@ -74,6 +74,7 @@ fn run_test(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) {
         headers: t.headers.clone().into(),
         body: &t.body,
         path_token: None,
+        signed: None,
     };
     let ev = match src.source.decode(&t.source, &req) {
         Ok(Decoded::Event(ev)) => ev,

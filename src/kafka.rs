@@ -531,6 +531,7 @@ async fn handle(
         headers: Default::default(),
         body: raw,
         path_token: None,
+        signed: None,
     };
     let mut ev = match src.source.decode(&src.name, &req) {
         Ok(Decoded::Event(ev)) => ev,

@@ -353,6 +353,7 @@ fn cmd_simulate(
         headers: headers.into(),
         body: &body,
         path_token: None,
+        signed: None,
     };
     match switchyard::simulate::simulate(&rs, &source, &req, &stand_ins) {
         Ok(sim) => {
@@ -419,7 +420,7 @@ mod dead_letters {
     use std::process::ExitCode;
 
     use super::{DeadLetterAction, DlArgs, Format};
-    use switchyard::outbox::{list_dead, DeadLetter, DeadLetterFilter, Outbox};
+    use switchyard::outbox::{list_dead, purge_dead, DeadLetter, DeadLetterFilter, Outbox};
 
     fn filter(a: &DlArgs) -> Result<DeadLetterFilter, String> {
         let since = match &a.since {
@@ -599,7 +600,10 @@ mod dead_letters {
                     let outbox = Outbox::open(&args.data_dir, usize::MAX)?;
                     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
                     let jobs = rt.block_on(outbox.replay(ids))?;
-                    println!("queued {} message(s) again; a running engine delivers them on its next start (use --server to deliver now)", jobs.len());
+                    println!(
+                        "queued {} message(s) again; they go out when the engine starts",
+                        jobs.len()
+                    );
                 }
             },
             DeadLetterAction::Purge { args } => match &args.server {
@@ -614,10 +618,7 @@ mod dead_letters {
                     println!("purged {}", v["purged"]);
                 }
                 None => {
-                    db(&args)?;
-                    let outbox = Outbox::open(&args.data_dir, usize::MAX)?;
-                    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-                    let n = rt.block_on(outbox.purge(filter(&args)?))?;
+                    let n = purge_dead(&db(&args)?, &filter(&args)?)?;
                     println!("purged {n}");
                 }
             },

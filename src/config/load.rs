@@ -1397,7 +1397,7 @@ fn build_destination(
         use_fallback,
         disabled,
         timeout,
-        max_attempts: spec.max_attempts.unwrap_or(8).max(1),
+        max_attempts: spec.max_attempts.unwrap_or(u32::MAX).max(1),
         rate_per_second: spec
             .rate_per_second
             .or(if slackish { Some(1.0) } else { None }),

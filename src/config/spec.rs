@@ -227,7 +227,8 @@ pub struct DestinationSpec {
     /// Per-request timeout, e.g. `10s` (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
-    /// Most delivery attempts before a message becomes a dead letter (default 8).
+    /// Most delivery attempts before a message becomes a dead letter (default: no cap; a
+    /// message is retried until `max_age`, so an outage shorter than that loses nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// Messages per second (default 1, as Slack asks, for `slack_webhook` and per channel for

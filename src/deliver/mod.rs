@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
+use futures_util::FutureExt;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use serde::Serialize;
@@ -206,7 +207,20 @@ impl Deliverer {
             let inner = self.inner.clone();
             self.inner.tracker.spawn(async move {
                 match worker {
-                    Some(w) => run(inner, w, job).await,
+                    Some(w) => {
+                        let (id, destination) = (job.id, w.name.clone());
+                        let attempt = std::panic::AssertUnwindSafe(run(inner.clone(), w, job));
+                        if attempt.catch_unwind().await.is_err() {
+                            // A bug, not the job's fault or the destination's; the job alone
+                            // pays for it, as a dead letter that can be replayed once fixed.
+                            // Retrying would hit the same bug after every restart.
+                            let error = "internal error while delivering this message (a bug in switchyard; the log has the panic)".to_string();
+                            tracing::error!(destination = %destination, job = id, "{error}; kept as a dead letter");
+                            metrics::counter!("switchyard_dead_letters_total", "destination" => destination).increment(1);
+                            let created = inner.outbox.finish(id, Outcome::Dead { error }).await;
+                            Deliverer { inner: inner.clone() }.submit(created);
+                        }
+                    }
                     None => {
                         let error = format!("destination `{}` no longer exists in the rules", job.destination);
                         tracing::warn!(destination = %job.destination, rule = %job.rule, event_id = %job.event_id, "{error}; kept as a dead letter");

@@ -174,26 +174,90 @@ pub struct Answer {
     pub status: reqwest::StatusCode,
     pub headers: reqwest::header::HeaderMap,
     pub body: String,
+    /// The body was longer than the limit it was read with; `body` holds its start.
+    pub truncated: bool,
 }
 
-/// Reads a response whole (a body that cannot be read counts as empty).
-pub async fn read_answer(resp: reqwest::Response) -> Answer {
+/// How much of an answer is read from Slack or a webhook: their answers are a few bytes
+/// (`ok`, a small JSON object); anything longer is not an answer we can use.
+pub const ANSWER_LIMIT: usize = 64 * 1024;
+
+/// Reads a response, keeping at most `limit` bytes of its body (the rest is not read: the
+/// connection is dropped). The request's timeout bounds the read. A body that cannot be read
+/// whole (it broke off, or never ended before the timeout) is a transient failure, never an
+/// empty success: a `200` whose body we did not see is not known to be delivered.
+pub async fn read_answer(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Answer, DeliveryError> {
     let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.text().await.unwrap_or_default();
-    Answer {
+    let headers = std::mem::take(resp.headers_mut());
+    let mut body: Vec<u8> = Vec::new();
+    let mut truncated = false;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit.saturating_sub(body.len());
+                if chunk.len() > room {
+                    body.extend_from_slice(&chunk[..room]);
+                    truncated = true;
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(DeliveryError::Transient {
+                    reason: format!(
+                        "HTTP {}, but reading the answer failed: {}",
+                        status.as_u16(),
+                        transport_reason(&e)
+                    ),
+                    retry_after: None,
+                });
+            }
+        }
+    }
+    Ok(Answer {
         status,
         headers,
-        body,
-    }
+        body: String::from_utf8_lossy(&body).into_owned(),
+        truncated,
+    })
 }
 
-/// Parses a `Retry-After` header (seconds; HTTP dates are rare from Slack and treated as 1 s).
+/// The longest wait a `Retry-After` may ask for; longer requests are capped to it.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(3600);
+
+/// Parses a `Retry-After` header: delay-seconds or an HTTP-date (RFC 9110 §10.2.3). Anything
+/// else (NaN, infinity, garbage) is ignored; negative delays and dates in the past mean "now";
+/// long ones are capped at an hour.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    Some(Duration::from_secs_f64(
-        v.trim().parse::<f64>().unwrap_or(1.0).clamp(0.0, 3600.0),
-    ))
+    parse_retry_after(v, std::time::SystemTime::now())
+}
+
+/// [`retry_after`] on the header's text, at `now`.
+pub fn parse_retry_after(v: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(n) = v.parse::<u64>() {
+        return Some(Duration::from_secs(n).min(RETRY_AFTER_MAX));
+    }
+    // Not the standard's form, but seen in the field ("1.5", "-1").
+    if let Ok(f) = v.parse::<f64>() {
+        if !f.is_finite() {
+            return None;
+        }
+        return Some(Duration::from_secs_f64(
+            f.clamp(0.0, RETRY_AFTER_MAX.as_secs_f64()),
+        ));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(RETRY_AFTER_MAX),
+    )
 }
 
 /// Classifies an HTTP answer by status (then body): 2xx ok, 429/5xx transient, else permanent.
@@ -237,6 +301,14 @@ pub fn classify_status(
 /// Classifies a transport error (timeouts and connection failures are transient). The URL is
 /// left out of the text: webhook URLs are secrets.
 pub fn classify_transport(e: &reqwest::Error) -> DeliveryError {
+    DeliveryError::Transient {
+        reason: transport_reason(e),
+        retry_after: None,
+    }
+}
+
+/// What went wrong with a request, without its URL.
+fn transport_reason(e: &reqwest::Error) -> String {
     let what = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -250,13 +322,10 @@ pub fn classify_transport(e: &reqwest::Error) -> DeliveryError {
         .map(|s| s.to_string())
         .unwrap_or_default();
     let detail = detail.split(" for url").next().unwrap_or("").to_string();
-    DeliveryError::Transient {
-        reason: if detail.is_empty() {
-            what.to_string()
-        } else {
-            format!("{what}: {detail}")
-        },
-        retry_after: None,
+    if detail.is_empty() {
+        what.to_string()
+    } else {
+        format!("{what}: {detail}")
     }
 }
 
@@ -276,4 +345,71 @@ pub fn prepare_message(job: &Job) -> std::borrow::Cow<'_, serde_json::Value> {
         }
     }
     std::borrow::Cow::Owned(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_retry_after;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates_and_ignores_the_rest() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480); // 2015-10-21 07:28:00 GMT
+        let s = |v: &str| parse_retry_after(v, now);
+        assert_eq!(s("120"), Some(Duration::from_secs(120)));
+        assert_eq!(s(" 2 "), Some(Duration::from_secs(2)));
+        assert_eq!(s("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(s("-5"), Some(Duration::ZERO));
+        assert_eq!(s("99999999999999999999"), Some(Duration::from_secs(3600)));
+        assert_eq!(s("1e999"), None, "infinity");
+        assert_eq!(s("NaN"), None);
+        assert_eq!(s("inf"), None);
+        assert_eq!(s("soon"), None);
+        assert_eq!(s(""), None);
+        // The three HTTP-date forms of RFC 9110.
+        assert_eq!(
+            s("Wed, 21 Oct 2015 07:28:30 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            s("Wednesday, 21-Oct-15 07:29:00 GMT"),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(s("Wed Oct 21 07:28:10 2015"), Some(Duration::from_secs(10)));
+        assert_eq!(
+            s("Tue, 20 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "past"
+        );
+        assert_eq!(
+            s("Fri, 21 Oct 2016 07:28:00 GMT"),
+            Some(Duration::from_secs(3600)),
+            "capped"
+        );
+    }
+
+    #[test]
+    fn a_webhook_answer_is_ok_only_when_slack_says_so() {
+        use super::slack_webhook::webhook_answer;
+        use super::DeliveryError;
+        assert!(webhook_answer("ok", false).is_ok());
+        assert!(webhook_answer("", false).is_ok());
+        assert!(webhook_answer(r#"{"ok":true}"#, false).is_ok());
+        assert!(matches!(
+            webhook_answer("ok", true),
+            Err(DeliveryError::Transient { .. })
+        ));
+        assert!(matches!(
+            webhook_answer("<html>proxy</html>", false),
+            Err(DeliveryError::Transient { .. })
+        ));
+        assert!(matches!(
+            webhook_answer(r#"{"ok":false,"error":"invalid_blocks"}"#, false),
+            Err(DeliveryError::Permanent(r)) if r.contains("invalid_blocks")
+        ));
+        assert!(matches!(
+            webhook_answer("channel_not_found", false),
+            Err(DeliveryError::Permanent(_))
+        ));
+    }
 }

@@ -20,6 +20,10 @@ use crate::event::Event;
 use crate::outbox::{Job, NewJob};
 use crate::routing::{DispatchError, Query};
 
+/// The most of one Port API answer that is read (an entity search page of 100 entities with
+/// their properties and scorecards stays well under it).
+const PORT_ANSWER_LIMIT: usize = 8 << 20;
+
 /// A Port API client for a `port` destination, outside the delivery pipeline (e.g. to fetch
 /// Kafka credentials); `None` for other kinds.
 pub fn client_for(
@@ -128,7 +132,8 @@ impl PortApi {
             status,
             headers,
             body,
-        } = super::read_answer(resp).await;
+            ..
+        } = super::read_answer(resp, super::ANSWER_LIMIT).await?;
         if !status.is_success() {
             return Err(api_error(status, &headers, &body, "access token"));
         }
@@ -169,8 +174,11 @@ impl PortApi {
             }
             let resp = req.send().await.map_err(|e| classify_transport(&e))?;
             let status = resp.status();
-            let headers = resp.headers().clone();
-            if let Some(trace) = headers.get("x-trace-id").and_then(|v| v.to_str().ok()) {
+            if let Some(trace) = resp
+                .headers()
+                .get("x-trace-id")
+                .and_then(|v| v.to_str().ok())
+            {
                 tracing::debug!(
                     trace_id = trace,
                     what,
@@ -178,7 +186,14 @@ impl PortApi {
                     "Port API call"
                 );
             }
-            let text = resp.text().await.unwrap_or_default();
+            let a = super::read_answer(resp, PORT_ANSWER_LIMIT).await?;
+            if a.truncated {
+                return Err(DeliveryError::Permanent(format!(
+                    "{what}: Port's answer is over {} MiB",
+                    PORT_ANSWER_LIMIT >> 20
+                )));
+            }
+            let (headers, text) = (a.headers, a.body);
             if status.as_u16() == 401 && attempt == 0 {
                 token = self.token(Some(&token)).await?;
                 continue;

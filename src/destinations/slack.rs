@@ -17,7 +17,7 @@ use crate::config::secret::Secret;
 use crate::outbox::Job;
 
 /// Web API errors that retrying cannot fix.
-const PERMANENT: &[&str] = &[
+pub(super) const PERMANENT: &[&str] = &[
     "channel_not_found",
     "not_in_channel",
     "is_archived",
@@ -148,7 +148,7 @@ impl SlackBot {
             .send()
             .await
             .map_err(|e| classify_transport(&e))?;
-        let a = super::read_answer(resp).await;
+        let a = super::read_answer(resp, super::ANSWER_LIMIT).await?;
         Self::web_api_result(a.status, &a.headers, &a.body)
     }
 

@@ -1,5 +1,7 @@
 //! `slack_webhook`: a Slack incoming webhook (protocols.md §4.1). Success is 200 with `ok`;
 //! failures are classified by status, then body (`invalid_blocks`, `channel_not_found`, ...).
+//! A 2xx counts as delivered only when its body is Slack's `ok`: a proxy's HTML page or a
+//! Web-API-style `{"ok":false,…}` behind a 200 means Slack did not take the message.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -31,8 +33,43 @@ impl Destination for SlackWebhook {
                 Cow::Owned(m) => req.body(m.to_string()),
             };
             let resp = req.send().await.map_err(|e| classify_transport(&e))?;
-            let a = super::read_answer(resp).await;
-            classify_status(a.status, &a.headers, &a.body).map(|()| Vec::new())
+            let a = super::read_answer(resp, super::ANSWER_LIMIT).await?;
+            classify_status(a.status, &a.headers, &a.body)?;
+            webhook_answer(&a.body, a.truncated).map(|()| Vec::new())
         })
     }
+}
+
+/// Classifies the body of a 2xx answer from an incoming webhook. Slack answers `ok`; an error
+/// code Slack uses (also inside `{"ok":false,"error":…}`) is classified as the Web API's; any
+/// other body (an HTML page from a proxy or captive portal, a cut-off answer) is transient,
+/// with an excerpt, so the message is retried until `max_age` and never silently counted.
+pub(super) fn webhook_answer(body: &str, truncated: bool) -> Result<(), DeliveryError> {
+    let text = body.trim();
+    if !truncated && (text == "ok" || text.is_empty() && body.is_empty()) {
+        // An empty 200 is what some Slack-compatible receivers (Mattermost, test doubles) send.
+        return Ok(());
+    }
+    let code = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| match v.get("ok") {
+            Some(serde_json::Value::Bool(true)) => Some(String::new()),
+            _ => v["error"].as_str().map(str::to_string),
+        })
+        .unwrap_or_else(|| text.to_string());
+    if code.is_empty() {
+        return Ok(());
+    }
+    if super::slack::PERMANENT.contains(&code.as_str()) || code.starts_with("restricted_action") {
+        return Err(DeliveryError::Permanent(format!(
+            "HTTP 200 with Slack's error `{code}`"
+        )));
+    }
+    Err(DeliveryError::Transient {
+        reason: format!(
+            "HTTP 200 but not Slack's `ok`: {}",
+            crate::render::blockkit::truncate_chars(text, 200)
+        ),
+        retry_after: None,
+    })
 }

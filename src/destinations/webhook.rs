@@ -51,7 +51,7 @@ impl Destination for Webhook {
                 }
             }
             let resp = req.send().await.map_err(|e| classify_transport(&e))?;
-            let a = super::read_answer(resp).await;
+            let a = super::read_answer(resp, super::ANSWER_LIMIT).await?;
             classify_status(a.status, &a.headers, &a.body).map(|()| Vec::new())
         })
     }

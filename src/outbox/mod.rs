@@ -183,6 +183,8 @@ enum Cmd {
 /// Handle to the outbox. Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
+    /// The data directory's lock, held for as long as any clone of this outbox lives.
+    _lock: Arc<std::fs::File>,
     tx: mpsc::Sender<Cmd>,
     path: PathBuf,
     pending: Arc<AtomicUsize>,
@@ -265,12 +267,57 @@ fn redacted_json() -> String {
     Value::String(REDACTED.into()).to_string()
 }
 
+/// Takes the exclusive lock on `<data_dir>/switchyard.lock` (an OS file lock: it goes away
+/// with the process, even after kill -9, so there is never a stale lock to clean up) and writes
+/// this process's id into it. Two engines on one outbox would each deliver the other's jobs,
+/// so a second one refuses to start, naming the holder.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    let path = data_dir.join("switchyard.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = Read::by_ref(&mut f).take(32).read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if holder.chars().all(|c| c.is_ascii_digit()) && !holder.is_empty() {
+                format!("another switchyard process (pid {holder})")
+            } else {
+                "another switchyard process".to_string()
+            };
+            return Err(format!(
+                "the data directory {} is in use by {who}: two engines on one outbox would send \
+                 each other's messages. Stop that one, give this one its own --data-dir, or, to \
+                 manage a running engine's dead letters, use --server with its admin API",
+                data_dir.display()
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(format!("cannot lock {}: {e}", path.display()))
+        }
+    }
+    // The pid is information for the message above; failing to write it is not an error.
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    let _ = f.flush();
+    Ok(f)
+}
+
 impl Outbox {
     /// Opens (creating if needed) `<data_dir>/switchyard.db` and starts the writer thread.
     /// `max_pending` bounds the jobs waiting for delivery; past it enqueues fail with `Full`.
     pub fn open(data_dir: &Path, max_pending: usize) -> Result<Outbox, String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
+        let lock = lock_data_dir(data_dir)?;
         let path = data_dir.join("switchyard.db");
         let conn = open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let count: i64 = conn
@@ -284,6 +331,7 @@ impl Outbox {
             .spawn(move || writer(conn, rx, p2))
             .map_err(|e| e.to_string())?;
         Ok(Outbox {
+            _lock: Arc::new(lock),
             tx,
             path,
             pending,
@@ -462,6 +510,20 @@ fn where_clause(f: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
 }
 
 /// Lists dead letters straight from a database file (the CLI uses this without a server).
+/// Deletes the dead letters matching `f` straight from the database file, without the data
+/// directory's lock (SQLite serialises it with a running engine's writer): purging takes
+/// nothing out of the engine's hands, unlike a replay, which needs the engine to pick the
+/// messages up.
+pub fn purge_dead(path: &Path, f: &DeadLetterFilter) -> Result<usize, String> {
+    let c = open(path).map_err(|e| e.to_string())?;
+    let (w, args) = where_clause(f);
+    c.execute(
+        &format!("DELETE FROM dead_letters WHERE {w}"),
+        rusqlite::params_from_iter(args),
+    )
+    .map_err(|e| e.to_string())
+}
+
 pub fn list_dead(path: &Path, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, String> {
     let c = open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let (w, args) = where_clause(f);

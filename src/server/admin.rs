@@ -5,15 +5,62 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{reject, AppState, St};
 use crate::outbox::DeadLetterFilter;
+
+/// The most an admin request's body may hold: a dead-letter filter or a list of ids.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
+/// The admin API's routes. The token is checked by a layer in front of them, so a request
+/// without it is answered (401, or 403 when the API is disabled) before a byte of its body is
+/// read; with it, bodies are read up to [`ADMIN_BODY_LIMIT`].
+pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/-/reload", post(reload))
+        .route("/-/dead-letters", get(dead_letters))
+        .route("/-/dead-letters/replay", post(replay))
+        .route("/-/dead-letters/purge", post(purge))
+        .route_layer(axum::middleware::from_fn_with_state(state, require_token))
+}
+
+async fn require_token(State(st): St, req: Request, next: Next) -> Response {
+    if let Err(r) = authorized(&st, req.headers()) {
+        return r;
+    }
+    next.run(req).await
+}
+
+/// Reads an admin request's optional JSON filter (an empty body is the empty filter).
+async fn filter_body(body: Body) -> Result<DlQuery, Response> {
+    let bytes = axum::body::to_bytes(body, ADMIN_BODY_LIMIT)
+        .await
+        .map_err(|_| {
+            reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("an admin request's body is at most {ADMIN_BODY_LIMIT} bytes"),
+            )
+        })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DlQuery::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not a dead-letter filter: {e}"),
+        )
+    })
+}
 
 fn authorized(st: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     let Some(token) = &st.cfg.admin_token else {
@@ -188,10 +235,7 @@ pub(super) async fn metrics(State(st): St) -> Response {
     }
 }
 
-pub(super) async fn reload(State(st): St, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&st, &headers) {
-        return r;
-    }
+async fn reload(State(st): St) -> Response {
     match super::reload::reload(&st, "POST /-/reload").await {
         Ok(n) => Json(json!({"ok": true, "rules": n})).into_response(),
         Err(diags) => (
@@ -228,26 +272,19 @@ impl DlQuery {
     }
 }
 
-pub(super) async fn dead_letters(
-    State(st): St,
-    headers: HeaderMap,
-    Query(q): Query<DlQuery>,
-) -> Response {
-    if let Err(r) = authorized(&st, &headers) {
-        return r;
-    }
+async fn dead_letters(State(st): St, q: Result<Query<DlQuery>, QueryRejection>) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     match st.outbox.dead_letters(&q.filter()) {
         Ok(v) => Json(json!({"dead_letters": v})).into_response(),
         Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
-pub(super) async fn replay(
-    State(st): St,
-    headers: HeaderMap,
-    body: Option<Json<DlQuery>>,
-) -> Response {
-    let q = match admin_body(&st, &headers, body) {
+async fn replay(State(st): St, body: Body) -> Response {
+    let q = match filter_body(body).await {
         Ok(q) => q,
         Err(r) => return r,
     };
@@ -265,16 +302,6 @@ pub(super) async fn replay(
     }
 }
 
-/// Checks the admin token and takes the (optional) JSON filter of a dead-letter request.
-fn admin_body(
-    st: &AppState,
-    headers: &HeaderMap,
-    body: Option<Json<DlQuery>>,
-) -> Result<DlQuery, Response> {
-    authorized(st, headers)?;
-    Ok(body.map(|Json(q)| q).unwrap_or_default())
-}
-
 async fn replay_ids(st: &Arc<AppState>, ids: Vec<i64>) -> Result<usize, String> {
     let jobs = st.outbox.replay(ids).await?;
     let n = jobs.len();
@@ -282,12 +309,8 @@ async fn replay_ids(st: &Arc<AppState>, ids: Vec<i64>) -> Result<usize, String> 
     Ok(n)
 }
 
-pub(super) async fn purge(
-    State(st): St,
-    headers: HeaderMap,
-    body: Option<Json<DlQuery>>,
-) -> Response {
-    let q = match admin_body(&st, &headers, body) {
+async fn purge(State(st): St, body: Body) -> Response {
+    let q = match filter_body(body).await {
         Ok(q) => q,
         Err(r) => return r,
     };

@@ -327,12 +327,44 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/status", get(admin::status))
         .route("/metrics", get(admin::metrics))
-        .route("/-/reload", post(admin::reload))
-        .route("/-/dead-letters", get(admin::dead_letters))
-        .route("/-/dead-letters/replay", post(admin::replay))
-        .route("/-/dead-letters/purge", post(admin::purge))
+        .merge(admin::routes(state.clone()))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::disable())
+        // A panic in a handler is a bug; it costs that request a 500 with a JSON reason, not
+        // the connection without an answer.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            handler_panicked,
+        ))
         .with_state(state)
+}
+
+fn handler_panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked (a bug in switchyard); answered 500");
+    reject(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error (a bug in switchyard; the log has the details); retry later",
+    )
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    reject(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such endpoint `{}`: webhooks go to POST /hooks/<source>",
+            crate::render::blockkit::truncate_chars(uri.path(), 200)
+        ),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    reject(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on `{}`",
+            crate::render::blockkit::truncate_chars(uri.path(), 200)
+        ),
+    )
 }
 
 async fn readyz(State(st): St) -> Response {
@@ -445,6 +477,15 @@ async fn handle(
         return reject(StatusCode::NOT_FOUND, format!("no source named `{source}`"));
     };
     let m = st.source_metrics.get(&source);
+    if token.is_some() && !src.source.takes_path_token() {
+        m.count("rejected");
+        return reject(
+            StatusCode::NOT_FOUND,
+            format!(
+                "source `{source}` is served at /hooks/{source}; it takes no token in its path"
+            ),
+        );
+    }
     if src.kafka.is_some() {
         m.count("rejected");
         return reject(
@@ -501,16 +542,20 @@ async fn handle(
             );
         }
     };
-    let req = Request {
+    let mut req = Request {
         headers: Headers::Http(&headers),
         body: &bytes,
         path_token: token,
+        signed: None,
     };
     let now = chrono::Utc::now().timestamp();
-    if let Err(r) = src.source.verify(&req, now) {
-        m.count("unauthorized");
-        tracing::warn!(source = %source, reason = r.reason(), "rejected: verification failed");
-        return reject(StatusCode::UNAUTHORIZED, r.reason());
+    match src.source.verify(&req, now) {
+        Ok(signed) => req.signed = signed,
+        Err(r) => {
+            m.count("unauthorized");
+            tracing::warn!(source = %source, reason = r.reason(), "rejected: verification failed");
+            return reject(StatusCode::UNAUTHORIZED, r.reason());
+        }
     }
     let mut ev = match src.source.decode(&source, &req) {
         Ok(Decoded::Event(ev)) => ev,

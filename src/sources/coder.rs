@@ -30,7 +30,11 @@ impl Source for CoderSource {
         "coder"
     }
 
-    fn verify(&self, req: &Request, _now: i64) -> Result<(), Rejection> {
+    fn takes_path_token(&self) -> bool {
+        true
+    }
+
+    fn verify(&self, req: &Request, _now: i64) -> Result<Option<Vec<u8>>, Rejection> {
         let bearer = req
             .header("authorization")
             .and_then(|h| {
@@ -54,7 +58,7 @@ impl Source for CoderSource {
             ok |= secret_eq(t.expose().as_bytes(), presented.as_bytes());
         }
         if ok {
-            Ok(())
+            Ok(None)
         } else {
             Err(Rejection::Unauthorized("wrong token".into()))
         }

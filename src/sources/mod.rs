@@ -23,9 +23,19 @@ pub struct Request<'a> {
     pub headers: Headers<'a>,
     pub body: &'a [u8],
     pub path_token: Option<String>,
+    /// The bytes the signature was made over, when they differ from `body` (what
+    /// [`Source::verify`] returned). Deduplication hashes these: the raw bytes can be changed
+    /// without breaking such a signature (whitespace, for Port's minified form), so hashing
+    /// them would let one captured request be replayed as new.
+    pub signed: Option<Vec<u8>>,
 }
 
 impl Request<'_> {
+    /// The bytes that verified: [`Request::signed`] when set, else the body as sent.
+    pub fn signed_body(&self) -> &[u8] {
+        self.signed.as_deref().unwrap_or(self.body)
+    }
+
     /// A header by (case-insensitive) name.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name)
@@ -118,8 +128,15 @@ pub trait Source: Send + Sync + std::fmt::Debug {
     fn content_types(&self) -> &'static [&'static str] {
         &["application/json"]
     }
-    /// Checks the signature or token over the raw request, at time `now` (unix seconds).
-    fn verify(&self, req: &Request, now: i64) -> Result<(), Rejection>;
+    /// Checks the signature or token over the raw request, at time `now` (unix seconds). On
+    /// success, the bytes the signature covers when they are not the body as sent (see
+    /// [`Request::signed`]); `None` when they are.
+    fn verify(&self, req: &Request, now: i64) -> Result<Option<Vec<u8>>, Rejection>;
+    /// Whether the source takes a token as the last path segment (`/hooks/<name>/<token>`).
+    /// For the others such a request is refused (404) instead of the segment being ignored.
+    fn takes_path_token(&self) -> bool {
+        false
+    }
     /// Decodes a verified body. `name` is the configured source name.
     fn decode(&self, name: &str, req: &Request) -> Result<Decoded, Rejection>;
 }
@@ -151,10 +168,11 @@ pub(crate) fn fresh(ts_text: &str, now: i64, tolerance: i64) -> Result<(), Rejec
         .parse()
         .map_err(|_| Rejection::Unauthorized("timestamp header is not an integer".into()))?;
     let secs = if ts > 100_000_000_000 { ts / 1000 } else { ts };
-    if (now - secs).abs() > tolerance {
+    // In i128: no timestamp a caller can send overflows the difference (i64::MIN would).
+    let skew = i128::from(now) - i128::from(secs);
+    if skew.abs() > i128::from(tolerance) {
         return Err(Rejection::Unauthorized(format!(
-            "timestamp is {}s from now, outside the {tolerance}s tolerance (replay, or a skewed clock)",
-            now - secs
+            "timestamp is {skew}s from now, outside the {tolerance}s tolerance (replay, or a skewed clock)"
         )));
     }
     Ok(())

@@ -106,9 +106,9 @@ impl Source for PortSource {
         "port"
     }
 
-    fn verify(&self, req: &Request, now: i64) -> Result<(), Rejection> {
+    fn verify(&self, req: &Request, now: i64) -> Result<Option<Vec<u8>>, Rejection> {
         if self.insecure_no_signature {
-            return Ok(());
+            return Ok(None);
         }
         let ts = req
             .header("x-port-timestamp")
@@ -133,11 +133,13 @@ impl Source for PortSource {
             ));
         }
         if self.matches(ts, req.body, &candidates) {
-            return Ok(());
+            return Ok(None);
         }
         let compact = minify_json_whitespace(req.body);
         if compact.len() != req.body.len() && self.matches(ts, &compact, &candidates) {
-            return Ok(());
+            // Whitespace is not signed: every spacing of these bytes verifies, so they, not
+            // the body as sent, identify the event.
+            return Ok(Some(compact));
         }
         Err(Rejection::Unauthorized(
             "signature does not match the body (wrong client secret, or the body was changed)"
@@ -335,7 +337,8 @@ fn decode_value(
     ) && top.get("resourceType").is_some()
         && top.get("context").is_some_and(Value::is_object)
     {
-        return decode_changelog(name, body, req.body).map(|e| Decoded::Event(Box::new(e)));
+        return decode_changelog(name, body, req.signed_body())
+            .map(|e| Decoded::Event(Box::new(e)));
     }
     // (d) author-defined run body
     let run_id = body["port_context"]["runId"]
@@ -463,7 +466,7 @@ fn decode_automation(name: &str, body: Value, req: &Request) -> Result<Event, Re
     } else if let Some(e) = ev["id"].as_str() {
         format!("port:event:{e}")
     } else {
-        format!("port:sha256:{}", body_hash(req.body))
+        format!("port:sha256:{}", body_hash(req.signed_body()))
     };
     Ok(Event::new(name, event_type, id, with_body(m, body), false))
 }

@@ -47,9 +47,9 @@ impl Source for SlackSource {
         &["application/x-www-form-urlencoded"]
     }
 
-    fn verify(&self, req: &Request, now: i64) -> Result<(), Rejection> {
+    fn verify(&self, req: &Request, now: i64) -> Result<Option<Vec<u8>>, Rejection> {
         if is_ssl_check(req.body) {
-            return Ok(());
+            return Ok(None);
         }
         let ts = req.header("x-slack-request-timestamp").ok_or_else(|| {
             Rejection::Unauthorized("missing X-Slack-Request-Timestamp header".into())
@@ -71,7 +71,7 @@ impl Source for SlackSource {
             ok |= bool::from(subtle::ConstantTimeEq::ct_eq(&mac[..], given.as_slice()));
         }
         if ok {
-            Ok(())
+            Ok(None)
         } else {
             Err(Rejection::Unauthorized(
                 "signature does not match the body".into(),
