@@ -39,6 +39,26 @@ enum LogFormat {
     Json,
 }
 
+/// Bounds on what HTTP peers may hold (`serve`).
+#[derive(clap::Args, Clone)]
+struct LimitArgs {
+    /// Most connections open at once (also kept under the file-descriptor limit).
+    #[arg(long, default_value_t = 10_000, env = "SWITCHYARD_MAX_CONNECTIONS")]
+    max_connections: usize,
+    /// Time for a request's head to arrive, e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, env = "SWITCHYARD_HEADER_TIMEOUT")]
+    header_timeout: std::time::Duration,
+    /// Time for a request's body to arrive once its head is in.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, env = "SWITCHYARD_BODY_TIMEOUT")]
+    body_timeout: std::time::Duration,
+    /// A connection with nothing read or written for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, env = "SWITCHYARD_IDLE_TIMEOUT")]
+    idle_timeout: std::time::Duration,
+    /// Most request-body bytes held in memory at once, over all connections (MiB).
+    #[arg(long, default_value_t = 64, env = "SWITCHYARD_MAX_BODY_MIB_IN_FLIGHT")]
+    max_body_mib_in_flight: usize,
+}
+
 #[derive(clap::Args, Clone)]
 struct DlArgs {
     #[arg(long, default_value = "data", env = "SWITCHYARD_DATA_DIR")]
@@ -138,6 +158,8 @@ enum Command {
         /// Do not watch the rules directory (reload with SIGHUP or POST /-/reload).
         #[arg(long)]
         no_watch: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Inspect, replay or purge dead letters (in the data directory, or via a running server).
     DeadLetters {
@@ -186,6 +208,7 @@ fn main() -> ExitCode {
             max_pending,
             grace_seconds,
             no_watch,
+            limits,
         } => {
             init_logging(log_format);
             let admin_token = std::env::var("SWITCHYARD_ADMIN_TOKEN")
@@ -200,6 +223,13 @@ fn main() -> ExitCode {
                 admin_token,
                 grace: std::time::Duration::from_secs(grace_seconds),
                 watch: !no_watch,
+                limits: switchyard::server::ConnLimits {
+                    max_connections: limits.max_connections.max(1),
+                    header_timeout: limits.header_timeout,
+                    body_timeout: limits.body_timeout,
+                    idle_timeout: limits.idle_timeout,
+                    max_body_bytes_in_flight: limits.max_body_mib_in_flight.max(1) << 20,
+                },
             };
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

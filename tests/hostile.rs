@@ -438,3 +438,394 @@ async fn whitespace_added_to_a_minified_signature_body_is_still_a_duplicate() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(slack.on_path(HOOK).len(), 1, "one message, not three");
 }
+
+/// Whether the server closed `s` within `secs` (a read returns end-of-stream or an error).
+async fn closed_within(s: &mut tokio::net::TcpStream, secs: f64) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slow_and_excess_connections_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let slack = Fake::slack_ok().await;
+    let e = engine(
+        &slack.url(HOOK),
+        &[
+            ("SWITCHYARD_MAX_CONNECTIONS", "40"),
+            ("SWITCHYARD_HEADER_TIMEOUT", "1s"),
+            ("SWITCHYARD_BODY_TIMEOUT", "2s"),
+            ("SWITCHYARD_IDLE_TIMEOUT", "3s"),
+            ("SWITCHYARD_MAX_BODY_MIB_IN_FLIGHT", "1"),
+        ],
+    )
+    .await;
+    let connect = || tokio::net::TcpStream::connect(e.addr);
+
+    // Idle and half-sent heads are closed after the header timeout.
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        idle.push(connect().await.unwrap());
+    }
+    let mut partial = connect().await.unwrap();
+    partial
+        .write_all(b"POST /hooks/port HTTP/1.1\r\nhost: x\r\ncontent-type: appl")
+        .await
+        .unwrap();
+    // Up to the cap of 40 (the engine keeps no other connection open): 9 more fit, the
+    // rest are closed as soon as they are accepted.
+    let mut more = Vec::new();
+    for _ in 0..9 {
+        more.push(connect().await.unwrap());
+    }
+    let mut over = connect().await.unwrap();
+    assert!(
+        closed_within(&mut over, 0.5).await.is_some(),
+        "a connection over the cap is closed at once"
+    );
+    for s in idle.iter_mut().chain([&mut partial]) {
+        assert!(
+            closed_within(s, 3.0).await.is_some(),
+            "an idle connection is closed after the header timeout"
+        );
+    }
+    drop(more);
+
+    // A body that stalls is answered 408 after the body timeout.
+    let mut slow = connect().await.unwrap();
+    slow.write_all(b"POST /hooks/port HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"a\":")
+        .await
+        .unwrap();
+    let answer = closed_within(&mut slow, 4.0)
+        .await
+        .expect("answered and closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"reason\""), "{answer}");
+
+    // Body bytes in memory are bounded: one upload holding 900 KiB leaves no room for a
+    // 200 KiB one (503), but a webhook of a few KiB still goes through.
+    let mut hog = connect().await.unwrap();
+    hog.write_all(b"POST /hooks/port HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    hog.write_all(&vec![b' '; 900 * 1024]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(e.url("/hooks/port"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 200 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(resp.headers().get("retry-after").is_some());
+    post_one(&e).await;
+    slack.wait_for(HOOK, 1, 10).await;
+    let health = client.get(e.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    drop(hog);
+}
+
+fn check(dir: &std::path::Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check")
+        .arg(dir)
+        .env("PORT_CLIENT_SECRET", SECRET)
+        .env("SECRET_TIMEOUT", "s3cr3t-not-a-duration")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// One hostile edit: what it is, the files it writes, what the diagnostic says.
+type Case = (&'static str, Vec<(&'static str, String)>, &'static str);
+
+/// Hostile rules directories: each is refused by `check` with a located diagnostic and no
+/// crash, and by a running engine's reload, which keeps serving the rules it had; nothing of
+/// a file outside the directory, and no `${VAR}` value, shows in the output or on `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_rules_are_refused_whole_and_the_engine_keeps_its_rules() {
+    let slack = Fake::slack_ok().await;
+    let (tmp, dir) = Engine::workspace(&[("rules.yaml", &rules(&slack.url(HOOK), ""))], false);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().to_path_buf();
+    std::fs::write(
+        outside.join("creds.yaml"),
+        "AWS_SECRET_ACCESS_KEY: hunter2hunter2\n",
+    )
+    .unwrap();
+    std::fs::write(
+        outside.join("event.json"),
+        "{\"secret\": \"hunter3hunter3\"}",
+    )
+    .unwrap();
+    let e = Engine::start(
+        tmp,
+        dir.clone(),
+        &[
+            ("PORT_CLIENT_SECRET", SECRET),
+            ("SWITCHYARD_ADMIN_TOKEN", "adm1n-token"),
+            ("SECRET_TIMEOUT", "s3cr3t-not-a-duration"),
+        ],
+    )
+    .await;
+    let big = format!(
+        "big: &big \"{}\"\nmany:\n{}",
+        "x".repeat(1 << 20),
+        "  - *big\n".repeat(20_000)
+    );
+    let cycle_rule = "rules:\n  - id: loops\n    on: port/entity.updated\n    send: [{ to: alerts, template: a }]\n";
+    // (what, files, what the diagnostic says, whether it is an error: a secret file that
+    // cannot be read disables its source, with a warning, as an unset variable does)
+    let cases: Vec<Case> = vec![
+        ("an alias bomb", vec![("evil.yaml", big)], "through aliases"),
+        (
+            "partials that include each other",
+            vec![
+                ("evil.yaml", cycle_rule.to_string()),
+                ("templates/a.hbs", "{\"text\": \"{{> b}}\"}".into()),
+                ("templates/b.hbs", "{{#if x}}{{> a}}{{/if}}".into()),
+            ],
+            "a → b → a",
+        ),
+        (
+            "a file that is not a rules file",
+            vec![("evil.yaml", "GITHUB_TOKEN: ghp_abcdefgh\n".into())],
+            "not a rules file",
+        ),
+        (
+            "a secret file that never ends",
+            vec![(
+                "evil.yaml",
+                "sources:\n  port2: { port: { client_secret_file: /dev/zero } }\n".into(),
+            )],
+            "not a regular file",
+        ),
+        (
+            "a test event outside the project",
+            vec![(
+                "evil.yaml",
+                format!(
+                    "tests:\n  - name: t\n    event: {{ source: port, file: {} }}\n    expect: []\n",
+                    outside.join("event.json").display()
+                ),
+            )],
+            "leads outside",
+        ),
+        (
+            "a variable's value in a diagnostic",
+            vec![(
+                "evil.yaml",
+                "destinations:\n  d2: { stdout: {}, timeout: \"${SECRET_TIMEOUT}\" }\n".into(),
+            )],
+            "${SECRET_TIMEOUT}",
+        ),
+    ];
+    let client = reqwest::Client::new();
+    for (what, files, says) in cases {
+        for (name, text) in &files {
+            let p = dir.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let error = !what.contains("secret file");
+        let (code, out) = check(&dir);
+        assert_eq!(code, i32::from(error), "{what}: {out}");
+        assert!(out.contains(says), "{what}: `{says}` not in {out}");
+        for secret in ["hunter2", "hunter3", "ghp_abcdefgh", "s3cr3t-not"] {
+            assert!(!out.contains(secret), "{what}: leaks {secret}: {out}");
+        }
+        let resp = client
+            .post(e.url("/-/reload"))
+            .bearer_auth("adm1n-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status().as_u16(),
+            if error { 422 } else { 200 },
+            "{what}"
+        );
+        let status = e.get_text("/status").await;
+        assert!(
+            status.contains(says.trim_end_matches(':')),
+            "{what}: {status}"
+        );
+        for secret in ["hunter2", "hunter3", "ghp_abcdefgh", "s3cr3t-not"] {
+            assert!(!status.contains(secret), "{what}: /status leaks {secret}");
+        }
+        for (name, _) in &files {
+            std::fs::remove_file(dir.join(name)).unwrap();
+        }
+    }
+    // A symlink that leads outside the directory is not followed.
+    std::os::unix::fs::symlink(outside.join("creds.yaml"), dir.join("linked.yaml")).unwrap();
+    let (code, out) = check(&dir);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("leads outside") && !out.contains("hunter2"),
+        "{out}"
+    );
+    std::fs::remove_file(dir.join("linked.yaml")).unwrap();
+    // One inside (a Kubernetes ConfigMap's `..data` layout) is fine.
+    std::fs::create_dir_all(dir.join("..data")).unwrap();
+    std::fs::rename(dir.join("rules.yaml"), dir.join("..data/rules.yaml")).unwrap();
+    std::os::unix::fs::symlink("..data/rules.yaml", dir.join("rules.yaml")).unwrap();
+    let (code, out) = check(&dir);
+    assert_eq!(code, 0, "{out}");
+
+    // Through all of it the engine kept its rules and its deliveries.
+    post_one(&e).await;
+    slack.wait_for(HOOK, 1, 10).await;
+    assert!(!e.logs().contains("panicked"), "{}", e.logs());
+}
+
+const CODER_TOKEN: &str = "hostile-coder-token";
+
+/// A passcode notification whose template fails only for real codes (the sample that `check`
+/// renders passes): the failure is a dead letter, and neither it, its attempts, nor the log
+/// holds the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passcode_never_reaches_an_error_a_log_or_a_dead_letter() {
+    let slack = Fake::start(|r, _| match r.path.as_str() {
+        "/api/users.lookupByEmail" => (
+            200,
+            vec![],
+            r#"{"ok": true, "user": {"id": "U05LHPP95C"}}"#.into(),
+        ),
+        _ => (200, vec![], r#"{"ok": true, "ts": "1.2"}"#.into()),
+    })
+    .await;
+    let rules = r#"sources:
+  coder: { coder: { token: "${CODER_TOKEN}" } }
+destinations:
+  bot:
+    slack: { token: "xoxb-test", api_url: "${SLACK_API_URL}" }
+rules:
+  - id: dm
+    on: coder/notification
+    send: [{ to: bot, user_email: "{{user.email}}", template: otp }]
+"#;
+    let template = r#"{{#if (eq labels.one_time_passcode "x")}}{"text": "sample"}{{else}}{"text": "code {{labels.one_time_passcode}}" oops}{{/if}}"#;
+    let (tmp, dir) = Engine::workspace(
+        &[("rules.yaml", rules), ("templates/otp.hbs", template)],
+        false,
+    );
+    let api = slack.url("/api/");
+    let e = Engine::start(
+        tmp,
+        dir,
+        &[
+            ("CODER_TOKEN", CODER_TOKEN),
+            ("SLACK_API_URL", api.as_str()),
+        ],
+    )
+    .await;
+    let body = std::fs::read(common::repo("examples/events/coder-one-time-passcode.json")).unwrap();
+    let (status, reply) = e
+        .post(
+            &format!("/hooks/coder/{CODER_TOKEN}"),
+            &body,
+            &[("content-type", "application/json")],
+        )
+        .await;
+    assert_eq!(status, 202, "{reply}");
+    let dl = eventually(10, "the dead letter", || {
+        let d = dead_letters(&e.data);
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    let code = "8f4e25fa-686f-4ecf-9af1-914d3856ebfb";
+    let everything = format!("{dl:?}{}{}", e.logs(), e.get_text("/status").await);
+    assert!(
+        !everything.contains(code),
+        "the passcode leaked: {everything}"
+    );
+    assert!(dl[0].last_error.contains("template `otp`"), "{:?}", dl[0]);
+    assert!(slack.on_path("/api/chat.postMessage").is_empty());
+}
+
+/// The outcome of a delivery that cannot be committed (the database locked past its busy
+/// timeout, as with a full disk) is kept and committed once storage is back: nothing stays
+/// queued without a worker, and a restart sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_that_cannot_be_committed_is_kept_until_it_can() {
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let d2 = delivered.clone();
+    let url = raw_peer(move |_, s| {
+        std::thread::sleep(Duration::from_millis(800));
+        d2.fetch_add(1, Ordering::SeqCst);
+        ok_answer(s);
+    });
+    let mut e = engine(&url, &[]).await;
+    let n = 12;
+    for i in 0..n {
+        let body =
+            String::from_utf8(cpu_bump())
+                .unwrap()
+                .replacen('{', &format!("{{\"nonce\": {i},"), 1);
+        let (status, reply) = e.post_port("port", SECRET, body.as_bytes()).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    // Lock the database the way a stuck writer or a full disk would, for longer than the
+    // engine's busy timeout (5 s), while the first attempts are answered.
+    let db = e.data.join("switchyard.db");
+    let locker = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(db).unwrap();
+        c.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        std::thread::sleep(Duration::from_secs(8));
+        c.execute_batch("COMMIT").unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile new events cannot be stored, and say so.
+    let (status, _) = e
+        .post_port(
+            "port",
+            SECRET,
+            &fixture("port/changelog-update-cpu-spike.json"),
+        )
+        .await;
+    assert_eq!(status, 503);
+    tokio::task::spawn_blocking(move || locker.join().unwrap())
+        .await
+        .unwrap();
+    eventually(40, "every message delivered and recorded", || {
+        let v = futures_block(e.get_json("/status"));
+        (v["queue_depth"] == 0 && delivered.load(Ordering::SeqCst) >= n).then_some(())
+    })
+    .await;
+    assert_eq!(delivered.load(Ordering::SeqCst), n, "each message once");
+    assert!(
+        e.logs().contains("delivery outcomes are kept"),
+        "{}",
+        e.logs()
+    );
+    e.kill();
+    e.spawn().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        delivered.load(Ordering::SeqCst),
+        n,
+        "nothing sent again after a restart"
+    );
+    assert!(dead_letters(&e.data).is_empty());
+}

@@ -68,6 +68,8 @@ struct Parsed {
     raw: Value,
     unset: Vec<Unset>,
     spec: RulesFile,
+    /// `(VAR, value)` for every `${VAR}` expanded in this file ([`scrub`]).
+    expansions: Vec<(String, String)>,
 }
 
 impl Parsed {
@@ -142,6 +144,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
         );
         return (None, diags);
     }
+    let files = only_inside(dir, files, &mut diags);
     let mut parsed = Vec::new();
     for f in &files {
         if let Some(p) = parse_file(f, opts, &mut diags) {
@@ -244,9 +247,39 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
         }
     }
 
+    for problem in templates.partial_problems() {
+        let origin = templates.origin(&problem.template).cloned();
+        let mut d = Diagnostic::error(
+            "partials",
+            format!("template `{}`: {}", problem.template, problem.message),
+        )
+        .hint("a partial may include others, but never (through others) itself");
+        if let Some(o) = origin {
+            d = match (problem.line, problem.column) {
+                (Some(l), Some(c)) if !o.inline => d.at(
+                    &o.file,
+                    Pos {
+                        line: l + o.line_offset - 1,
+                        column: c,
+                        offset: 0,
+                        len: 1,
+                    },
+                ),
+                _ => d.in_file(&o.file),
+            };
+        }
+        diags.push(d);
+    }
     let mut rs = Ruleset::new(rules, sources, dests, templates, tests, loaded);
     rs.schedules = schedules;
     check_secret_routing(&rs, &parsed, &mut diags);
+    let expansions: Vec<(String, String)> = parsed
+        .iter()
+        .flat_map(|p| p.expansions.iter().cloned())
+        .collect();
+    for d in &mut diags {
+        scrub(d, &expansions);
+    }
     if diags.iter().any(Diagnostic::is_error) {
         (None, diags)
     } else {
@@ -295,25 +328,23 @@ fn list_files(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, Diagnostic> {
     Ok(files)
 }
 
+/// `files` without those that lead outside `root`, each of those reported.
+fn only_inside(root: &Path, files: Vec<PathBuf>, diags: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
+    files
+        .into_iter()
+        .filter(|f| {
+            let ok = inside(root, f);
+            if !ok {
+                diags.push(outside(f, root));
+            }
+            ok
+        })
+        .collect()
+}
+
 /// Reads a text file with the size and encoding checks every input gets.
 pub(crate) fn read_text(path: &Path, max: usize) -> Result<String, Diagnostic> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        Diagnostic::error("io", format!("cannot read {}: {e}", path.display())).in_file(path)
-    })?;
-    if meta.len() as usize > max {
-        return Err(Diagnostic::error(
-            "too-large",
-            format!(
-                "file is {} bytes, over the limit of {max} bytes",
-                meta.len()
-            ),
-        )
-        .in_file(path)
-        .hint("rules files are small; is this the right file?"));
-    }
-    let bytes = std::fs::read(path).map_err(|e| {
-        Diagnostic::error("io", format!("cannot read {}: {e}", path.display())).in_file(path)
-    })?;
+    let bytes = read_bounded(path, max).map_err(|e| e.in_file(path))?;
     if bytes.contains(&0) {
         return Err(Diagnostic::error(
             "binary",
@@ -333,6 +364,65 @@ pub(crate) fn read_text(path: &Path, max: usize) -> Result<String, Diagnostic> {
         .in_file(path)
         .hint("save the file as UTF-8")
     })
+}
+
+/// Reads at most `max` bytes of a regular file (after symlinks). Devices, pipes and
+/// directories are refused before they are opened for reading (`/dev/zero` never ends), and
+/// the read itself stops one byte past `max`, whatever the file's size claimed.
+pub(crate) fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Diagnostic> {
+    use std::io::Read;
+    let io =
+        |e: std::io::Error| Diagnostic::error("io", format!("cannot read {}: {e}", path.display()));
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(Diagnostic::error(
+            "not-a-file",
+            format!("{} is not a regular file", path.display()),
+        )
+        .hint("point at a regular file (devices, pipes and directories are not read)"));
+    }
+    let too_large = || {
+        Diagnostic::error(
+            "too-large",
+            format!("{} is over the limit of {max} bytes", path.display()),
+        )
+        .hint("is this the right file?")
+    };
+    if meta.len() > max as u64 {
+        return Err(too_large());
+    }
+    let f = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = Vec::with_capacity((meta.len() as usize).min(max));
+    f.take(max as u64 + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() > max {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// Whether `path`, with every symlink resolved, lies inside `root`. Symlinks that stay inside
+/// (Kubernetes mounts a ConfigMap as `x.yaml -> ..data/x.yaml`) are fine; one that leads out
+/// of the directory is refused, so the rules directory cannot be made to read, and show, any
+/// other file of the machine.
+pub(crate) fn inside(root: &Path, path: &Path) -> bool {
+    match (std::fs::canonicalize(root), std::fs::canonicalize(path)) {
+        (Ok(r), Ok(p)) => p.starts_with(r),
+        _ => false,
+    }
+}
+
+/// The diagnostic for a file that resolves outside the directory it must stay in.
+fn outside(path: &Path, root: &Path) -> Diagnostic {
+    Diagnostic::error(
+        "outside",
+        format!(
+            "{} leads outside {} (a symlink or `..`); it is not read",
+            path.display(),
+            root.display()
+        ),
+    )
+    .in_file(path)
+    .hint("keep rules, templates and test events as files inside the directory, or symlinks to files inside it")
 }
 
 fn parse_file(path: &Path, opts: &LoadOptions, diags: &mut Vec<Diagnostic>) -> Option<Parsed> {
@@ -364,14 +454,44 @@ fn parse_file(path: &Path, opts: &LoadOptions, diags: &mut Vec<Diagnostic>) -> O
         );
         return None;
     }
+    const TOP: [&str; 5] = ["sources", "destinations", "rules", "tests", "schedules"];
+    if let Some(m) = value.as_object() {
+        if !m.is_empty()
+            && !m
+                .keys()
+                .any(|k| TOP.contains(&k.as_str()) || k.starts_with("x-"))
+        {
+            // Name none of its keys: a file that is not a rules file may be anything.
+            diags.push(
+                Diagnostic::error(
+                    "bad-file",
+                    "this is not a rules file: it has none of `sources`, `destinations`, `rules`, `tests`, `schedules`",
+                )
+                .in_file(path)
+                .hint("only rules files belong in the rules directory"),
+            );
+            return None;
+        }
+    }
     let raw = value.clone();
     let mut expanded = value;
     let env = opts.env.clone();
-    let unset = expand_tree(&mut expanded, &move |n| env(n));
+    // The values `${VAR}` expanded to, so that no diagnostic repeats them.
+    let seen: std::cell::RefCell<Vec<(String, String)>> = Default::default();
+    let unset = expand_tree(&mut expanded, &|n| {
+        let v = env(n);
+        if let Some(x) = &v {
+            seen.borrow_mut().push((n.to_string(), x.clone()));
+        }
+        v
+    });
+    let expansions = seen.into_inner();
     let spec: RulesFile = match serde_path_to_error::deserialize(&expanded) {
         Ok(s) => s,
         Err(e) => {
-            diags.push(serde_diag(path, &spans, &e));
+            let mut d = serde_diag(path, &spans, &e);
+            scrub(&mut d, &expansions);
+            diags.push(d);
             return None;
         }
     };
@@ -384,7 +504,28 @@ fn parse_file(path: &Path, opts: &LoadOptions, diags: &mut Vec<Diagnostic>) -> O
         raw,
         unset,
         spec,
+        expansions,
     })
+}
+
+/// Replaces every value a `${VAR}` expanded to with the `${VAR}` itself in a diagnostic's
+/// message and hint. Values of under four characters are left (they would match too much and
+/// are not secrets anyone could use).
+fn scrub(d: &mut Diagnostic, expansions: &[(String, String)]) {
+    for (name, value) in expansions {
+        if value.len() < 4 {
+            continue;
+        }
+        let var = format!("${{{name}}}");
+        if d.message.contains(value.as_str()) {
+            d.message = d.message.replace(value.as_str(), &var);
+        }
+        if let Some(h) = &mut d.hint {
+            if h.contains(value.as_str()) {
+                *h = h.replace(value.as_str(), &var);
+            }
+        }
+    }
 }
 
 /// Turns a deserialization error into a positioned diagnostic with a "did you mean" hint.
@@ -437,9 +578,39 @@ fn serde_diag(
     } else {
         format!(" at `{path}`")
     };
-    Diagnostic::error("bad-value", format!("invalid value{place}: {msg}"))
-        .at(file, spans.value(&path))
-        .hint("see schemas/rules.schema.json for the expected shape")
+    Diagnostic::error(
+        "bad-value",
+        format!("invalid value{place}: {}", without_values(&msg)),
+    )
+    .at(file, spans.value(&path))
+    .hint("see schemas/rules.schema.json for the expected shape")
+}
+
+/// serde's "invalid type: string \"…\", expected …" with the value left out: it may be a
+/// secret from `${VAR}`, or a line of a file that was never meant to be a rules file, and
+/// diagnostics reach logs and the unauthenticated `/status`.
+fn without_values(msg: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            let found = rest.split([' ', ',']).next().unwrap_or("value");
+            let expected = rest.rsplit_once("expected ").map(|(_, e)| e).unwrap_or("");
+            return format!("found {}, expected {expected}", article(found));
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("unknown variant `") {
+        let expected = rest.split_once("expected ").map(|(_, e)| e).unwrap_or("");
+        return format!("unknown variant, expected {expected}");
+    }
+    msg.to_string()
+}
+
+fn article(kind: &str) -> String {
+    match kind {
+        "integer" | "unit" => format!("an {kind}"),
+        "map" | "sequence" | "string" | "boolean" | "floating" | "char" => format!("a {kind}"),
+        "null" => "null".into(),
+        _ => "a value".into(),
+    }
 }
 
 fn load_templates(dir: &Path, templates: &mut Templates, diags: &mut Vec<Diagnostic>) {
@@ -454,7 +625,7 @@ fn load_templates(dir: &Path, templates: &mut Templates, diags: &mut Vec<Diagnos
             return;
         }
     };
-    for f in files {
+    for f in only_inside(dir, files, diags) {
         let name = f
             .file_stem()
             .and_then(|s| s.to_str())
@@ -551,7 +722,11 @@ fn secrets_of(
     }
     if let Some(f) = file {
         let fpath = p.dir.join(f);
-        match std::fs::read_to_string(&fpath) {
+        // Secret files live anywhere (`/run/secrets/…`), but are small regular files.
+        let read = read_bounded(&fpath, 64 * 1024).and_then(|b| {
+            String::from_utf8(b).map_err(|_| Diagnostic::error("encoding", "not UTF-8 text"))
+        });
+        match read {
             Ok(t) => out.extend(
                 t.lines()
                     .map(str::trim)
@@ -562,7 +737,7 @@ fn secrets_of(
                 p.at(
                     Diagnostic::warning(
                         "secret-file",
-                        format!("cannot read `{file_key}` {}: {e}", fpath.display()),
+                        format!("cannot read `{file_key}`: {}", e.message),
                     ),
                     &join_key(&path[..path.rfind('.').unwrap_or(0)], file_key),
                 )
@@ -1900,24 +2075,39 @@ fn load_test(
     let body = match (&t.event.file, &t.event.body) {
         (Some(f), None) => {
             let fp = p.dir.join(f);
-            match std::fs::read(&fp) {
-                Ok(b) if b.len() <= 4 * 1024 * 1024 => b,
-                Ok(_) => {
-                    diags.push(p.at(
+            // Test events sit beside the rules (`examples/` next to `rules/`, as shipped): inside
+            // the rules directory's parent, never elsewhere on the machine, since `check`
+            // prints what they render to.
+            let root = std::fs::canonicalize(&p.dir)
+                .ok()
+                .and_then(|d| d.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| p.dir.clone());
+            let root = root.as_path();
+            if fp.exists() && !inside(root, &fp) {
+                diags.push(
+                    p.at(
                         Diagnostic::error(
-                            "too-large",
-                            format!("event file {} is over 4 MiB", fp.display()),
+                            "outside",
+                            format!(
+                                "event file {} leads outside {}; it is not read",
+                                fp.display(),
+                                root.display()
+                            ),
                         ),
                         &join_key(&ep, "file"),
-                    ));
-                    return None;
-                }
+                    )
+                    .hint("keep test events next to the rules (e.g. ../examples/events/)"),
+                );
+                return None;
+            }
+            match read_bounded(&fp, 4 * 1024 * 1024) {
+                Ok(b) => b,
                 Err(e) => {
                     diags.push(
                         p.at(
                             Diagnostic::error(
                                 "missing-file",
-                                format!("cannot read event file {}: {e}", fp.display()),
+                                format!("cannot read event file: {}", e.message),
                             ),
                             &join_key(&ep, "file"),
                         )
@@ -1968,7 +2158,42 @@ fn check_secret_routing(rs: &Ruleset, parsed: &[Parsed], diags: &mut Vec<Diagnos
     let Ok(ev) = crate::sources::coder::decode_value("coder", sample_otp(), None) else {
         return;
     };
-    for d in crate::routing::route(rs, &ev) {
+    // The same sample as an ordinary event: its render errors with their details (the sample's
+    // code is not a secret), for rules that fail to render a passcode notification.
+    let mut open = ev.clone();
+    open.secret = false;
+    let open_dispatches = crate::routing::route(rs, &open);
+    for (i, d) in crate::routing::route(rs, &ev).into_iter().enumerate() {
+        if let Err(crate::routing::DispatchError::Render(_)) = &d.message {
+            let detail = open_dispatches
+                .iter()
+                .filter(|o| o.rule == d.rule && o.to == d.to)
+                .find_map(|o| match &o.message {
+                    Err(crate::routing::DispatchError::Render(e)) => Some(e.clone()),
+                    _ => None,
+                })
+                .or_else(|| match open_dispatches.get(i).map(|o| &o.message) {
+                    Some(Err(crate::routing::DispatchError::Render(e))) => Some(e.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "rendering failed".into());
+            if let Some((p, idx)) = rule_site(rs, parsed, &d.rule) {
+                diags.push(
+                    p.at(
+                        Diagnostic::error(
+                            "otp-render",
+                            format!(
+                                "rule `{}` fails to render a One-Time Passcode notification for `{}` (at run time it would be a dead letter): {detail}",
+                                d.rule, d.to
+                            ),
+                        ),
+                        &join_key(&join_index("rules", idx), "send"),
+                    )
+                    .hint("a passcode event has no `data` and few labels; guard optional fields with `{{#if}}` or `default`"),
+                );
+            }
+            continue;
+        }
         if let Err(crate::routing::DispatchError::Refused(reason)) = &d.message {
             // A destination standing in as a fallback is an operational substitution: judge the
             // rule by what it declares (the engine still refuses at run time while it falls back).
@@ -1998,6 +2223,14 @@ fn check_secret_routing(rs: &Ruleset, parsed: &[Parsed], diags: &mut Vec<Diagnos
             );
         }
     }
+}
+
+/// The parsed file and index of rule `id`.
+fn rule_site<'a>(rs: &Ruleset, parsed: &'a [Parsed], id: &str) -> Option<(&'a Parsed, usize)> {
+    let rule = rs.rules.iter().find(|r| r.id == id)?;
+    let p = parsed.iter().find(|p| p.path == rule.file)?;
+    let idx = p.spec.rules.iter().position(|r| r.id == id).unwrap_or(0);
+    Some((p, idx))
 }
 
 fn sample_otp() -> Value {

@@ -27,6 +27,9 @@ pub struct Limits {
     pub max_depth: usize,
     /// Most nodes after alias expansion.
     pub max_nodes: usize,
+    /// Most bytes of scalar text after alias expansion: a few nodes can still be a bomb when
+    /// one of them is a megabyte-long string aliased thousands of times.
+    pub max_expanded_bytes: usize,
 }
 
 impl Default for Limits {
@@ -35,6 +38,7 @@ impl Default for Limits {
             max_bytes: 4 * 1024 * 1024,
             max_depth: 64,
             max_nodes: 200_000,
+            max_expanded_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -206,7 +210,9 @@ pub fn parse(src: &str, limits: Limits) -> Result<(Value, SpanMap), YamlError> {
     let idx = CharIndex::new(src);
     let mut spans = SpanMap::default();
     let mut stack: Vec<Frame> = Vec::new();
-    let mut anchors: HashMap<usize, (Value, usize)> = HashMap::new();
+    let mut anchors: HashMap<usize, (Value, usize, usize)> = HashMap::new();
+    // Scalar bytes of the document as expanded (aliases count as often as they are used).
+    let mut expanded: usize = 0;
     let mut root: Option<Value> = None;
     let mut nodes: usize = 0;
     let mut documents = 0;
@@ -246,7 +252,17 @@ pub fn parse(src: &str, limits: Limits) -> Result<(Value, SpanMap), YamlError> {
                 None
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some((v, count)) => {
+                Some((v, count, bytes)) => {
+                    expanded = expanded.saturating_add(*bytes);
+                    if expanded > limits.max_expanded_bytes {
+                        return Err(err(
+                            format!(
+                                "document expands to more than {} MiB through aliases (an alias bomb?)",
+                                limits.max_expanded_bytes >> 20
+                            ),
+                            "alias large values fewer times, or write them out once",
+                        ));
+                    }
                     nodes = nodes.saturating_add(*count);
                     if nodes > limits.max_nodes {
                         return Err(err(
@@ -268,6 +284,7 @@ pub fn parse(src: &str, limits: Limits) -> Result<(Value, SpanMap), YamlError> {
             },
             Event::Scalar(text, style, anchor, tag) => {
                 nodes += 1;
+                expanded = expanded.saturating_add(text.len());
                 let plain = matches!(style, ScalarStyle::Plain) && tag.is_none();
                 Some((scalar(&text, plain), anchor, 1, pos))
             }
@@ -348,7 +365,8 @@ pub fn parse(src: &str, limits: Limits) -> Result<(Value, SpanMap), YamlError> {
             continue;
         };
         if anchor > 0 {
-            anchors.insert(anchor, (value.clone(), count));
+            let bytes = scalar_bytes(&value);
+            anchors.insert(anchor, (value.clone(), count, bytes));
         }
         // Attach the finished node to its parent.
         match stack.last_mut() {
@@ -418,6 +436,16 @@ fn child_path(stack: &[Frame]) -> NodePath {
             // A container used as a key: rejected when it completes.
             None => path.clone(),
         },
+    }
+}
+
+/// Bytes of scalar text in a tree (keys included), as [`Limits::max_expanded_bytes`] counts.
+fn scalar_bytes(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => a.iter().map(scalar_bytes).sum(),
+        Value::Object(m) => m.iter().map(|(k, v)| k.len() + scalar_bytes(v)).sum(),
+        Value::String(s) => s.len(),
+        other => other.to_string().len(),
     }
 }
 
@@ -492,6 +520,21 @@ mod tests {
         }
         let e = parse(&src, Limits::default()).unwrap_err();
         assert!(e.message.contains("nodes"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_large_scalar_aliased_many_times_is_rejected_by_its_bytes() {
+        let mut src = format!("big: &big \"{}\"\nmany:\n", "x".repeat(1 << 20));
+        for _ in 0..20_000 {
+            src.push_str("  - *big\n");
+        }
+        let e = parse(&src, Limits::default()).unwrap_err();
+        assert!(e.message.contains("MiB through aliases"), "{}", e.message);
+        assert!(
+            e.pos.line > 2,
+            "points at the alias that went over: {:?}",
+            e.pos
+        );
     }
 
     #[test]

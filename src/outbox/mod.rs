@@ -379,8 +379,9 @@ impl Outbox {
                 reply,
             })
             .map_err(|_| EnqueueError::Storage("the outbox writer has stopped".into()))?;
+        // A dropped reply: the batch it was in failed before its turn came.
         rx.await
-            .map_err(|_| EnqueueError::Storage("the outbox writer has stopped".into()))?
+            .map_err(|_| EnqueueError::Storage("the outbox could not commit this event".into()))?
     }
 
     /// Records the outcome of an attempt; resolves once committed, with the jobs the commit
@@ -558,9 +559,45 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsiz
     let commits_full = metrics::counter!("switchyard_outbox_commits_total", "sync" => "full");
     let commits_normal = metrics::counter!("switchyard_outbox_commits_total", "sync" => "normal");
     let commands = metrics::counter!("switchyard_outbox_commands_total");
-    while let Ok(first) = rx.recv() {
+    let failures = metrics::counter!("switchyard_outbox_commit_failures_total");
+    // Outcomes of attempts whose commit failed (disk full, database busy past its timeout).
+    // They are not dropped: a delivered message whose outcome is lost would stay queued with
+    // no worker and be sent again on the next start. They are committed again, first in every
+    // batch, with a growing pause, until storage takes them; their callers wait meanwhile.
+    let mut held: Vec<Cmd> = Vec::new();
+    let mut pause = RETRY_FIRST;
+    let mut closed = false;
+    let mut tries_after_close = 0;
+    loop {
+        let first = if held.is_empty() {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => break,
+            }
+        } else if closed {
+            tries_after_close += 1;
+            if tries_after_close > 20 {
+                tracing::error!(
+                    outcomes = held.len(),
+                    "outbox writer stopping with delivery outcomes it could not commit; those messages are sent again on the next start"
+                );
+                break;
+            }
+            std::thread::sleep(pause);
+            None
+        } else {
+            match rx.recv_timeout(pause) {
+                Ok(c) => Some(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    None
+                }
+            }
+        };
         // Group every command already waiting into one transaction ("group commit").
-        let mut batch = vec![first];
+        let mut batch = std::mem::take(&mut held);
+        batch.extend(first);
         while batch.len() < 512 {
             match rx.try_recv() {
                 Ok(c) => batch.push(c),
@@ -584,13 +621,30 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsiz
         }
         if need { &commits_full } else { &commits_normal }.increment(1);
         commands.increment(batch.len() as u64);
-        // On failure every waiting caller gets an error (its reply channel is answered or
-        // dropped), and nothing of the batch is committed.
-        if let Err(e) = apply(&mut conn, batch, &pending, tracked) {
-            tracing::error!(error = %e, "outbox transaction failed");
+        // On failure every waiting caller of an enqueue, replay or purge gets an error, and
+        // the outcomes of attempts come back to be committed again.
+        match apply(&mut conn, batch, &pending, tracked) {
+            Ok(()) => {
+                if pause > RETRY_FIRST {
+                    tracing::info!("the outbox commits again");
+                }
+                pause = RETRY_FIRST;
+            }
+            Err((e, kept)) => {
+                failures.increment(1);
+                if pause == RETRY_FIRST || pause >= RETRY_MAX {
+                    tracing::error!(error = %e, outcomes_held = kept.len(), "outbox transaction failed; delivery outcomes are kept and committed again");
+                }
+                held = kept;
+                pause = (pause * 2).min(RETRY_MAX);
+            }
         }
     }
 }
+
+/// First and longest pause between commits of held outcomes.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Does this batch need its own fsync? Accepting an event, creating a job or changing dead
 /// letters does: the caller is told "durable" right after. A batch that only records attempt
@@ -620,7 +674,6 @@ enum Reply {
         oneshot::Sender<Result<Enqueued, EnqueueError>>,
         Result<Enqueued, EnqueueError>,
     ),
-    Finish(Option<oneshot::Sender<Vec<Job>>>, Vec<Job>),
     Replay(oneshot::Sender<Result<Vec<Job>, String>>, Vec<Job>),
     Purge(oneshot::Sender<Result<usize, String>>, usize),
 }
@@ -633,12 +686,126 @@ fn apply(
     batch: Vec<Cmd>,
     pending: &AtomicUsize,
     tracked: bool,
-) -> Result<(), String> {
+) -> Result<(), (String, Vec<Cmd>)> {
+    // Outcomes are applied by reference, so that they survive a failed transaction whole;
+    // the rest is consumed (its callers are answered with the error).
+    let (finishes, others): (Vec<Cmd>, Vec<Cmd>) = batch
+        .into_iter()
+        .partition(|c| matches!(c, Cmd::Finish { .. }));
+    match apply_tx(conn, others, &finishes, pending, tracked) {
+        Ok(created) => {
+            for (cmd, jobs) in finishes.into_iter().zip(created) {
+                if let Cmd::Finish {
+                    reply: Some(tx), ..
+                } = cmd
+                {
+                    let _ = tx.send(jobs);
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err((e, finishes)),
+    }
+}
+
+/// One transaction over `others` and `finishes`; returns the jobs each finish created.
+fn apply_tx(
+    conn: &mut Connection,
+    others: Vec<Cmd>,
+    finishes: &[Cmd],
+    pending: &AtomicUsize,
+    tracked: bool,
+) -> Result<Vec<Vec<Job>>, String> {
     let tx = conn.transaction().map_err(|e| e.to_string())?;
     let now = now_ms();
     let mut replies = Vec::new();
+    let mut finished: Vec<Vec<Job>> = Vec::with_capacity(finishes.len());
     let mut added: isize = 0;
-    for cmd in batch {
+    for cmd in finishes {
+        let Cmd::Finish { id, outcome, .. } = cmd else {
+            continue;
+        };
+        let id = *id;
+        {
+            // The event id only matters to its run tracker; without any tracker (the usual
+            // case) there is nothing to look up.
+            let event_id: Option<String> = if tracked {
+                tx.row_c("SELECT event_id FROM outbox WHERE id = ?", [id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(|e| e.to_string())?
+            } else {
+                None
+            };
+            let mut created = Vec::new();
+            match outcome {
+                Outcome::Delivered {
+                    follow_ups,
+                    message,
+                } => {
+                    let message = *message;
+                    let n = tx
+                        .exec_c("DELETE FROM outbox WHERE id = ?", [id])
+                        .map_err(|e| e.to_string())?;
+                    added -= n as isize;
+                    let mut new_pending = 0i64;
+                    for j in follow_ups.iter().cloned() {
+                        match &j.error {
+                            Some(e) => {
+                                insert_dead(&tx, &j, e, now)?;
+                                if let Some(ev) = &event_id {
+                                    track(&tx, ev, 0, 0, 1, Some(e))?;
+                                }
+                            }
+                            None => {
+                                created.push(insert_job(&tx, j, now)?);
+                                new_pending += 1;
+                            }
+                        }
+                    }
+                    added += created.len() as isize;
+                    if let (Some(ev), 1..) = (&event_id, n) {
+                        track(&tx, ev, new_pending - 1, i64::from(message), 0, None)?;
+                        if let Some(r) = close_tracker(&tx, ev, now)? {
+                            added += 1;
+                            created.push(r);
+                        }
+                    }
+                }
+                Outcome::Retry { error } => {
+                    let log = append_log(&tx, id, now, error)?;
+                    tx.exec_c(
+                            "UPDATE outbox SET attempts = attempts + 1, attempt_log = ?, last_error = ? WHERE id = ?",
+                            params![log, error, id],
+                        )
+                        .map_err(|e| e.to_string())?;
+                }
+                Outcome::Dead { error } => {
+                    let log = append_log(&tx, id, now, error)?;
+                    let n = tx
+                            .exec_c(
+                                "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error)
+                                 SELECT destination, rule, event_id, target, CASE WHEN secret = 1 THEN ? ELSE message END, created_at, ?, ?, ? FROM outbox WHERE id = ?",
+                                params![redacted_json(), now, log, error, id],
+                            )
+                            .map_err(|e| e.to_string())?;
+                    tx.exec_c("DELETE FROM outbox WHERE id = ?", [id])
+                        .map_err(|e| e.to_string())?;
+                    added -= n as isize;
+                    if let (Some(ev), 1..) = (&event_id, n) {
+                        track(&tx, ev, -1, 0, 1, Some(error))?;
+                        if let Some(r) = close_tracker(&tx, ev, now)? {
+                            added += 1;
+                            created.push(r);
+                        }
+                    }
+                }
+            }
+            finished.push(created);
+        }
+    }
+    for cmd in others {
         match cmd {
             Cmd::Enqueue {
                 dedup,
@@ -706,83 +873,8 @@ fn apply(
                     Ok(Enqueued::Committed(out, throttled)),
                 ));
             }
-            Cmd::Finish { id, outcome, reply } => {
-                // The event id only matters to its run tracker; without any tracker (the usual
-                // case) there is nothing to look up.
-                let event_id: Option<String> = if tracked {
-                    tx.row_c("SELECT event_id FROM outbox WHERE id = ?", [id], |r| {
-                        r.get(0)
-                    })
-                    .optional()
-                    .map_err(|e| e.to_string())?
-                } else {
-                    None
-                };
-                let mut created = Vec::new();
-                match outcome {
-                    Outcome::Delivered {
-                        follow_ups,
-                        message,
-                    } => {
-                        let n = tx
-                            .exec_c("DELETE FROM outbox WHERE id = ?", [id])
-                            .map_err(|e| e.to_string())?;
-                        added -= n as isize;
-                        let mut new_pending = 0i64;
-                        for j in follow_ups {
-                            match &j.error {
-                                Some(e) => {
-                                    insert_dead(&tx, &j, e, now)?;
-                                    if let Some(ev) = &event_id {
-                                        track(&tx, ev, 0, 0, 1, Some(e))?;
-                                    }
-                                }
-                                None => {
-                                    created.push(insert_job(&tx, j, now)?);
-                                    new_pending += 1;
-                                }
-                            }
-                        }
-                        added += created.len() as isize;
-                        if let (Some(ev), 1..) = (&event_id, n) {
-                            track(&tx, ev, new_pending - 1, i64::from(message), 0, None)?;
-                            if let Some(r) = close_tracker(&tx, ev, now)? {
-                                added += 1;
-                                created.push(r);
-                            }
-                        }
-                    }
-                    Outcome::Retry { error } => {
-                        let log = append_log(&tx, id, now, &error)?;
-                        tx.exec_c(
-                            "UPDATE outbox SET attempts = attempts + 1, attempt_log = ?, last_error = ? WHERE id = ?",
-                            params![log, error, id],
-                        )
-                        .map_err(|e| e.to_string())?;
-                    }
-                    Outcome::Dead { error } => {
-                        let log = append_log(&tx, id, now, &error)?;
-                        let n = tx
-                            .exec_c(
-                                "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error)
-                                 SELECT destination, rule, event_id, target, CASE WHEN secret = 1 THEN ? ELSE message END, created_at, ?, ?, ? FROM outbox WHERE id = ?",
-                                params![redacted_json(), now, log, error, id],
-                            )
-                            .map_err(|e| e.to_string())?;
-                        tx.exec_c("DELETE FROM outbox WHERE id = ?", [id])
-                            .map_err(|e| e.to_string())?;
-                        added -= n as isize;
-                        if let (Some(ev), 1..) = (&event_id, n) {
-                            track(&tx, ev, -1, 0, 1, Some(&error))?;
-                            if let Some(r) = close_tracker(&tx, ev, now)? {
-                                added += 1;
-                                created.push(r);
-                            }
-                        }
-                    }
-                }
-                replies.push(Reply::Finish(reply, created));
-            }
+            // Applied above, from `finishes`.
+            Cmd::Finish { .. } => {}
             Cmd::Replay { ids, reply } => {
                 let mut jobs = Vec::new();
                 for id in ids {
@@ -854,10 +946,6 @@ fn apply(
                     Reply::Enqueue(tx, v) => {
                         let _ = tx.send(v);
                     }
-                    Reply::Finish(Some(tx), jobs) => {
-                        let _ = tx.send(jobs);
-                    }
-                    Reply::Finish(None, _) => {}
                     Reply::Replay(tx, jobs) => {
                         let _ = tx.send(Ok(jobs));
                     }
@@ -866,7 +954,7 @@ fn apply(
                     }
                 }
             }
-            Ok(())
+            Ok(finished)
         }
         Err(e) => {
             let msg = e.to_string();
@@ -875,10 +963,6 @@ fn apply(
                     Reply::Enqueue(tx, _) => {
                         let _ = tx.send(Err(EnqueueError::Storage(msg.clone())));
                     }
-                    Reply::Finish(Some(tx), _) => {
-                        let _ = tx.send(Vec::new());
-                    }
-                    Reply::Finish(None, _) => {}
                     Reply::Replay(tx, _) => {
                         let _ = tx.send(Err(msg.clone()));
                     }

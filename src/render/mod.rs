@@ -14,6 +14,7 @@
 
 pub mod blockkit;
 mod helpers;
+pub mod partials;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -185,6 +186,13 @@ impl Templates {
     /// Where a template came from.
     pub fn origin(&self, name: &str) -> Option<&TemplateOrigin> {
         self.origins.get(name)
+    }
+
+    /// Partial cycles, over-deep nesting and computed partial names among the message
+    /// templates ([`partials`]); a ruleset with any is refused.
+    pub fn partial_problems(&self) -> Vec<partials::PartialProblem> {
+        let all = self.hb.get_templates();
+        partials::check(all.iter().map(|(n, t)| (n.as_str(), t)))
     }
 
     /// Names of all templates.

@@ -394,7 +394,26 @@ fn dispatch_all(rs: &Ruleset, ev: &Event, rules: &[&Rule], ctx: &Context) -> Vec
             dispatch(rs, ev, rule, step, ctx, &mut out);
         }
     }
+    withhold_secret_errors(&mut out);
     out
+}
+
+/// A render error can quote what was rendered, and for a secret event that is the passcode;
+/// such errors keep only which template failed. (`check` renders every rule against a sample
+/// passcode event, where the details are harmless, and reports them there.)
+fn withhold_secret_errors(out: &mut [Dispatch]) {
+    for d in out.iter_mut().filter(|d| d.secret) {
+        if let Err(DispatchError::Render(e)) = &mut d.message {
+            let what = if d.template.is_empty() {
+                "a template of this rule".to_string()
+            } else {
+                format!("template `{}`", d.template)
+            };
+            *e = format!(
+                "{what} failed to render (details withheld: the event carries a One-Time Passcode; `switchyard check` shows them for a sample passcode event)"
+            );
+        }
+    }
 }
 
 /// Finishes a deferred rule: with the query results under `with`, evaluates the conditions
@@ -423,6 +442,7 @@ pub fn expand(
     for step in &rule.sends {
         dispatch(rs, &ev2, rule, step, &ctx, &mut out);
     }
+    withhold_secret_errors(&mut out);
     Ok(out)
 }
 

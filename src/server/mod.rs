@@ -10,6 +10,8 @@
 //! request path and swaps it in atomically. An invalid edit is rejected whole.
 
 mod admin;
+pub mod body;
+mod listen;
 mod reload;
 mod schedule;
 
@@ -35,6 +37,7 @@ use crate::outbox::{EnqueueError, Enqueued, NewJob, NewTracker, Outbox};
 use crate::routing::{route_in_place, DispatchError, Ruleset};
 use crate::sources::{Decoded, Headers, Request};
 
+pub use listen::ConnLimits;
 pub use reload::ReloadStatus;
 
 /// Settings of `serve`.
@@ -51,6 +54,8 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Watch the rules directory and reload on change.
     pub watch: bool,
+    /// Bounds on connections and request bodies.
+    pub limits: ConnLimits,
 }
 
 /// Shared state of a running server.
@@ -74,6 +79,8 @@ pub struct AppState {
     source_metrics: MetricHandles,
     /// `switchyard_queue_depth`, set after every enqueue.
     queue_depth: metrics::Gauge,
+    /// Request-body bytes the engine may hold at once ([`ConnLimits::max_body_bytes_in_flight`]).
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 type St = State<Arc<AppState>>;
@@ -163,6 +170,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         reload_lock: tokio::sync::Mutex::new(()),
         source_metrics: MetricHandles::default(),
         queue_depth: metrics::gauge!("switchyard_queue_depth"),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(
+            cfg.limits
+                .max_body_bytes_in_flight
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
     });
     for (name, s) in &rs.sources {
         match &s.disabled {
@@ -187,10 +199,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         shutdown_signal().await;
         tracing::info!("shutting down: no new requests; finishing in-flight work");
     };
-    axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| e.to_string())?;
+    listen::serve(listener, app, &cfg.limits, shutdown, cfg.grace).await;
     state.ready.store(false, Ordering::Relaxed);
     #[cfg(feature = "kafka")]
     state.kafka.shutdown().await;
@@ -337,6 +346,37 @@ pub fn router(state: Arc<AppState>) -> Router {
             handler_panicked,
         ))
         .with_state(state)
+}
+
+/// The answer to a body that could not be read.
+fn body_refusal(source: &str, e: body::BodyError) -> Response {
+    use body::BodyError;
+    match e {
+        BodyError::TooLarge(max) => reject(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is over the {max} byte limit"),
+        ),
+        BodyError::TooSlow(t) => {
+            tracing::warn!(source = %source, "rejected: body not complete within {}s", t.as_secs());
+            reject(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {}s", t.as_secs()),
+            )
+        }
+        BodyError::Busy => {
+            tracing::warn!(source = %source, "rejected: too many request-body bytes in memory");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                Json(json!({"accepted": false, "reason": "the engine holds as many request bodies as it allows; retry shortly"})),
+            )
+                .into_response()
+        }
+        BodyError::Broken => reject(
+            StatusCode::BAD_REQUEST,
+            "the body broke off or is malformed",
+        ),
+    }
 }
 
 fn handler_panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -532,19 +572,28 @@ async fn handle(
             format!("body is over the {} byte limit", src.max_body),
         );
     }
-    let bytes: Bytes = match axum::body::to_bytes(body, src.max_body).await {
+    let read = body::read(
+        body,
+        src.max_body,
+        &st.body_budget,
+        st.cfg.limits.body_timeout,
+    )
+    .await;
+    let held = match read {
         Ok(b) => b,
-        Err(_) => {
-            m.count("rejected");
-            return reject(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body is over the {} byte limit", src.max_body),
-            );
+        Err(e) => {
+            m.count(if e == body::BodyError::Busy {
+                "overloaded"
+            } else {
+                "rejected"
+            });
+            return body_refusal(&source, e);
         }
     };
+    let bytes: &Bytes = &held.bytes;
     let mut req = Request {
         headers: Headers::Http(&headers),
-        body: &bytes,
+        body: bytes,
         path_token: token,
         signed: None,
     };
