@@ -829,3 +829,61 @@ async fn an_outcome_that_cannot_be_committed_is_kept_until_it_can() {
     );
     assert!(dead_letters(&e.data).is_empty());
 }
+
+/// Work per event is bounded: a template that loops inside a loop stops at the output limit
+/// (the event becomes a dead letter, the outbox does not grow by megabytes), and a JSONPath
+/// whose cost grows faster than the event is refused when the rules load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendering_and_paths_are_bounded() {
+    let slack = Fake::slack_ok().await;
+    let extra = r#"
+  - id: quadratic
+    on: port/entity.updated
+    where: ["$.after.properties.items exists"]
+    send: [{ to: alerts, template: loop }]
+"#;
+    let text = format!("{}{extra}", rules(&slack.url(HOOK), ""));
+    let (tmp, dir) = Engine::workspace(
+        &[
+            ("rules.yaml", &text),
+            (
+                "templates/loop.hbs",
+                "{\"text\": \"{{#each after.properties.items}}{{#each ../after.properties.items}}0123456789{{/each}}{{/each}}\"}",
+            ),
+        ],
+        false,
+    );
+    let e = Engine::start(tmp, dir.clone(), &[("PORT_CLIENT_SECRET", SECRET)]).await;
+    let mut body: Value = serde_json::from_slice(&cpu_bump()).unwrap();
+    body["diff"]["after"]["properties"]["items"] = (0..2000).collect::<Vec<u32>>().into();
+    let (status, reply) = e
+        .post_port("port", SECRET, &serde_json::to_vec(&body).unwrap())
+        .await;
+    assert_eq!(status, 202, "{reply}");
+    let dl = eventually(10, "the dead letter", || {
+        let d = dead_letters(&e.data);
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert!(dl[0].last_error.contains("KiB"), "{:?}", dl[0].last_error);
+    let db = std::fs::metadata(e.data.join("switchyard.db"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+        + std::fs::metadata(e.data.join("switchyard.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+    assert!(db < 8 << 20, "the outbox holds {db} bytes");
+    slack.wait_for(HOOK, 1, 10).await; // the other rule's message still went out
+
+    std::fs::write(
+        dir.join("slow.yaml"),
+        "rules:\n  - id: slow\n    on: port/entity.updated\n    where: [\"$..[?@..[?@..x]] exists\"]\n    send: [{ to: alerts, text: x }]\n",
+    )
+    .unwrap();
+    let (code, out) = check(&dir);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("slow.yaml:4:") && out.contains("descendant"),
+        "{out}"
+    );
+}

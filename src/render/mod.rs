@@ -111,6 +111,60 @@ fn render_failed(name: &str, e: &handlebars::RenderError) -> TemplateError {
     }
 }
 
+/// The most one render may write. Slack takes far less (50 blocks of 3,000 characters), and a
+/// webhook body this size is already unusual; a template that loops over a large list inside
+/// another loop can otherwise write tens of megabytes per event into the outbox.
+pub const MAX_RENDERED: usize = 1 << 20;
+
+/// A writer that refuses to grow past [`MAX_RENDERED`]: the render stops at that point.
+struct CappedWriter {
+    buf: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > MAX_RENDERED {
+            self.over = true;
+            return Err(std::io::Error::other("rendered output over the limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs a render into a [`CappedWriter`].
+fn capped(
+    name: &str,
+    render: impl FnOnce(&mut CappedWriter) -> Result<(), handlebars::RenderError>,
+) -> Result<String, TemplateError> {
+    let mut w = CappedWriter {
+        buf: Vec::new(),
+        over: false,
+    };
+    match render(&mut w) {
+        Ok(()) => String::from_utf8(w.buf).map_err(|_| TemplateError {
+            template: name.to_string(),
+            message: "rendering failed: the output is not UTF-8".into(),
+            line: None,
+            column: None,
+        }),
+        Err(_) if w.over => Err(TemplateError {
+            template: name.to_string(),
+            message: format!(
+                "rendering failed: the output is over {} KiB (a loop over a large list, or one inside another?)",
+                MAX_RENDERED >> 10
+            ),
+            line: None,
+            column: None,
+        }),
+        Err(e) => Err(render_failed(name, &e)),
+    }
+}
+
 /// All templates of a ruleset, compiled once.
 pub struct Templates {
     hb: Handlebars<'static>,
@@ -173,9 +227,9 @@ impl Templates {
 
     /// Renders a template added with [`Templates::add_plain`].
     pub fn render_plain(&self, name: &str, ctx: &Context) -> Result<String, TemplateError> {
-        self.plain
-            .render_with_context(name, ctx)
-            .map_err(|e| render_failed(name, &e))
+        capped(name, |w| {
+            self.plain.render_with_context_to_write(name, ctx, w)
+        })
     }
 
     /// True when a template of that name exists.
@@ -202,9 +256,7 @@ impl Templates {
 
     /// Renders a template to text (for headers, channels and other small strings).
     pub fn render_text(&self, name: &str, ctx: &Context) -> Result<String, TemplateError> {
-        self.hb
-            .render_with_context(name, ctx)
-            .map_err(|e| render_failed(name, &e))
+        capped(name, |w| self.hb.render_with_context_to_write(name, ctx, w))
     }
 
     /// Renders a message template to a Slack message object with a `text` fallback.
@@ -236,9 +288,10 @@ impl Templates {
 
     /// Renders a small inline template string (not registered) against `ctx`.
     pub fn render_inline(&self, text: &str, ctx: &Context) -> Result<String, String> {
-        self.hb
-            .render_template_with_context(text, ctx)
-            .map_err(|e| e.to_string())
+        capped("inline", |w| {
+            self.hb.render_template_with_context_to_write(text, ctx, w)
+        })
+        .map_err(|e| e.message)
     }
 }
 
@@ -370,6 +423,19 @@ mod tests {
             .render_message("m", &Context::from(json!({"entity": {"title": "x"}})))
             .unwrap_err();
         assert!(e.message.contains("not valid JSON"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_render_stops_at_the_output_limit() {
+        let t = templates(
+            "loop",
+            "{{#each items}}{{#each ../items}}0123456789{{/each}}{{/each}}",
+        );
+        let items: Vec<u32> = (0..1000).collect();
+        let e = t
+            .render_text("loop", &Context::wraps(json!({ "items": items })).unwrap())
+            .unwrap_err();
+        assert!(e.message.contains("KiB"), "{}", e.message);
     }
 
     #[test]

@@ -18,6 +18,24 @@ use std::collections::HashMap;
 use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
 use serde_json::Value;
 
+/// Refuses paths whose cost grows faster than the event: a descendant segment (`..`) inside a
+/// filter runs a whole-subtree search for every node the outer part visits (`$..[?@..[?@..x]]`
+/// took 52 s on a 1 MB event), and so, to a lesser degree, does a second `..`. One `..` outside
+/// filters is linear in the event and allowed. (`..` inside a quoted name counts too: such a
+/// path is refused with the same message, which errs on the safe side.)
+fn bounded(text: &str) -> Result<(), String> {
+    let descendants = text.matches("..").count();
+    let in_filter = text.find("[?").is_some_and(|i| text[i..].contains(".."));
+    if in_filter || descendants > 1 {
+        return Err(
+            "a descendant segment (`..`) inside a filter, or more than one, can take minutes on a large event; \
+             write the path out, or use a single `..` outside filters"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// A JSONPath ready to evaluate.
 #[derive(Debug, Clone)]
 pub struct JsonPathExpr {
@@ -44,6 +62,7 @@ impl JsonPathExpr {
     pub fn compile(text: &str) -> Result<Self, String> {
         let q = jsonpath_rust::parser::parse_json_path(text)
             .map_err(|e| clean_error(&e.to_string()))?;
+        bounded(text)?;
         Ok(Self::from_query(text.to_string(), q))
     }
 
@@ -280,6 +299,17 @@ fn clean_error(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn paths_that_grow_faster_than_the_event_are_refused() {
+        for p in ["$..[?@..x]", "$..a..b", "$[?@..x == 1]"] {
+            assert!(JsonPathExpr::compile(p).is_err(), "{p}");
+        }
+        for p in ["$..x", "$..[?@.x == 1]", "$.a[?@.b > 2].c"] {
+            assert!(JsonPathExpr::compile(p).is_ok(), "{p}");
+        }
+    }
+
     use super::*;
     use serde_json::json;
 
