@@ -260,6 +260,18 @@ async fn a_second_engine_on_the_same_data_directory_refuses_to_start() {
         err.contains("in use by") && err.contains(&pid),
         "names the holder's pid {pid}: {err}"
     );
+    // A replay straight into the data directory would not reach the running engine either.
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["dead-letters", "replay", "--data-dir"])
+        .arg(&e.data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--server"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The first one is unharmed.
     post_one(&e).await;
     slack.wait_for(HOOK, 1, 10).await;
