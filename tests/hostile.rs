@@ -476,7 +476,7 @@ async fn idle_slow_and_excess_connections_are_bounded() {
             ("SWITCHYARD_MAX_CONNECTIONS", "40"),
             ("SWITCHYARD_HEADER_TIMEOUT", "1s"),
             ("SWITCHYARD_BODY_TIMEOUT", "2s"),
-            ("SWITCHYARD_IDLE_TIMEOUT", "3s"),
+            ("SWITCHYARD_IDLE_TIMEOUT", "30s"),
             ("SWITCHYARD_MAX_BODY_MIB_IN_FLIGHT", "1"),
         ],
     )
@@ -506,8 +506,8 @@ async fn idle_slow_and_excess_connections_are_bounded() {
     );
     for s in idle.iter_mut().chain([&mut partial]) {
         assert!(
-            closed_within(s, 3.0).await.is_some(),
-            "an idle connection is closed after the header timeout"
+            closed_within(s, 2.5).await.is_some(),
+            "a silent connection and a half-sent head are closed after the header timeout (1 s), long before the idle timeout (30 s)"
         );
     }
     drop(more);

@@ -116,43 +116,52 @@ fn render_failed(name: &str, e: &handlebars::RenderError) -> TemplateError {
 /// another loop can otherwise write tens of megabytes per event into the outbox.
 pub const MAX_RENDERED: usize = 1 << 20;
 
-/// A writer that refuses to grow past [`MAX_RENDERED`]: the render stops at that point.
-struct CappedWriter {
-    buf: Vec<u8>,
+/// Template output that refuses to grow past [`MAX_RENDERED`]: the render stops there.
+struct CappedOutput {
+    buf: String,
     over: bool,
 }
 
-impl std::io::Write for CappedWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if self.buf.len() + data.len() > MAX_RENDERED {
+impl handlebars::Output for CappedOutput {
+    fn write(&mut self, seg: &str) -> std::io::Result<()> {
+        if self.buf.len() + seg.len() > MAX_RENDERED {
             self.over = true;
             return Err(std::io::Error::other("rendered output over the limit"));
         }
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
+        self.buf.push_str(seg);
         Ok(())
     }
 }
 
-/// Runs a render into a [`CappedWriter`].
-fn capped(
-    name: &str,
-    render: impl FnOnce(&mut CappedWriter) -> Result<(), handlebars::RenderError>,
-) -> Result<String, TemplateError> {
-    let mut w = CappedWriter {
-        buf: Vec::new(),
-        over: false,
-    };
-    match render(&mut w) {
-        Ok(()) => String::from_utf8(w.buf).map_err(|_| TemplateError {
+/// Renders template `name` of `hb` into a [`CappedOutput`] (what `render_with_context` does,
+/// with the cap).
+fn capped(hb: &Handlebars<'static>, name: &str, ctx: &Context) -> Result<String, TemplateError> {
+    let Some(t) = hb.get_template(name) else {
+        return Err(TemplateError {
             template: name.to_string(),
-            message: "rendering failed: the output is not UTF-8".into(),
+            message: "rendering failed: no such template".into(),
             line: None,
             column: None,
-        }),
-        Err(_) if w.over => Err(TemplateError {
+        });
+    };
+    render_capped(hb, t, name, ctx)
+}
+
+fn render_capped(
+    hb: &Handlebars<'static>,
+    t: &handlebars::Template,
+    name: &str,
+    ctx: &Context,
+) -> Result<String, TemplateError> {
+    use handlebars::Renderable;
+    let mut out = CappedOutput {
+        buf: String::new(),
+        over: false,
+    };
+    let mut rc = handlebars::RenderContext::new(t.name.as_ref());
+    match t.render(hb, ctx, &mut rc, &mut out) {
+        Ok(()) => Ok(out.buf),
+        Err(_) if out.over => Err(TemplateError {
             template: name.to_string(),
             message: format!(
                 "rendering failed: the output is over {} KiB (a loop over a large list, or one inside another?)",
@@ -227,9 +236,7 @@ impl Templates {
 
     /// Renders a template added with [`Templates::add_plain`].
     pub fn render_plain(&self, name: &str, ctx: &Context) -> Result<String, TemplateError> {
-        capped(name, |w| {
-            self.plain.render_with_context_to_write(name, ctx, w)
-        })
+        capped(&self.plain, name, ctx)
     }
 
     /// True when a template of that name exists.
@@ -256,7 +263,7 @@ impl Templates {
 
     /// Renders a template to text (for headers, channels and other small strings).
     pub fn render_text(&self, name: &str, ctx: &Context) -> Result<String, TemplateError> {
-        capped(name, |w| self.hb.render_with_context_to_write(name, ctx, w))
+        capped(&self.hb, name, ctx)
     }
 
     /// Renders a message template to a Slack message object with a `text` fallback.
@@ -288,10 +295,8 @@ impl Templates {
 
     /// Renders a small inline template string (not registered) against `ctx`.
     pub fn render_inline(&self, text: &str, ctx: &Context) -> Result<String, String> {
-        capped("inline", |w| {
-            self.hb.render_template_with_context_to_write(text, ctx, w)
-        })
-        .map_err(|e| e.message)
+        let t = handlebars::Template::compile(text).map_err(|e| e.to_string())?;
+        render_capped(&self.hb, &t, "inline", ctx).map_err(|e| e.message)
     }
 }
 
