@@ -217,20 +217,25 @@ impl Deliverer {
                             let error = "internal error while delivering this message (a bug in switchyard; the log has the panic)".to_string();
                             tracing::error!(destination = %destination, job = id, "{error}; kept as a dead letter");
                             metrics::counter!("switchyard_dead_letters_total", "destination" => destination).increment(1);
-                            let created = inner.outbox.finish(id, Outcome::Dead { error }).await;
-                            Deliverer { inner: inner.clone() }.submit(created);
+                            Deliverer { inner }.bury(id, error).await;
                         }
                     }
                     None => {
                         let error = format!("destination `{}` no longer exists in the rules", job.destination);
                         tracing::warn!(destination = %job.destination, rule = %job.rule, event_id = %job.event_id, "{error}; kept as a dead letter");
                         metrics::counter!("switchyard_dead_letters_total", "destination" => job.destination.clone()).increment(1);
-                        let created = inner.outbox.finish(job.id, Outcome::Dead { error }).await;
-                        Deliverer { inner: inner.clone() }.submit(created);
+                        Deliverer { inner }.bury(job.id, error).await;
                     }
                 }
             });
         }
+    }
+
+    /// Makes job `id` a dead letter without (another) attempt, and starts the jobs that
+    /// creates (a run report when it was its event's last job).
+    async fn bury(&self, id: i64, error: String) {
+        let created = self.inner.outbox.finish(id, Outcome::Dead { error }).await;
+        self.submit(created);
     }
 
     /// Per-destination counters.
@@ -278,19 +283,7 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, "{reason}; kept as a dead letter");
         w.metrics.dead_letters.increment(1);
         w.stats().dead_letters += 1;
-        let created = inner
-            .outbox
-            .finish(
-                job.id,
-                Outcome::Dead {
-                    error: reason.clone(),
-                },
-            )
-            .await;
-        Deliverer {
-            inner: inner.clone(),
-        }
-        .submit(created);
+        Deliverer { inner }.bury(job.id, reason.clone()).await;
         return;
     }
     let mut stop = inner.stop_rx.clone();
