@@ -17,11 +17,13 @@ pub mod config;
 pub mod deliver;
 pub mod destinations;
 pub mod event;
-#[cfg(feature = "kafka")]
-pub mod kafka;
+pub mod ingest;
 pub mod outbox;
+pub mod port_api;
 pub mod render;
 pub mod routing;
+pub mod runs;
 pub mod server;
 pub mod simulate;
 pub mod sources;
+pub mod upstream;

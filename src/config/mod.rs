@@ -96,6 +96,34 @@ pub struct KafkaConn {
     pub ssl_ca_location: Option<String>,
 }
 
+impl KafkaConn {
+    /// librdkafka settings for this connection.
+    #[cfg(feature = "kafka")]
+    pub fn client_config(&self) -> rdkafka::config::ClientConfig {
+        let conn = self;
+        let mut c = rdkafka::config::ClientConfig::new();
+        c.set("bootstrap.servers", conn.brokers.join(","))
+            .set("security.protocol", &conn.security_protocol)
+            .set(
+                "client.id",
+                concat!("switchyard/", env!("CARGO_PKG_VERSION")),
+            );
+        if conn.security_protocol.starts_with("SASL") {
+            c.set("sasl.mechanisms", &conn.sasl_mechanism);
+            if let Some(u) = &conn.username {
+                c.set("sasl.username", u);
+            }
+            if let Some(p) = &conn.password {
+                c.set("sasl.password", p.expose());
+            }
+        }
+        if let Some(ca) = &conn.ssl_ca_location {
+            c.set("ssl.ca.location", ca);
+        }
+        c
+    }
+}
+
 /// Which Port topic a Kafka topic is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -145,7 +145,7 @@ pub(super) fn status_json(st: &AppState) -> Value {
         "destinations": destinations,
         "queue_depth": st.outbox.pending(),
         "throttle": {
-            "suppressed_since_start": st.throttled.lock().map(|t| *t).unwrap_or(0),
+            "suppressed_since_start": st.pipeline.throttled(),
             "active_keys": st.outbox.active_throttles().unwrap_or(0),
         },
         "reload": reload,

@@ -33,8 +33,9 @@ use serde_json::json;
 use crate::config::secret::Secret;
 use crate::config::{load_dir, LoadOptions, Mode};
 use crate::deliver::Deliverer;
-use crate::outbox::{EnqueueError, Enqueued, NewJob, NewTracker, Outbox};
-use crate::routing::{route_in_place, DispatchError, Ruleset};
+use crate::ingest::{Accepted, Pipeline};
+use crate::outbox::{EnqueueError, Outbox};
+use crate::routing::Ruleset;
 use crate::sources::{Decoded, Headers, Request};
 
 pub use listen::ConnLimits;
@@ -60,7 +61,10 @@ pub struct ServeConfig {
 
 /// Shared state of a running server.
 pub struct AppState {
-    pub rules: ArcSwap<Ruleset>,
+    /// The rules in force; shared with the pipeline, swapped whole by a reload.
+    pub rules: Arc<ArcSwap<Ruleset>>,
+    /// The ingest stage every source ends in.
+    pub pipeline: Arc<Pipeline>,
     pub outbox: Outbox,
     pub deliverer: Deliverer,
     pub cfg: ServeConfig,
@@ -68,17 +72,13 @@ pub struct AppState {
     pub reload: Mutex<ReloadStatus>,
     pub started: Instant,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Messages suppressed by rule throttles since start.
-    pub throttled: Mutex<u64>,
     /// Kafka consumers of `port_kafka` sources.
     #[cfg(feature = "kafka")]
-    pub kafka: crate::kafka::Consumers,
+    pub kafka: crate::sources::port_kafka::Consumers,
     /// Serialises reloads.
     reload_lock: tokio::sync::Mutex<()>,
     /// Metric handles of the request path.
     source_metrics: MetricHandles,
-    /// `switchyard_queue_depth`, set after every enqueue.
-    queue_depth: metrics::Gauge,
     /// Request-body bytes the engine may hold at once ([`ConnLimits::max_body_bytes_in_flight`]).
     body_budget: Arc<tokio::sync::Semaphore>,
 }
@@ -155,8 +155,15 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let rules = Arc::new(ArcSwap::new(rs.clone()));
+    let pipeline = Arc::new(Pipeline::new(
+        rules.clone(),
+        outbox.clone(),
+        deliverer.clone(),
+    ));
     let state = Arc::new(AppState {
-        rules: ArcSwap::new(rs.clone()),
+        rules,
+        pipeline,
         outbox,
         deliverer: deliverer.clone(),
         cfg: cfg.clone(),
@@ -164,12 +171,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         reload: Mutex::new(ReloadStatus::initial(&rs, &diags)),
         started: Instant::now(),
         metrics,
-        throttled: Mutex::new(0),
         #[cfg(feature = "kafka")]
-        kafka: crate::kafka::Consumers::default(),
+        kafka: crate::sources::port_kafka::Consumers::default(),
         reload_lock: tokio::sync::Mutex::new(()),
         source_metrics: MetricHandles::default(),
-        queue_depth: metrics::gauge!("switchyard_queue_depth"),
         body_budget: Arc::new(tokio::sync::Semaphore::new(
             cfg.limits
                 .max_body_bytes_in_flight
@@ -186,7 +191,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     reload::spawn_triggers(state.clone());
     tokio::spawn(schedule::run(state.clone()));
     #[cfg(feature = "kafka")]
-    state.kafka.configure(&state);
+    state.kafka.configure(&state.pipeline);
     #[cfg(not(feature = "kafka"))]
     if rs.sources.values().any(|s| s.kafka.is_some()) {
         tracing::error!(
@@ -213,96 +218,6 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         tracing::warn!("grace period over with attempts still running; their messages stay queued and are retried on the next start");
     }
     Ok(())
-}
-
-/// Turns an event into jobs: routes it, logs refusals and render failures (which become dead
-/// letters on commit), and, for an action run, the tracker that reports it to Port when its
-/// last job finishes (or at once, as FAILURE, when no rule handles a run we are the backend of).
-pub(crate) fn plan(
-    rs: &Ruleset,
-    src: Option<&crate::config::SourceEntry>,
-    ev: &mut crate::event::Event,
-) -> (Vec<NewJob>, Option<(String, NewTracker)>) {
-    let dispatches = route_in_place(rs, ev);
-    let mut jobs = Vec::new();
-    let mut matched: Vec<String> = Vec::new();
-    for d in dispatches {
-        metrics::counter!("switchyard_rule_matches_total", "rule" => d.rule.clone()).increment(1);
-        if !matched.contains(&d.rule) {
-            matched.push(d.rule.clone());
-        }
-        let mut job = NewJob {
-            destination: d.destination.clone(),
-            rule: d.rule.clone(),
-            event_id: d.event_id.clone(),
-            target: d.target.clone(),
-            message: serde_json::Value::Null,
-            secret: d.secret,
-            throttle: d.throttle.clone(),
-            error: None,
-        };
-        match d.message {
-            Ok(m) => job.message = m,
-            Err(DispatchError::Render(e)) => {
-                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "template failed for this event; kept as a dead letter");
-                job.error = Some(e);
-            }
-            Err(DispatchError::Refused(e)) => {
-                metrics::counter!("switchyard_refused_total", "rule" => d.rule.clone())
-                    .increment(1);
-                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "refused to send a secret notification");
-                continue;
-            }
-        }
-        jobs.push(job);
-    }
-    (jobs, tracker(rs, src, ev, &matched))
-}
-
-fn tracker(
-    rs: &Ruleset,
-    src: Option<&crate::config::SourceEntry>,
-    ev: &crate::event::Event,
-    matched: &[String],
-) -> Option<(String, NewTracker)> {
-    if !ev.event_type.starts_with("port/run.") {
-        return None;
-    }
-    let run_id = crate::destinations::report_run_id(&ev.data)?;
-    let rule = matched
-        .iter()
-        .filter_map(|id| rs.rules.iter().find(|r| &r.id == id))
-        .find(|r| r.report.is_some());
-    if let Some(rule) = rule {
-        let report = rule.report.as_ref()?;
-        return Some((
-            ev.id.clone(),
-            NewTracker {
-                destination: report.to.clone(),
-                run_id,
-                report: json!({"rule": rule.id, "success": report.success, "failure": report.failure, "context": ev.data}),
-                fail: None,
-            },
-        ));
-    }
-    // No rule handled a run whose backend we are (legacy envelope or author-defined body):
-    // close it as FAILURE so nobody is left with a run stuck in progress.
-    let src = src?;
-    let ours = matches!(ev.data["family"].as_str(), Some("run" | "custom"));
-    if !matched.is_empty() || !ours || !src.report_unmatched || ev.event_type != "port/run.created"
-    {
-        return None;
-    }
-    let destination = src.report_to.clone()?;
-    Some((
-        ev.id.clone(),
-        NewTracker {
-            destination,
-            run_id,
-            report: json!({"rule": "no-rule-matched", "success": {}, "failure": {}, "context": ev.data}),
-            fail: Some("no rule matched this run".into()),
-        },
-    ))
 }
 
 async fn shutdown_signal() {
@@ -619,25 +534,20 @@ async fn handle(
             return reject(status, r.reason());
         }
     };
-    let (jobs, tracker) = plan(&rs, Some(src), &mut ev);
-    let n = jobs.len();
-    let dedup = Some((ev.id.clone(), src.dedup_window));
-    let result = st.outbox.enqueue(dedup, jobs, tracker).await;
+    let result = st
+        .pipeline
+        .accept(&rs, Some(src), &mut ev, src.dedup_window)
+        .await;
     m.ingest.record(started.elapsed().as_secs_f64());
-    st.queue_depth.set(st.outbox.pending() as f64);
     let slack = src.kind == "slack";
     match result {
-        Ok(Enqueued::Committed(committed, throttled)) => {
-            m.count(if n == 0 { "unmatched" } else { "accepted" });
-            if throttled > 0 {
-                metrics::counter!("switchyard_throttled_total").increment(throttled as u64);
-                let mut t = st.throttled.lock().unwrap_or_else(|p| p.into_inner());
-                *t += throttled as u64;
-            }
-            // Dispatches of this event (a run report created at once is not one).
-            let n = committed.iter().filter(|j| j.event_id == ev.id).count();
+        Ok(Accepted::Committed {
+            dispatches: n,
+            throttled,
+            matched,
+        }) => {
+            m.count(if matched { "accepted" } else { "unmatched" });
             tracing::info!(source = %source, event_type = %ev.event_type, event_id = %ev.id, dispatches = n, throttled, "accepted");
-            st.deliverer.submit(committed);
             if slack {
                 // Slack wants an empty 200 within 3 s.
                 return StatusCode::OK.into_response();
@@ -652,7 +562,7 @@ async fn handle(
             )
                 .into_response()
         }
-        Ok(Enqueued::Duplicate) => {
+        Ok(Accepted::Duplicate) => {
             m.count("duplicate");
             tracing::info!(source = %source, event_id = %ev.id, "duplicate delivery; already accepted");
             if slack {

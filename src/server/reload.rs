@@ -80,7 +80,7 @@ pub async fn reload(st: &Arc<AppState>, trigger: &str) -> Result<usize, Vec<Stri
             st.deliverer.configure(&rs);
             st.rules.store(rs.clone());
             #[cfg(feature = "kafka")]
-            st.kafka.configure(st);
+            st.kafka.configure(&st.pipeline);
             status.ok = true;
             status.serving_since = status.at;
             status.reloads_ok += 1;

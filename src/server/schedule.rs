@@ -17,7 +17,7 @@ use serde_json::json;
 use super::AppState;
 use crate::config::Schedule;
 use crate::event::Event;
-use crate::outbox::Enqueued;
+use crate::ingest::Accepted;
 
 fn next_after(s: &Schedule, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
     s.cron
@@ -83,24 +83,18 @@ async fn fire(st: &Arc<AppState>, s: &Schedule, tick: DateTime<Utc>) {
         data,
         false,
     );
-    let rs = st.rules.load_full();
-    let (jobs, _) = super::plan(&rs, None, &mut ev);
-    let n = jobs.len();
-    match st
-        .outbox
-        .enqueue(
-            Some((id.clone(), Duration::from_secs(7 * 24 * 3600))),
-            jobs,
-            None,
-        )
-        .await
-    {
-        Ok(Enqueued::Committed(committed, _)) => {
+    let rs = st.pipeline.rules();
+    let week = Duration::from_secs(7 * 24 * 3600);
+    match st.pipeline.accept(&rs, None, &mut ev, week).await {
+        Ok(Accepted::Committed {
+            dispatches: n,
+            matched,
+            ..
+        }) => {
             tracing::info!(schedule = %s.name, tick = %local, dispatches = n, "schedule fired");
-            metrics::counter!("switchyard_events_total", "source" => "schedule", "outcome" => if n == 0 { "unmatched" } else { "accepted" }).increment(1);
-            st.deliverer.submit(committed);
+            metrics::counter!("switchyard_events_total", "source" => "schedule", "outcome" => if matched { "accepted" } else { "unmatched" }).increment(1);
         }
-        Ok(Enqueued::Duplicate) => {
+        Ok(Accepted::Duplicate) => {
             tracing::debug!(schedule = %s.name, tick = %local, "tick already handled")
         }
         Err(e) => {

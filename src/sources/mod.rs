@@ -6,6 +6,8 @@
 
 pub mod coder;
 pub mod port;
+#[cfg(feature = "kafka")]
+pub mod port_kafka;
 pub mod slack;
 
 use std::collections::BTreeMap;

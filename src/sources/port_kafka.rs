@@ -1,5 +1,5 @@
-//! Port's Kafka backend: consume `ORG_ID.runs` and `ORG_ID.change.log` in a consumer group,
-//! and a `kafka` destination that produces rendered messages.
+//! `port_kafka`: Port's Kafka backend. Consumes `ORG_ID.runs` and `ORG_ID.change.log` in a
+//! consumer group and hands each record to the ingest stage.
 //!
 //! Messages decode with the same Port adapter as the HTTP path, so every rule works whichever
 //! transport brought the event. Delivery is at-least-once and loses nothing:
@@ -22,43 +22,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::config::{KafkaConn, KafkaSource, PortTopic, SourceEntry};
-use crate::destinations::{BoxFut, DeliveryError, Destination};
-use crate::outbox::{EnqueueError, Enqueued, Job, NewJob};
-use crate::server::AppState;
+use crate::config::{KafkaSource, PortTopic, SourceEntry};
+use crate::ingest::{Accepted, Pipeline};
+use crate::outbox::{EnqueueError, NewJob};
 use crate::sources::{Decoded, Request};
-
-/// librdkafka settings for a connection.
-pub fn client_config(conn: &KafkaConn) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", conn.brokers.join(","))
-        .set("security.protocol", &conn.security_protocol)
-        .set(
-            "client.id",
-            concat!("switchyard/", env!("CARGO_PKG_VERSION")),
-        );
-    if conn.security_protocol.starts_with("SASL") {
-        c.set("sasl.mechanisms", &conn.sasl_mechanism);
-        if let Some(u) = &conn.username {
-            c.set("sasl.username", u);
-        }
-        if let Some(p) = &conn.password {
-            c.set("sasl.password", p.expose());
-        }
-    }
-    if let Some(ca) = &conn.ssl_ca_location {
-        c.set("ssl.ca.location", ca);
-    }
-    c
-}
 
 /// What `/status` shows of one Kafka source.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -130,8 +103,8 @@ pub struct Consumers {
 
 impl Consumers {
     /// Starts, restarts (settings changed) and stops consumers to match the current rules.
-    pub fn configure(&self, st: &Arc<AppState>) {
-        let rs = st.rules.load_full();
+    pub fn configure(&self, st: &Arc<Pipeline>) {
+        let rs = st.rules();
         let wanted: HashMap<String, KafkaSource> = rs
             .sources
             .iter()
@@ -215,7 +188,7 @@ fn count(topic: &str, outcome: &'static str) {
 }
 
 async fn consume(
-    st: Arc<AppState>,
+    st: Arc<Pipeline>,
     src: SourceEntry,
     k: KafkaSource,
     mut stop: watch::Receiver<bool>,
@@ -248,7 +221,7 @@ async fn consume(
             }
         }
     }
-    let mut cfg = client_config(&k.conn);
+    let mut cfg = k.conn.client_config();
     // Static membership (KIP-345), when configured: an engine that restarts with the same
     // instance id takes its partitions back at once instead of waiting for its old session to
     // time out. (A static member does not leave the group on shutdown either.)
@@ -463,7 +436,7 @@ async fn watch_progress(consumer: Arc<StreamConsumer<Ctx>>, name: String, status
 
 /// [`handle`] for a polled record, its topic's kind looked up.
 async fn handle_record(
-    st: &Arc<AppState>,
+    st: &Pipeline,
     src: &SourceEntry,
     kinds: &HashMap<String, PortTopic>,
     m: &rdkafka::message::OwnedMessage,
@@ -486,7 +459,7 @@ async fn handle_record(
 
 /// Decodes, routes and durably enqueues one message. `Ok` means the offset may be stored.
 async fn handle(
-    st: &Arc<AppState>,
+    st: &Pipeline,
     src: &SourceEntry,
     kind: PortTopic,
     topic: &str,
@@ -541,28 +514,21 @@ async fn handle(
             return keep_poison(st, job).await;
         }
     };
-    let rs = st.rules.load_full();
-    let (jobs, tracker) = crate::server::plan(&rs, Some(src), &mut ev);
-    let n = jobs.len();
-    match st
-        .outbox
-        .enqueue(Some((ev.id.clone(), src.dedup_window)), jobs, tracker)
-        .await?
-    {
-        Enqueued::Committed(committed, _) => {
-            count(topic, if n == 0 { "unmatched" } else { "accepted" });
-            st.deliverer.submit(committed);
+    let rs = st.rules();
+    match st.accept(&rs, Some(src), &mut ev, src.dedup_window).await? {
+        Accepted::Committed { matched, .. } => {
+            count(topic, if matched { "accepted" } else { "unmatched" })
         }
-        Enqueued::Duplicate => count(topic, "duplicate"),
+        Accepted::Duplicate => count(topic, "duplicate"),
     }
     Ok(())
 }
 
 async fn fetch_credentials(
-    st: &Arc<AppState>,
+    st: &Pipeline,
     from: &str,
 ) -> Result<(Vec<String>, String, crate::config::secret::Secret), String> {
-    let rs = st.rules.load_full();
+    let rs = st.rules();
     let cfg = rs
         .destinations
         .get(from)
@@ -571,86 +537,14 @@ async fn fetch_credentials(
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| e.to_string())?;
-    let api = crate::destinations::port::client_for(
-        cfg,
-        &client,
-        Arc::new(crate::destinations::TemplatesHandle(rs.clone())),
-    )
-    .ok_or_else(|| format!("`{from}` is not a `port` destination"))?;
+    let api = crate::port_api::client_for(cfg, &client)
+        .ok_or_else(|| format!("`{from}` is not a `port` destination"))?;
     api.kafka_credentials().await
 }
 
 /// Commits a poison message as a dead letter (once: its id is deduplicated for a week).
-async fn keep_poison(st: &AppState, job: NewJob) -> Result<(), EnqueueError> {
+async fn keep_poison(st: &Pipeline, job: NewJob) -> Result<(), EnqueueError> {
     let key = job.event_id.clone();
-    st.outbox
-        .enqueue(
-            Some((key, Duration::from_secs(7 * 24 * 3600))),
-            vec![job],
-            None,
-        )
+    st.keep(key, vec![job], Duration::from_secs(7 * 24 * 3600))
         .await
-        .map(|_| ())
-}
-
-/// The `kafka` destination: produces each message as JSON with the rendered key.
-pub struct KafkaDest {
-    producer: Result<FutureProducer, String>,
-    topic: String,
-    timeout: Duration,
-}
-
-impl KafkaDest {
-    /// A producer with idempotence (no duplicates from producer retries) and `acks=all`.
-    pub fn new(conn: &KafkaConn, topic: &str, timeout: Duration) -> Self {
-        let producer = client_config(conn)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", timeout.as_millis().to_string())
-            .create::<FutureProducer>()
-            .map_err(|e| e.to_string());
-        KafkaDest {
-            producer,
-            topic: topic.to_string(),
-            timeout,
-        }
-    }
-}
-
-impl Destination for KafkaDest {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
-        Box::pin(async move {
-            let producer = self.producer.as_ref().map_err(|e| {
-                DeliveryError::Permanent(format!("cannot create the Kafka producer: {e}"))
-            })?;
-            let payload = job.message.to_string();
-            let mut record = FutureRecord::to(&self.topic).payload(&payload);
-            if let Some(k) = &job.target.key {
-                record = record.key(k);
-            }
-            match producer.send(record, self.timeout).await {
-                Ok(_) => Ok(Vec::new()),
-                Err((e, _)) => {
-                    use rdkafka::types::RDKafkaErrorCode as C;
-                    let reason = format!("produce to {}: {e}", self.topic);
-                    match e.rdkafka_error_code() {
-                        Some(
-                            C::MessageSizeTooLarge
-                            | C::TopicAuthorizationFailed
-                            | C::InvalidRecord
-                            | C::UnknownTopicOrPartition,
-                        ) => Err(DeliveryError::Permanent(reason)),
-                        _ => Err(DeliveryError::Transient {
-                            reason,
-                            retry_after: None,
-                        }),
-                    }
-                }
-            }
-        })
-    }
-
-    fn pace_key(&self, _job: &Job) -> Option<String> {
-        None
-    }
 }

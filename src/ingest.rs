@@ -1,0 +1,174 @@
+//! The ingest stage: what every source does with an event once it is decoded.
+//!
+//! HTTP webhooks, Kafka records and schedule ticks all end the same way: route the event
+//! (pure), plan its follow-ups (a run tracker for an action run), commit the jobs durably in one
+//! outbox transaction together with the event's dedup key, hand the committed jobs to delivery,
+//! and count. [`Pipeline::accept`] is that tail, written once. The callers keep only their
+//! transport's concerns (HTTP status codes, Kafka offsets, schedule clocks).
+//!
+//! Guarantee: when `accept` returns `Ok`, the event's jobs are committed (or the event was a
+//! duplicate within its dedup window, or matched nothing); the caller may acknowledge it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::SourceEntry;
+use crate::deliver::Deliverer;
+use crate::event::Event;
+use crate::outbox::{EnqueueError, Enqueued, NewJob, NewTracker, Outbox};
+use crate::routing::{route_in_place, DispatchError, Ruleset};
+use crate::runs;
+
+/// What became of an accepted event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Committed: `dispatches` jobs of this event queued, `throttled` suppressed by throttles.
+    /// `matched` is false when no rule matched (nothing was queued but a possible run report).
+    Committed {
+        dispatches: usize,
+        throttled: usize,
+        matched: bool,
+    },
+    /// Already accepted within the dedup window; nothing was added.
+    Duplicate,
+}
+
+/// The shared tail of every source. Cheap to share (`Arc`).
+pub struct Pipeline {
+    rules: Arc<ArcSwap<Ruleset>>,
+    outbox: Outbox,
+    deliverer: Deliverer,
+    /// Messages suppressed by rule throttles since start.
+    throttled: AtomicU64,
+    /// `switchyard_queue_depth`, set after every enqueue.
+    queue_depth: metrics::Gauge,
+    throttled_total: metrics::Counter,
+}
+
+impl Pipeline {
+    /// A pipeline over the engine's current rules, its outbox and its delivery stage.
+    pub fn new(rules: Arc<ArcSwap<Ruleset>>, outbox: Outbox, deliverer: Deliverer) -> Pipeline {
+        Pipeline {
+            rules,
+            outbox,
+            deliverer,
+            throttled: AtomicU64::new(0),
+            queue_depth: metrics::gauge!("switchyard_queue_depth"),
+            throttled_total: metrics::counter!("switchyard_throttled_total"),
+        }
+    }
+
+    /// The rules in force now. A caller that looks a source up loads them once and passes the
+    /// same ruleset to [`Pipeline::accept`], so one event is handled by one ruleset even when a
+    /// reload swaps in another meanwhile.
+    pub fn rules(&self) -> Arc<Ruleset> {
+        self.rules.load_full()
+    }
+
+    /// The outbox the pipeline commits to.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Messages suppressed by throttles since start.
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Routes `ev` with `rs`, commits its jobs (deduplicated by the event id for `dedup`), and
+    /// starts their delivery. `src` is the source it came from (`None` for schedule ticks).
+    pub async fn accept(
+        &self,
+        rs: &Ruleset,
+        src: Option<&SourceEntry>,
+        ev: &mut Event,
+        dedup: Duration,
+    ) -> Result<Accepted, EnqueueError> {
+        let (jobs, tracker) = plan(rs, src, ev);
+        let matched = !jobs.is_empty();
+        let result = self
+            .outbox
+            .enqueue(Some((ev.id.clone(), dedup)), jobs, tracker)
+            .await;
+        self.queue_depth.set(self.outbox.pending() as f64);
+        match result? {
+            Enqueued::Committed(committed, throttled) => {
+                if throttled > 0 {
+                    self.throttled_total.increment(throttled as u64);
+                    self.throttled
+                        .fetch_add(throttled as u64, Ordering::Relaxed);
+                }
+                // Dispatches of this event (a run report created at once is not one).
+                let dispatches = committed.iter().filter(|j| j.event_id == ev.id).count();
+                self.deliverer.submit(committed);
+                Ok(Accepted::Committed {
+                    dispatches,
+                    throttled,
+                    matched,
+                })
+            }
+            Enqueued::Duplicate => Ok(Accepted::Duplicate),
+        }
+    }
+
+    /// Commits jobs that are not an event's dispatches (a poison Kafka record kept as a dead
+    /// letter), deduplicated by `key` for `dedup`.
+    pub async fn keep(
+        &self,
+        key: String,
+        jobs: Vec<NewJob>,
+        dedup: Duration,
+    ) -> Result<(), EnqueueError> {
+        match self.outbox.enqueue(Some((key, dedup)), jobs, None).await? {
+            Enqueued::Committed(committed, _) => self.deliverer.submit(committed),
+            Enqueued::Duplicate => {}
+        }
+        Ok(())
+    }
+}
+
+/// Turns an event into jobs: routes it, logs refusals and render failures (which become dead
+/// letters on commit), and, for an action run, plans the tracker that reports it to Port
+/// ([`runs::plan`]).
+pub fn plan(
+    rs: &Ruleset,
+    src: Option<&SourceEntry>,
+    ev: &mut Event,
+) -> (Vec<NewJob>, Option<(String, NewTracker)>) {
+    let dispatches = route_in_place(rs, ev);
+    let mut jobs = Vec::new();
+    let mut matched: Vec<String> = Vec::new();
+    for d in dispatches {
+        metrics::counter!("switchyard_rule_matches_total", "rule" => d.rule.clone()).increment(1);
+        if !matched.contains(&d.rule) {
+            matched.push(d.rule.clone());
+        }
+        let error = match &d.message {
+            Ok(_) => None,
+            Err(DispatchError::Render(e)) => {
+                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "template failed for this event; kept as a dead letter");
+                Some(e.clone())
+            }
+            Err(DispatchError::Refused(e)) => {
+                metrics::counter!("switchyard_refused_total", "rule" => d.rule.clone())
+                    .increment(1);
+                tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "refused to send a secret notification");
+                continue;
+            }
+        };
+        jobs.push(NewJob {
+            destination: d.destination,
+            rule: d.rule,
+            event_id: d.event_id,
+            target: d.target,
+            message: d.message.unwrap_or(serde_json::Value::Null),
+            secret: d.secret,
+            throttle: d.throttle,
+            error,
+        });
+    }
+    (jobs, runs::plan(rs, src, ev, &matched))
+}
