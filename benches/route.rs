@@ -120,7 +120,7 @@ fn render_and_enqueue(c: &mut Criterion) {
         rule: "r".into(),
         event_id: "e".into(),
         target: Default::default(),
-        message: msg,
+        payload: msg,
         secret: false,
         throttle: None,
         error: None,

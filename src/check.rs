@@ -100,8 +100,9 @@ fn run_test(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) {
     let mut actual = Vec::new();
     for d in &dispatches {
         match &d.message {
-            Ok(msg) => {
-                for v in blockkit::check(msg) {
+            Ok(payload) => {
+                let checked = payload.message().map(blockkit::check).unwrap_or_default();
+                for v in checked {
                     let mut diag = Diagnostic::error(
                         "block-kit-limit",
                         format!("template `{}` rendered for test `{}`: {} (at {})", d.template, t.name, v.message, v.pointer),
@@ -172,13 +173,13 @@ fn run_test(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) {
             .iter()
             .filter(|d| d.rule == e.rule && d.to == e.to)
             .filter_map(|d| d.message.as_ref().ok())
-            .any(|m| contains(m, want_msg));
+            .any(|m| contains(&m.to_json(), want_msg));
         if !found {
             let got = actual
                 .iter()
                 .find(|d| d.rule == e.rule && d.to == e.to)
                 .and_then(|d| d.message.as_ref().ok())
-                .map(|m| m.to_string())
+                .map(|m| m.to_text())
                 .unwrap_or_default();
             diags.push(
                 Diagnostic::error("test-failed", format!("test `{}` failed: the message from `{}` to `{}` does not contain the expected part", t.name, e.rule, e.to))

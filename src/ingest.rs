@@ -18,7 +18,8 @@ use arc_swap::ArcSwap;
 use crate::config::SourceEntry;
 use crate::deliver::Deliverer;
 use crate::event::Event;
-use crate::outbox::{EnqueueError, Enqueued, NewJob, NewTracker, Outbox};
+use crate::job::{NewJob, Payload};
+use crate::outbox::{EnqueueError, Enqueued, NewTracker, Outbox};
 use crate::routing::{route_in_place, DispatchError, Ruleset};
 use crate::runs;
 
@@ -164,7 +165,9 @@ pub fn plan(
             rule: d.rule,
             event_id: d.event_id,
             target: d.target,
-            message: d.message.unwrap_or(serde_json::Value::Null),
+            payload: d
+                .message
+                .unwrap_or(Payload::Message(serde_json::Value::Null)),
             secret: d.secret,
             throttle: d.throttle,
             error,

@@ -18,6 +18,7 @@ pub mod deliver;
 pub mod destinations;
 pub mod event;
 pub mod ingest;
+pub mod job;
 pub mod outbox;
 pub mod port_api;
 pub mod render;

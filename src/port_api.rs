@@ -12,10 +12,8 @@ use serde_json::{json, Value};
 
 use crate::config::secret::Secret;
 use crate::config::{DestinationConfig, DestinationKind};
-use crate::upstream::{
-    classify_transport, read_answer, retry_after, DeliveryError, ANSWER_LIMIT,
-};
 use crate::routing::Query;
+use crate::upstream::{classify_transport, read_answer, retry_after, DeliveryError, ANSWER_LIMIT};
 
 /// The most of one Port API answer that is read (an entity search page of 100 entities with
 /// their properties and scorecards stays well under it).

@@ -14,11 +14,11 @@
 //! 3. **Report** ([`report_of`], at delivery): the Port destination turns the tally into the
 //!    run's status, summary, link and log line, rendering the rule's `report:` templates.
 
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::config::SourceEntry;
 use crate::event::Event;
+use crate::job::{ReportSpec, Tally};
 use crate::outbox::NewTracker;
 use crate::routing::Ruleset;
 
@@ -52,7 +52,12 @@ pub fn plan(
             NewTracker {
                 destination: report.to.clone(),
                 run_id,
-                report: json!({"rule": rule.id, "success": report.success, "failure": report.failure, "context": ev.data}),
+                report: ReportSpec {
+                    rule: rule.id.clone(),
+                    success: report.success.clone(),
+                    failure: report.failure.clone(),
+                    context: ev.data.clone(),
+                },
                 fail: None,
             },
         ));
@@ -71,20 +76,14 @@ pub fn plan(
         NewTracker {
             destination,
             run_id,
-            report: json!({"rule": "no-rule-matched", "success": {}, "failure": {}, "context": ev.data}),
+            report: ReportSpec {
+                rule: "no-rule-matched".into(),
+                context: ev.data.clone(),
+                ..Default::default()
+            },
             fail: Some("no rule matched this run".into()),
         },
     ))
-}
-
-/// How the jobs of a tracked event fared, as storage counts them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tally {
-    pub delivered: i64,
-    pub failed: i64,
-    /// The first errors (at most 20).
-    #[serde(default)]
-    pub errors: Vec<String>,
 }
 
 /// What a closed tracker reports, in Port's terms.

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::event::Event;
+use crate::job::Payload;
 use crate::routing::condition::Trace;
 use crate::routing::{explain, route, Dispatch, DispatchError, RuleReport, Ruleset};
 use crate::sources::{Decoded, Rejection, Request};
@@ -94,7 +95,7 @@ fn expand_offline(
 ) -> Vec<Dispatch> {
     let mut out = Vec::new();
     for d in dispatches {
-        let is_expand = d.message.as_ref().is_ok_and(|m| m["op"] == "expand");
+        let is_expand = matches!(d.message, Ok(Payload::Expand(_)));
         let rule = rs.rules.iter().find(|r| r.id == d.rule);
         let all_given = rule.is_some_and(|r| {
             !r.queries.is_empty() && r.queries.iter().all(|q| with.contains_key(&q.name))
@@ -159,9 +160,9 @@ pub fn simulate_event(
         }
         for d in &mut dispatches {
             if d.message.is_ok() {
-                d.message = Ok(Value::String(
+                d.message = Ok(Payload::Message(Value::String(
                     "[secret: One-Time Passcode notification, not shown]".into(),
-                ));
+                )));
             }
         }
     }

@@ -323,7 +323,7 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
                     st.delivered += 1;
                     Outcome::Delivered {
                         follow_ups: std::mem::take(follow_ups),
-                        message: job.message.get("op").is_none(),
+                        message: matches!(job.payload, crate::job::Payload::Message(_)),
                     }
                 }
                 Err(e) => {

@@ -42,7 +42,7 @@ impl Destination for KafkaDest {
             let producer = self.producer.as_ref().map_err(|e| {
                 DeliveryError::Permanent(format!("cannot create the Kafka producer: {e}"))
             })?;
-            let payload = job.message.to_string();
+            let payload = super::message_of(job)?.to_string();
             let mut record = FutureRecord::to(&self.topic).payload(&payload);
             if let Some(k) = &job.target.key {
                 record = record.key(k);

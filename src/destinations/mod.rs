@@ -156,14 +156,28 @@ impl TemplatesHandle {
     }
 }
 
+/// The message a job carries. A Port operation routed to a destination that takes messages
+/// (only possible through a hand-edited outbox) is a permanent failure, not a guess.
+pub fn message_of(job: &Job) -> Result<&serde_json::Value, DeliveryError> {
+    job.message().ok_or_else(|| {
+        DeliveryError::Permanent(format!(
+            "a `{}` job is a Port operation; only a `port` destination carries it out",
+            job.payload.kind()
+        ))
+    })
+}
+
 /// The message as it is sent: limits enforced (texts cut with an ellipsis), `thread_ts` added.
 /// Borrowed (no copy) when there is nothing to change, which is nearly always.
-pub fn prepare_message(job: &Job) -> std::borrow::Cow<'_, serde_json::Value> {
+pub fn prepare_message(
+    job: &Job,
+) -> Result<std::borrow::Cow<'_, serde_json::Value>, DeliveryError> {
     use crate::render::blockkit;
-    if job.target.thread_ts.is_none() && blockkit::fits(&job.message) {
-        return std::borrow::Cow::Borrowed(&job.message);
+    let message = message_of(job)?;
+    if job.target.thread_ts.is_none() && blockkit::fits(message) {
+        return Ok(std::borrow::Cow::Borrowed(message));
     }
-    let mut m = job.message.clone();
+    let mut m = message.clone();
     blockkit::enforce(&mut m);
     if let (Some(ts), Some(obj)) = (&job.target.thread_ts, m.as_object_mut()) {
         obj.insert("thread_ts".into(), serde_json::Value::String(ts.clone()));
@@ -171,7 +185,7 @@ pub fn prepare_message(job: &Job) -> std::borrow::Cow<'_, serde_json::Value> {
             obj.insert("reply_broadcast".into(), serde_json::Value::Bool(true));
         }
     }
-    std::borrow::Cow::Owned(m)
+    Ok(std::borrow::Cow::Owned(m))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use super::{BoxFut, DeliveryError, Destination, TemplatesHandle};
 use crate::event::Event;
-use crate::outbox::{Job, NewJob};
+use crate::job::{Expand, Job, NewJob, Payload, RunReport};
 use crate::port_api::PortApi;
 use crate::routing::DispatchError;
 
@@ -29,10 +29,10 @@ impl Port {
         Port { api, rules }
     }
 
-    async fn expand(&self, job: &Job) -> Result<Vec<NewJob>, DeliveryError> {
+    async fn expand(&self, job: &Job, op: &Expand) -> Result<Vec<NewJob>, DeliveryError> {
         let rs = &self.rules.0;
-        let rule_id = job.message["rule"].as_str().unwrap_or("");
-        let data = job.message["event"].clone();
+        let rule_id = op.rule.as_str();
+        let data = op.event.clone();
         let rule = rs.rules.iter().find(|r| r.id == rule_id).ok_or_else(|| {
             DeliveryError::Permanent(format!("rule `{rule_id}` is no longer in the rules"))
         })?;
@@ -78,7 +78,7 @@ impl Port {
                 rule: d.rule.clone(),
                 event_id: d.event_id.clone(),
                 target: d.target.clone(),
-                message: d.message.clone().unwrap_or(Value::Null),
+                payload: d.message.clone().unwrap_or(Payload::Message(Value::Null)),
                 secret: d.secret,
                 throttle: None,
                 error,
@@ -98,17 +98,24 @@ impl Port {
         Ok(jobs)
     }
 
-    async fn report(&self, job: &Job) -> Result<Vec<NewJob>, DeliveryError> {
-        let m = &job.message;
-        let run_id = m["run_id"]
-            .as_str()
-            .ok_or_else(|| DeliveryError::Permanent("report without a run id".into()))?;
-        let status = m["status"].as_str().unwrap_or("FAILURE");
-        let ctx = handlebars::Context::from(m["context"].clone());
+    /// Writes a closed run's status, summary, label and link, and its log line. The rule's
+    /// `report:` templates render over the event with `report` (the tally) added.
+    async fn report(&self, r: &RunReport) -> Result<Vec<NewJob>, DeliveryError> {
+        let run_id = r.run_id.as_str();
+        let wording = crate::runs::report_of(&r.tally);
+        let status = wording.status;
+        let mut context = r.spec.context.clone();
+        if let Value::Object(m) = &mut context {
+            m.insert("report".into(), json!(r.tally));
+        }
+        let ctx = handlebars::Context::from(context);
         let templates = self.rules.templates();
         let mut patch = json!({"status": status});
-        let fields: crate::routing::ReportFields =
-            serde_json::from_value(m["fields"].clone()).unwrap_or_default();
+        let fields = if status == "SUCCESS" {
+            &r.spec.success
+        } else {
+            &r.spec.failure
+        };
         for (key, tpl) in [
             ("statusLabel", &fields.status_label),
             ("summary", &fields.summary),
@@ -125,12 +132,9 @@ impl Port {
             }
         }
         if patch.get("summary").is_none() {
-            patch["summary"] = m["default_summary"].clone();
+            patch["summary"] = json!(wording.default_summary);
         }
-        let line = m["log"].as_str().unwrap_or("").to_string();
-        if !line.is_empty() {
-            self.api.log(run_id, &line).await?;
-        }
+        self.api.log(run_id, &wording.log).await?;
         self.api.patch_run(run_id, &patch).await?;
         tracing::info!(run = %run_id, status, "reported the action run to Port");
         Ok(Vec::new())
@@ -158,10 +162,10 @@ fn render_strings(v: &Value, f: &dyn Fn(&str) -> Result<String, String>) -> Resu
 impl Destination for Port {
     fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
         Box::pin(async move {
-            match job.message["op"].as_str() {
-                Some("expand") => self.expand(job).await,
-                Some("report") => self.report(job).await,
-                _ => Err(DeliveryError::Permanent(
+            match &job.payload {
+                Payload::Expand(op) => self.expand(job, op).await,
+                Payload::Report(r) => self.report(r).await,
+                Payload::Message(_) => Err(DeliveryError::Permanent(
                     "a `port` destination reports runs and answers `with:` queries; it does not take messages".into(),
                 )),
             }

@@ -215,7 +215,7 @@ impl Destination for SlackBot {
                 }
             };
             // The bot adds `channel`, so it always works on its own copy.
-            let mut msg = prepare_message(job).into_owned();
+            let mut msg = prepare_message(job)?.into_owned();
             if let Some(obj) = msg.as_object_mut() {
                 obj.insert("channel".into(), json!(channel));
             }

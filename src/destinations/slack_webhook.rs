@@ -27,7 +27,7 @@ impl Destination for SlackWebhook {
             let req = self
                 .endpoint
                 .json_request(&self.client, reqwest::Method::POST, self.timeout);
-            let req = match prepare_message(job) {
+            let req = match prepare_message(job)? {
                 // Unchanged: the text written when the job was stored, not a new serialisation.
                 Cow::Borrowed(_) => req.body(job.body()),
                 Cow::Owned(m) => req.body(m.to_string()),

@@ -22,7 +22,7 @@ impl Destination for Stdout {
                 "rule": job.rule,
                 "event_id": job.event_id,
                 "target": job.target,
-                "message": if job.secret { json!("[secret]") } else { job.message.clone() },
+                "message": if job.secret { json!("[secret]") } else { job.payload.to_json() },
             });
             let mut out = std::io::stdout().lock();
             writeln!(out, "{line}").map_err(|e| DeliveryError::Transient {

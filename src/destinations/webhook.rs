@@ -31,13 +31,14 @@ impl Destination for Webhook {
         Box::pin(async move {
             let method = reqwest::Method::from_bytes(self.method.as_bytes())
                 .unwrap_or(reqwest::Method::POST);
+            super::message_of(job)?;
             let mut req = self
                 .endpoint
                 .json_request(&self.client, method, self.timeout)
                 .body(job.body());
             if !self.headers.is_empty() {
                 let ctx = Context::from(
-                    json!({"rule": job.rule, "event_id": job.event_id, "message": job.message}),
+                    json!({"rule": job.rule, "event_id": job.event_id, "message": super::message_of(job)?}),
                 );
                 for (name, tpl) in &self.headers {
                     let value =

@@ -26,24 +26,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::routing::Target;
-
-/// A dispatch to persist.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NewJob {
-    pub destination: String,
-    pub rule: String,
-    pub event_id: String,
-    pub target: Target,
-    pub message: Value,
-    pub secret: bool,
-    /// Throttle claim: the key and window; the job is dropped when the key is still held.
-    #[serde(skip)]
-    pub throttle: Option<(String, Duration)>,
-    /// Dead on arrival (a template failed): stored as a dead letter with this reason.
-    #[serde(skip)]
-    pub error: Option<String>,
-}
+pub use crate::job::{Job, NewJob};
+use crate::job::{Payload, ReportSpec, RunReport, Tally, Target};
 
 /// Follow-up tracking for an action run: when every job of the event has finished, a report
 /// job for `destination` is created in the same transaction.
@@ -52,42 +36,10 @@ pub struct NewTracker {
     /// The `port` destination that reports.
     pub destination: String,
     pub run_id: String,
-    /// `fields` (template names) for success and failure, and `context` (the event envelope).
-    pub report: Value,
+    /// What the report renders.
+    pub report: ReportSpec,
     /// Fail the run with this reason regardless of deliveries (e.g. no rule matched).
     pub fail: Option<String>,
-}
-
-/// A persisted dispatch awaiting delivery.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Job {
-    pub id: i64,
-    pub destination: String,
-    pub rule: String,
-    pub event_id: String,
-    pub target: Target,
-    pub message: Value,
-    /// `message` as compact JSON: the text stored in the outbox, and the body sent when the
-    /// message goes out unchanged, so it is written once rather than once per use. Read it
-    /// through [`Job::body`].
-    #[serde(skip)]
-    pub text: Bytes,
-    pub secret: bool,
-    /// Unix milliseconds when accepted.
-    pub created_at: i64,
-    pub attempts: u32,
-}
-
-impl Job {
-    /// The message as compact JSON, to send as it is.
-    pub fn body(&self) -> Bytes {
-        if self.text.is_empty() {
-            // A job not made by the outbox (deserialised); never the case in the pipeline.
-            Bytes::from(self.message.to_string())
-        } else {
-            self.text.clone()
-        }
-    }
 }
 
 /// One delivery attempt, as recorded for dead letters.
@@ -105,7 +57,11 @@ pub struct DeadLetter {
     pub rule: String,
     pub event_id: String,
     pub target: Target,
+    /// The payload's JSON (see [`Payload::to_json`]); a passcode notification's is withheld.
     pub message: Value,
+    /// `message`, `expand` or `report`.
+    #[serde(default = "message_kind")]
+    pub kind: String,
     pub created_at: i64,
     pub dead_at: i64,
     pub attempts: Vec<Attempt>,
@@ -158,6 +114,9 @@ pub enum Outcome {
     },
 }
 
+// One command per message passes through the channel; `Enqueue` is the usual one, so boxing
+// it would cost an allocation per event to save a few bytes on the rarer ones.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     Enqueue {
         dedup: Option<(String, i64)>,
@@ -205,14 +164,16 @@ CREATE TABLE IF NOT EXISTS outbox (
   destination TEXT NOT NULL, rule TEXT NOT NULL, event_id TEXT NOT NULL,
   target TEXT NOT NULL, message TEXT NOT NULL, secret INTEGER NOT NULL,
   created_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-  attempt_log TEXT NOT NULL DEFAULT '[]', last_error TEXT
+  attempt_log TEXT NOT NULL DEFAULT '[]', last_error TEXT,
+  kind TEXT NOT NULL DEFAULT 'message'
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   destination TEXT NOT NULL, rule TEXT NOT NULL, event_id TEXT NOT NULL,
   target TEXT NOT NULL, message TEXT NOT NULL,
   created_at INTEGER NOT NULL, dead_at INTEGER NOT NULL,
-  attempt_log TEXT NOT NULL, last_error TEXT NOT NULL
+  attempt_log TEXT NOT NULL, last_error TEXT NOT NULL,
+  kind TEXT NOT NULL DEFAULT 'message'
 );
 CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_at);
 CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
@@ -256,7 +217,47 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
     c.busy_timeout(Duration::from_secs(5))?;
     c.set_prepared_statement_cache_capacity(64);
     c.execute_batch(SCHEMA)?;
+    migrate(&c)?;
     Ok(c)
+}
+
+fn message_kind() -> String {
+    "message".into()
+}
+
+/// Schema versions (`PRAGMA user_version`) and what each migration does.
+///
+/// 1. Payload kinds: `outbox` and `dead_letters` get a `kind` column. Rows stored before it
+///    were operations for the `port` destination when their JSON has an `op` of `expand` (with
+///    `rule` and `event`) or `report` (with `run_id` and `context`), and messages otherwise.
+fn migrate(c: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= 1 {
+        return Ok(());
+    }
+    for table in ["outbox", "dead_letters"] {
+        let has_kind: bool = c.query_row(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = 'kind')"
+            ),
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_kind {
+            c.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN kind TEXT NOT NULL DEFAULT 'message'"
+            ))?;
+        }
+        c.execute_batch(&format!(
+            "UPDATE {table} SET kind = 'expand' WHERE json_valid(message)
+               AND json_extract(message, '$.op') = 'expand'
+               AND json_type(message, '$.rule') = 'text' AND json_type(message, '$.event') IS NOT NULL;
+             UPDATE {table} SET kind = 'report' WHERE json_valid(message)
+               AND json_extract(message, '$.op') = 'report'
+               AND json_type(message, '$.run_id') = 'text' AND json_type(message, '$.context') IS NOT NULL;"
+        ))?;
+    }
+    c.execute_batch("PRAGMA user_version = 1")
 }
 
 /// The message kept in a dead letter of a secret event.
@@ -403,18 +404,20 @@ impl Outbox {
     pub fn load_pending(&self) -> Result<Vec<Job>, String> {
         let c = open(&self.path).map_err(|e| e.to_string())?;
         let mut st = c
-            .prepare("SELECT id, destination, rule, event_id, target, message, secret, created_at, attempts FROM outbox ORDER BY id")
+            .prepare("SELECT id, destination, rule, event_id, target, message, secret, created_at, attempts, kind FROM outbox ORDER BY id")
             .map_err(|e| e.to_string())?;
         let rows = st
             .query_map([], |r| {
                 let text: String = r.get(5)?;
+                let rule: String = r.get(2)?;
+                let kind: String = r.get(9)?;
                 Ok(Job {
                     id: r.get(0)?,
                     destination: r.get(1)?,
-                    rule: r.get(2)?,
+                    payload: Payload::from_stored(&kind, &text, &rule),
+                    rule,
                     event_id: r.get(3)?,
                     target: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
-                    message: serde_json::from_str(&text).unwrap_or(Value::Null),
                     text: Bytes::from(text),
                     secret: r.get::<_, i64>(6)? != 0,
                     created_at: r.get(7)?,
@@ -529,7 +532,7 @@ pub fn list_dead(path: &Path, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, S
     let c = open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let (w, args) = where_clause(f);
     let sql = format!(
-        "SELECT id, destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error FROM dead_letters WHERE {w} ORDER BY id DESC LIMIT {}",
+        "SELECT id, destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind FROM dead_letters WHERE {w} ORDER BY id DESC LIMIT {}",
         f.limit.unwrap_or(1000)
     );
     let mut st = c.prepare(&sql).map_err(|e| e.to_string())?;
@@ -546,6 +549,7 @@ pub fn list_dead(path: &Path, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, S
                 dead_at: r.get(7)?,
                 attempts: serde_json::from_str(&r.get::<_, String>(8)?).unwrap_or_default(),
                 last_error: r.get(9)?,
+                kind: r.get(10)?,
             })
         })
         .map_err(|e| e.to_string())?;
@@ -785,8 +789,8 @@ fn apply_tx(
                     let log = append_log(&tx, id, now, error)?;
                     let n = tx
                             .exec_c(
-                                "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error)
-                                 SELECT destination, rule, event_id, target, CASE WHEN secret = 1 THEN ? ELSE message END, created_at, ?, ?, ? FROM outbox WHERE id = ?",
+                                "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind)
+                                 SELECT destination, rule, event_id, target, CASE WHEN secret = 1 THEN ? ELSE message END, created_at, ?, ?, ?, kind FROM outbox WHERE id = ?",
                                 params![redacted_json(), now, log, error, id],
                             )
                             .map_err(|e| e.to_string())?;
@@ -858,7 +862,7 @@ fn apply_tx(
                         .unwrap_or_default();
                     tx.exec_c(
                         "INSERT OR REPLACE INTO run_trackers (event_id, destination, run_id, pending, failed, errors, report) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        params![event_id, t.destination, t.run_id, out.len() as i64, t.fail.is_some() as i64, errors, t.report.to_string()],
+                        params![event_id, t.destination, t.run_id, out.len() as i64, t.fail.is_some() as i64, errors, serde_json::to_string(&t.report).unwrap_or_default()],
                     )
                     .map_err(|e| e.to_string())?;
                     if out.is_empty() {
@@ -878,23 +882,23 @@ fn apply_tx(
             Cmd::Replay { ids, reply } => {
                 let mut jobs = Vec::new();
                 for id in ids {
-                    let row: Option<(String, String, String, String, String)> = tx
+                    let row: Option<(String, String, String, String, String, String)> = tx
                         .row_c(
-                            "SELECT destination, rule, event_id, target, message FROM dead_letters WHERE id = ?",
+                            "SELECT destination, rule, event_id, target, message, kind FROM dead_letters WHERE id = ?",
                             [id],
-                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
                         )
                         .optional()
                         .map_err(|e| e.to_string())?;
-                    let Some((destination, rule, event_id, target, message)) = row else {
+                    let Some((destination, rule, event_id, target, message, kind)) = row else {
                         continue;
                     };
                     if message == redacted_json() {
                         continue;
                     }
                     tx.exec_c(
-                        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
-                        params![destination, rule, event_id, target, message, now],
+                        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                        params![destination, rule, event_id, target, message, now, kind],
                     )
                     .map_err(|e| e.to_string())?;
                     let new_id = tx.last_insert_rowid();
@@ -903,10 +907,10 @@ fn apply_tx(
                     jobs.push(Job {
                         id: new_id,
                         destination,
+                        payload: Payload::from_stored(&kind, &message, &rule),
                         rule,
                         event_id,
                         target: serde_json::from_str(&target).unwrap_or_default(),
-                        message: serde_json::from_str(&message).unwrap_or(Value::Null),
                         text: Bytes::from(message),
                         secret: false,
                         created_at: now,
@@ -977,10 +981,10 @@ fn apply_tx(
 }
 
 fn insert_job(tx: &rusqlite::Transaction<'_>, j: NewJob, now: i64) -> Result<Job, String> {
-    let text = j.message.to_string();
+    let text = j.payload.to_text();
     tx.exec_c(
-        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), text, j.secret as i64, now],
+        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), text, j.secret as i64, now, j.payload.kind()],
     )
     .map_err(|e| e.to_string())?;
     Ok(Job {
@@ -989,7 +993,7 @@ fn insert_job(tx: &rusqlite::Transaction<'_>, j: NewJob, now: i64) -> Result<Job
         rule: j.rule,
         event_id: j.event_id,
         target: j.target,
-        message: j.message,
+        payload: j.payload,
         text: Bytes::from(text),
         secret: j.secret,
         created_at: now,
@@ -1009,13 +1013,13 @@ fn insert_dead(
     }])
     .unwrap_or_default();
     let msg = if j.secret {
-        Value::String(REDACTED.into())
+        redacted_json()
     } else {
-        j.message.clone()
+        j.payload.to_text()
     };
     tx.exec_c(
-        "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), msg.to_string(), now, now, log, error],
+        "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), msg, now, now, log, error, j.payload.kind()],
     )
     .map_err(|e| e.to_string())?;
     Ok(())
@@ -1100,39 +1104,31 @@ fn close_tracker(
     }
     tx.exec_c("DELETE FROM run_trackers WHERE event_id = ?", [event_id])
         .map_err(|e| e.to_string())?;
-    let report: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
-    let errors: Vec<String> = serde_json::from_str(&errors).unwrap_or_default();
-    let ok = failed == 0;
-    let mut context = report["context"].clone();
-    if let Value::Object(m) = &mut context {
-        m.insert(
-            "report".into(),
-            serde_json::json!({"delivered": delivered, "failed": failed, "errors": errors}),
-        );
-    }
-    let log = if ok {
-        format!("delivered {delivered} message(s)")
-    } else {
-        format!(
-            "{failed} of {} message(s) failed: {}",
-            delivered + failed,
-            errors.join("; ")
-        )
+    // A spec that does not parse (a row of an older shape) still reports the run, with the
+    // default wording and the envelope it kept.
+    let spec: ReportSpec = serde_json::from_str(&report).unwrap_or_else(|_| {
+        let v: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
+        ReportSpec {
+            rule: v["rule"].as_str().unwrap_or("report").to_string(),
+            context: v["context"].clone(),
+            ..Default::default()
+        }
+    });
+    let tally = Tally {
+        delivered,
+        failed,
+        errors: serde_json::from_str(&errors).unwrap_or_default(),
     };
     let job = NewJob {
         destination,
-        rule: report["rule"].as_str().unwrap_or("report").to_string(),
+        rule: spec.rule.clone(),
         event_id: format!("report:{event_id}"),
         target: Target::default(),
-        message: serde_json::json!({
-            "op": "report",
-            "run_id": run_id,
-            "status": if ok { "SUCCESS" } else { "FAILURE" },
-            "fields": if ok { report["success"].clone() } else { report["failure"].clone() },
-            "default_summary": if ok { format!("Sent {delivered} message(s)") } else { format!("{failed} message(s) could not be delivered") },
-            "log": log,
-            "context": context,
-        }),
+        payload: Payload::Report(Box::new(RunReport {
+            run_id,
+            spec,
+            tally,
+        })),
         secret: false,
         throttle: None,
         error: None,
@@ -1177,11 +1173,75 @@ mod tests {
             rule: "r".into(),
             event_id: event_id.into(),
             target: Target::default(),
-            message: json!({"text": "hi"}),
+            payload: crate::job::Payload::Message(json!({"text": "hi"})),
             secret: false,
             throttle: None,
             error: None,
         }
+    }
+
+    /// An outbox written before payloads had a kind: its operations come back as operations,
+    /// its messages (even one with an `op` field of another shape) as messages.
+    #[tokio::test]
+    async fn rows_stored_before_payload_kinds_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("switchyard.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE outbox (
+                  id INTEGER PRIMARY KEY AUTOINCREMENT,
+                  destination TEXT NOT NULL, rule TEXT NOT NULL, event_id TEXT NOT NULL,
+                  target TEXT NOT NULL, message TEXT NOT NULL, secret INTEGER NOT NULL,
+                  created_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                  attempt_log TEXT NOT NULL DEFAULT '[]', last_error TEXT);
+                 CREATE TABLE dead_letters (
+                  id INTEGER PRIMARY KEY AUTOINCREMENT,
+                  destination TEXT NOT NULL, rule TEXT NOT NULL, event_id TEXT NOT NULL,
+                  target TEXT NOT NULL, message TEXT NOT NULL,
+                  created_at INTEGER NOT NULL, dead_at INTEGER NOT NULL,
+                  attempt_log TEXT NOT NULL, last_error TEXT NOT NULL);",
+            )
+            .unwrap();
+            for (rule, msg) in [
+                (
+                    "w",
+                    json!({"op": "expand", "rule": "w", "event": {"type": "port/entity.updated"}}),
+                ),
+                (
+                    "r",
+                    json!({"op": "report", "run_id": "r_1", "status": "SUCCESS", "fields": {},
+                             "default_summary": "Sent 1 message(s)", "log": "delivered 1 message(s)",
+                             "context": {"report": {"delivered": 1, "failed": 0, "errors": []}}}),
+                ),
+                (
+                    "m",
+                    json!({"op": "deploy", "text": "a webhook body with an op field"}),
+                ),
+            ] {
+                c.execute(
+                    "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at) VALUES ('p', ?, 'e', '{}', ?, 0, 0)",
+                    rusqlite::params![rule, msg.to_string()],
+                )
+                .unwrap();
+            }
+        }
+        let o = Outbox::open(dir.path(), 100).unwrap();
+        let jobs = o.load_pending().unwrap();
+        assert_eq!(jobs.len(), 3);
+        assert!(
+            matches!(&jobs[0].payload, Payload::Expand(e) if e.rule == "w"),
+            "{:?}",
+            jobs[0].payload
+        );
+        match &jobs[1].payload {
+            Payload::Report(r) => {
+                assert_eq!(r.run_id, "r_1");
+                assert_eq!(r.tally.delivered, 1);
+                assert_eq!(crate::runs::report_of(&r.tally).status, "SUCCESS");
+            }
+            other => panic!("not a report: {other:?}"),
+        }
+        assert!(matches!(&jobs[2].payload, Payload::Message(m) if m["op"] == "deploy"));
     }
 
     fn committed(r: Result<Enqueued, EnqueueError>) -> Vec<Job> {

@@ -22,6 +22,8 @@ use serde_json::Value;
 
 use crate::config::{DestinationConfig, DestinationKind, LoadedFile, RuleTest, SourceEntry};
 use crate::event::Event;
+use crate::job::{Expand, Payload};
+pub use crate::job::{ReportFields, Target};
 use crate::render::Templates;
 use condition::{Condition, Trace};
 
@@ -86,30 +88,6 @@ pub struct Report {
     pub failure: ReportFields,
 }
 
-/// Template names of the run fields to write.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct ReportFields {
-    pub status_label: Option<String>,
-    pub summary: Option<String>,
-    pub link: Option<String>,
-}
-
-/// Where, within a destination, a message goes (Slack bot destinations use it).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Target {
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub channel: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub user_email: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub thread_ts: Option<String>,
-    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
-    pub reply_broadcast: bool,
-    /// Kafka destinations: the record key.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub key: Option<String>,
-}
-
 /// Why a matched send produced no deliverable message.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", content = "reason", rename_all = "snake_case")]
@@ -132,10 +110,11 @@ pub struct Dispatch {
     /// The message template used.
     pub template: String,
     pub target: Target,
-    /// The rendered message, or why there is none (serialized as the message itself, or as
+    /// The rendered message (or, for a rule with `with:` queries, the expansion to run), or
+    /// why there is none (serialized as the payload's JSON, or as
     /// `{"error": {"kind", "reason"}}`).
     #[serde(serialize_with = "ser_message")]
-    pub message: Result<Value, DispatchError>,
+    pub message: Result<Payload, DispatchError>,
     /// The event is secret (OTP): never log or print the message.
     pub secret: bool,
     /// The rule's throttle key for this event and its window, when the rule is throttled.
@@ -144,7 +123,7 @@ pub struct Dispatch {
 }
 
 fn ser_message<S: serde::Serializer>(
-    m: &Result<Value, DispatchError>,
+    m: &Result<Payload, DispatchError>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     match m {
@@ -382,9 +361,10 @@ fn dispatch_all(rs: &Ruleset, ev: &Event, rules: &[&Rule], ctx: &Context) -> Vec
                 event_id: ev.id.clone(),
                 template: String::new(),
                 target: Target::default(),
-                message: Ok(
-                    serde_json::json!({"op": "expand", "rule": rule.id, "event": ctx.data()}),
-                ),
+                message: Ok(Payload::Expand(Expand {
+                    rule: rule.id.clone(),
+                    event: ctx.data().clone(),
+                })),
                 secret: ev.secret,
                 throttle: None,
             });
@@ -562,12 +542,17 @@ fn dispatch_one(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Co
     };
     if let Some(t) = own_body {
         d.template = t.clone();
-        d.message = rs.templates.render_json(&t, ctx).map_err(render_error);
+        d.message = rs
+            .templates
+            .render_json(&t, ctx)
+            .map(Payload::Message)
+            .map_err(render_error);
         return d;
     }
     d.message = rs
         .templates
         .render_message(&step.template, ctx)
+        .map(Payload::Message)
         .map_err(render_error);
     d
 }

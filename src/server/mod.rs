@@ -13,7 +13,6 @@ mod admin;
 pub mod body;
 mod listen;
 mod reload;
-mod schedule;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -189,7 +188,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     }
     tracing::info!(%addr, rules = rs.rules.len(), data = %cfg.data_dir.display(), "switchyard listening on http://{addr}");
     reload::spawn_triggers(state.clone());
-    tokio::spawn(schedule::run(state.clone()));
+    tokio::spawn(crate::sources::schedule::run(state.pipeline.clone()));
     #[cfg(feature = "kafka")]
     state.kafka.configure(&state.pipeline);
     #[cfg(not(feature = "kafka"))]

@@ -8,6 +8,7 @@ pub mod coder;
 pub mod port;
 #[cfg(feature = "kafka")]
 pub mod port_kafka;
+pub mod schedule;
 pub mod slack;
 
 use std::collections::BTreeMap;

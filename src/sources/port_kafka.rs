@@ -30,7 +30,8 @@ use tokio::sync::watch;
 
 use crate::config::{KafkaSource, PortTopic, SourceEntry};
 use crate::ingest::{Accepted, Pipeline};
-use crate::outbox::{EnqueueError, NewJob};
+use crate::job::{NewJob, Payload};
+use crate::outbox::EnqueueError;
 use crate::sources::{Decoded, Request};
 
 /// What `/status` shows of one Kafka source.
@@ -477,7 +478,9 @@ async fn handle(
             rule: "-".into(),
             event_id: format!("kafka:{topic}:{partition}:{offset}"),
             target: Default::default(),
-            message: json!({"topic": topic, "partition": partition, "offset": offset, "raw": String::from_utf8_lossy(raw)}),
+            payload: Payload::Message(
+                json!({"topic": topic, "partition": partition, "offset": offset, "raw": String::from_utf8_lossy(raw)}),
+            ),
             secret: false,
             throttle: None,
             error: Some(reason),

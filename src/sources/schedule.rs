@@ -14,10 +14,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::AppState;
 use crate::config::Schedule;
 use crate::event::Event;
-use crate::ingest::Accepted;
+use crate::ingest::{Accepted, Pipeline};
 
 fn next_after(s: &Schedule, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
     s.cron
@@ -27,10 +26,10 @@ fn next_after(s: &Schedule, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
 }
 
 /// Runs until the process stops.
-pub(super) async fn run(st: Arc<AppState>) {
+pub async fn run(st: Arc<Pipeline>) {
     let mut next: HashMap<String, (Schedule, DateTime<Utc>)> = HashMap::new();
     loop {
-        let rs = st.rules.load_full();
+        let rs = st.rules();
         let now = Utc::now();
         next.retain(|name, (s, _)| rs.schedules.get(name) == Some(s));
         for (name, s) in &rs.schedules {
@@ -68,7 +67,7 @@ pub(super) async fn run(st: Arc<AppState>) {
     }
 }
 
-async fn fire(st: &Arc<AppState>, s: &Schedule, tick: DateTime<Utc>) {
+async fn fire(st: &Pipeline, s: &Schedule, tick: DateTime<Utc>) {
     let local = tick.with_timezone(&s.tz);
     let id = format!("schedule:{}:{}", s.name, tick.to_rfc3339());
     let data = json!({
@@ -83,9 +82,9 @@ async fn fire(st: &Arc<AppState>, s: &Schedule, tick: DateTime<Utc>) {
         data,
         false,
     );
-    let rs = st.pipeline.rules();
+    let rs = st.rules();
     let week = Duration::from_secs(7 * 24 * 3600);
-    match st.pipeline.accept(&rs, None, &mut ev, week).await {
+    match st.accept(&rs, None, &mut ev, week).await {
         Ok(Accepted::Committed {
             dispatches: n,
             matched,

@@ -1,0 +1,314 @@
+//! The job protocol: what routing hands the outbox, and the outbox hands delivery.
+//!
+//! A job is one unit of delivery work for one destination. Most jobs carry a rendered message;
+//! two kinds carry an operation for the `port` destination instead: running a rule's `with:`
+//! queries ([`Expand`]) and reporting an action run ([`RunReport`]). [`Payload`] says which,
+//! in the type, so no stage guesses from the shape of a JSON object.
+//!
+//! Storage keeps a payload as a kind (`message`, `expand`, `report`) and a JSON text: the
+//! message itself, sent byte for byte as stored, or the operation with an `"op"` tag. Rows
+//! written before the kind existed are read by [`Payload::from_stored`] (see its notes).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Where, within a destination, a message goes (Slack bot destinations use it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub channel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user_email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub thread_ts: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub reply_broadcast: bool,
+    /// Kafka destinations: the record key.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key: Option<String>,
+}
+
+/// Template names of the run fields a report writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportFields {
+    pub status_label: Option<String>,
+    pub summary: Option<String>,
+    pub link: Option<String>,
+}
+
+/// How the jobs of a tracked event fared, as storage counts them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub delivered: i64,
+    pub failed: i64,
+    /// The first errors (at most 20).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// What a run's report renders: the rule's `report:` templates and the event they read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReportSpec {
+    /// The rule that reports (`no-rule-matched` when none handled the run).
+    pub rule: String,
+    #[serde(default)]
+    pub success: ReportFields,
+    #[serde(default)]
+    pub failure: ReportFields,
+    /// The event envelope the templates render over.
+    pub context: Value,
+}
+
+/// A `with:` rule's deferred work: run its queries for this event, then render its sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Expand {
+    pub rule: String,
+    /// The event envelope.
+    pub event: Value,
+}
+
+/// A closed run tracker: report the run to Port with what happened to its messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    pub run_id: String,
+    #[serde(flatten)]
+    pub spec: ReportSpec,
+    pub tally: Tally,
+}
+
+/// What a job carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// A rendered message, sent as it is.
+    Message(Value),
+    /// A rule's `with:` queries to run (the `port` destination).
+    Expand(Expand),
+    /// An action run to report (the `port` destination).
+    Report(Box<RunReport>),
+}
+
+/// The operations, tagged by `op` in their stored JSON.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Op {
+    Expand(Expand),
+    Report(Box<RunReport>),
+}
+
+impl Payload {
+    /// The storage kind: `message`, `expand` or `report`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Payload::Message(_) => "message",
+            Payload::Expand(_) => "expand",
+            Payload::Report(_) => "report",
+        }
+    }
+
+    /// The message, when this is one.
+    pub fn message(&self) -> Option<&Value> {
+        match self {
+            Payload::Message(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The JSON form: the message itself, or the operation with its `op` tag. This is what
+    /// is stored, shown in dead letters and printed by `simulate`.
+    pub fn to_json(&self) -> Value {
+        let op = match self {
+            Payload::Message(m) => return m.clone(),
+            Payload::Expand(e) => serde_json::to_value(Op::Expand(e.clone())),
+            Payload::Report(r) => serde_json::to_value(Op::Report(r.clone())),
+        };
+        op.unwrap_or(Value::Null)
+    }
+
+    /// [`Payload::to_json`] as compact text, for storage.
+    pub fn to_text(&self) -> String {
+        match self {
+            Payload::Message(m) => m.to_string(),
+            _ => self.to_json().to_string(),
+        }
+    }
+
+    /// Reads a stored payload. `kind` is the row's kind column; `rule` the job's rule.
+    ///
+    /// Rows stored before payloads had a kind were given one by the migration from their
+    /// `op` field. Report rows of that time carry their wording (`status`, `fields`, `log`)
+    /// and keep their counts under `context.report`; they are read into a [`RunReport`] with
+    /// the same outcome. Text that does not parse as its kind stays a message (`Null` when it
+    /// is not JSON): delivery then fails it with a reason instead of guessing.
+    pub fn from_stored(kind: &str, text: &str, rule: &str) -> Payload {
+        let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+        match kind {
+            "expand" => match serde_json::from_value::<Expand>(v.clone()) {
+                Ok(e) => Payload::Expand(e),
+                Err(_) => Payload::Message(v),
+            },
+            "report" => match serde_json::from_value::<RunReport>(v.clone()) {
+                Ok(r) => Payload::Report(Box::new(r)),
+                Err(_) => legacy_report(&v, rule).unwrap_or(Payload::Message(v)),
+            },
+            _ => Payload::Message(v),
+        }
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Payload::Message(m) => m.serialize(s),
+            Payload::Expand(e) => Op::Expand(e.clone()).serialize(s),
+            Payload::Report(r) => Op::Report(r.clone()).serialize(s),
+        }
+    }
+}
+
+/// A report row written before reports carried counts (`status` and `fields` chosen at close).
+fn legacy_report(v: &Value, rule: &str) -> Option<Payload> {
+    let run_id = v["run_id"].as_str()?.to_string();
+    let counts = &v["context"]["report"];
+    let mut tally = Tally {
+        delivered: counts["delivered"].as_i64().unwrap_or(0),
+        failed: counts["failed"].as_i64().unwrap_or(0),
+        errors: serde_json::from_value(counts["errors"].clone()).unwrap_or_default(),
+    };
+    if v["status"].as_str() == Some("FAILURE") && tally.failed == 0 {
+        tally.failed = 1;
+    }
+    let fields: ReportFields = serde_json::from_value(v["fields"].clone()).unwrap_or_default();
+    let mut context = v["context"].clone();
+    if let Value::Object(m) = &mut context {
+        m.remove("report");
+    }
+    Some(Payload::Report(Box::new(RunReport {
+        run_id,
+        spec: ReportSpec {
+            rule: rule.to_string(),
+            success: fields.clone(),
+            failure: fields,
+            context,
+        },
+        tally,
+    })))
+}
+
+/// A dispatch to persist.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub destination: String,
+    pub rule: String,
+    pub event_id: String,
+    pub target: Target,
+    pub payload: Payload,
+    pub secret: bool,
+    /// Throttle claim: the key and window; the job is dropped when the key is still held.
+    pub throttle: Option<(String, Duration)>,
+    /// Dead on arrival (a template failed): stored as a dead letter with this reason.
+    pub error: Option<String>,
+}
+
+/// A persisted job awaiting delivery.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    pub destination: String,
+    pub rule: String,
+    pub event_id: String,
+    pub target: Target,
+    pub payload: Payload,
+    /// The payload as stored (compact JSON): for a message, the body sent when it goes out
+    /// unchanged, so it is written once rather than once per use. Read it through
+    /// [`Job::body`].
+    pub text: Bytes,
+    pub secret: bool,
+    /// Unix milliseconds when accepted.
+    pub created_at: i64,
+    pub attempts: u32,
+}
+
+impl Job {
+    /// The payload as compact JSON, to send as it is.
+    pub fn body(&self) -> Bytes {
+        if self.text.is_empty() {
+            Bytes::from(self.payload.to_text())
+        } else {
+            self.text.clone()
+        }
+    }
+
+    /// The message, when the job carries one.
+    pub fn message(&self) -> Option<&Value> {
+        self.payload.message()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_payload_survives_storage() {
+        let all = [
+            Payload::Message(json!({"text": "hi", "op": "expand"})),
+            Payload::Expand(Expand {
+                rule: "r".into(),
+                event: json!({"type": "port/entity.updated"}),
+            }),
+            Payload::Report(Box::new(RunReport {
+                run_id: "r_1".into(),
+                spec: ReportSpec {
+                    rule: "r".into(),
+                    success: ReportFields {
+                        summary: Some("s".into()),
+                        ..Default::default()
+                    },
+                    failure: ReportFields::default(),
+                    context: json!({"run": {"id": "r_1"}}),
+                },
+                tally: Tally {
+                    delivered: 2,
+                    failed: 1,
+                    errors: vec!["x".into()],
+                },
+            })),
+        ];
+        for p in all {
+            let back = Payload::from_stored(p.kind(), &p.to_text(), "r");
+            assert_eq!(back, p);
+        }
+    }
+
+    #[test]
+    fn a_message_with_an_op_field_stays_a_message() {
+        let text = r#"{"op":"report","run_id":"r_1","status":"SUCCESS"}"#;
+        assert!(matches!(
+            Payload::from_stored("message", text, "r"),
+            Payload::Message(_)
+        ));
+    }
+
+    #[test]
+    fn a_report_row_of_the_old_shape_keeps_its_outcome() {
+        let old = json!({
+            "op": "report", "run_id": "r_9", "status": "FAILURE",
+            "fields": {"summary": "sum"}, "default_summary": "1 message(s) could not be delivered",
+            "log": "1 of 1 message(s) failed: boom",
+            "context": {"run": {"id": "r_9"}, "report": {"delivered": 0, "failed": 1, "errors": ["boom"]}}
+        });
+        let Payload::Report(r) = Payload::from_stored("report", &old.to_string(), "rule-a") else {
+            panic!("not a report");
+        };
+        assert_eq!(r.run_id, "r_9");
+        assert_eq!(r.spec.rule, "rule-a");
+        assert_eq!(r.tally.failed, 1);
+        assert_eq!(r.tally.errors, vec!["boom".to_string()]);
+        assert_eq!(r.spec.failure.summary.as_deref(), Some("sum"));
+        assert_eq!(r.spec.context, json!({"run": {"id": "r_9"}}));
+    }
+}
