@@ -7,8 +7,9 @@ use std::path::Path;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use switchyard::config::secret::Secret;
+use switchyard::config::Ruleset;
 use switchyard::config::{load_dir, LoadOptions, Mode};
-use switchyard::routing::{route, Ruleset};
+use switchyard::routing::route;
 use switchyard::sources::port::PortSource;
 use switchyard::sources::{Decoded, Request, Source};
 

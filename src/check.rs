@@ -12,9 +12,9 @@ use serde_json::Value;
 
 use crate::config::diag::Diagnostic;
 use crate::config::yaml::Pos;
-use crate::config::{load_dir, LoadOptions, RuleTest};
+use crate::config::{load_dir, LoadOptions, RuleTest, Ruleset};
 use crate::render::blockkit;
-use crate::routing::{route, DispatchError, Ruleset};
+use crate::routing::{route, DispatchError};
 use crate::sources::{Decoded, Request};
 
 /// The outcome of `check`.

@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::config::SourceEntry;
+use crate::config::{Ruleset, SourceEntry};
 use crate::deliver::Deliverer;
 use crate::event::Event;
 use crate::job::{NewJob, Payload};
 use crate::outbox::{EnqueueError, Enqueued, NewTracker, Outbox};
-use crate::routing::{route_in_place, DispatchError, Ruleset};
+use crate::routing::{route_in_place, DispatchError};
 use crate::runs;
 
 /// What became of an accepted event.

@@ -6,7 +6,7 @@
 //! server (ingress) → sources (verify, decode) → routing (pure) → outbox → deliver → destinations
 //! ```
 //!
-//! `config` turns a rules directory into an immutable [`routing::Ruleset`]; `render` holds the
+//! `config` turns a rules directory into an immutable [`config::Ruleset`]; `render` holds the
 //! templates; `check` and `simulate` are the offline commands, built on the same code.
 
 // Diagnostics are returned by value on cold paths (loading rules); boxing them buys nothing.

@@ -16,11 +16,10 @@
 
 use serde_json::Value;
 
-use crate::config::SourceEntry;
+use crate::config::{Ruleset, SourceEntry};
 use crate::event::Event;
 use crate::job::{ReportSpec, Tally};
 use crate::outbox::NewTracker;
-use crate::routing::Ruleset;
 
 /// The run a report goes to: the automation's own run for automation bodies, else the run.
 pub fn run_id(ev: &Value) -> Option<String> {

@@ -8,10 +8,11 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::config::Ruleset;
 use crate::event::Event;
 use crate::job::Payload;
 use crate::routing::condition::Trace;
-use crate::routing::{explain, route, Dispatch, DispatchError, RuleReport, Ruleset};
+use crate::routing::{explain, route, Dispatch, DispatchError, RuleReport};
 use crate::sources::{Decoded, Rejection, Request};
 
 /// The outcome of a simulation.

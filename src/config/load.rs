@@ -13,14 +13,14 @@ use super::secret::Secret;
 use super::spec::{DestinationSpec, RulesFile, SendSpec, SourceSpec};
 use super::yaml::{self, join_index, join_key, Limits, Pos, SpanMap};
 use super::{
-    parse_duration, parse_size, DestinationConfig, DestinationKind, LoadedFile, RuleTest, Schedule,
-    SourceEntry,
+    parse_duration, parse_size, DestinationConfig, DestinationKind, LoadedFile, RuleTest, Ruleset,
+    Schedule, SourceEntry,
 };
 use crate::event::EVENT_TYPES;
 use crate::render::{TemplateOrigin, Templates};
 use crate::routing::condition;
 use crate::routing::path::JsonPathExpr;
-use crate::routing::{Rule, Ruleset, SendStep};
+use crate::routing::{Rule, SendStep};
 use crate::sources::coder::CoderSource;
 use crate::sources::port::PortSource;
 use crate::sources::slack::SlackSource;

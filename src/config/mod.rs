@@ -1,5 +1,5 @@
 //! The rules directory: reading files, `${VAR}` expansion, validation with positions, and
-//! compilation into an immutable [`Ruleset`](crate::routing::Ruleset).
+//! compilation into an immutable [`Ruleset`].
 //!
 //! [`load_dir`] never panics and never stops at the first problem it can survive: it collects
 //! every diagnostic it can (per file, per rule) so `check` shows them all at once. A ruleset is
@@ -12,15 +12,66 @@ pub mod secret;
 pub mod spec;
 pub mod yaml;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use load::{load_dir, EnvLookup, LoadOptions, Mode};
 
+use crate::render::Templates;
+use crate::routing::{Output, Router, Rule};
 use crate::sources::Source;
 use secret::Secret;
 use yaml::Pos;
+
+/// Everything loaded from a rules directory, compiled and validated: the [`Router`] that
+/// routing reads, and what the rest of the engine runs (sources, destinations, schedules) or
+/// `check` runs (rule tests). Immutable: a reload builds a new one and swaps it in whole.
+///
+/// It dereferences to its router, so `rs.rules` and `route(&rs, &ev)` read as before.
+#[derive(Debug)]
+pub struct Ruleset {
+    pub router: Router,
+    pub sources: BTreeMap<String, SourceEntry>,
+    pub destinations: BTreeMap<String, DestinationConfig>,
+    pub tests: Vec<RuleTest>,
+    pub files: Vec<LoadedFile>,
+    /// Schedules by name.
+    pub schedules: BTreeMap<String, Schedule>,
+}
+
+impl Ruleset {
+    /// Assembles a ruleset; the router gets each destination's [`Output`].
+    pub fn new(
+        rules: Vec<Rule>,
+        sources: BTreeMap<String, SourceEntry>,
+        destinations: BTreeMap<String, DestinationConfig>,
+        templates: Templates,
+        tests: Vec<RuleTest>,
+        files: Vec<LoadedFile>,
+    ) -> Self {
+        let outputs = destinations
+            .iter()
+            .map(|(n, d)| (n.clone(), d.output()))
+            .collect();
+        Ruleset {
+            router: Router::new(rules, Arc::new(templates), outputs),
+            sources,
+            destinations,
+            tests,
+            files,
+            schedules: BTreeMap::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for Ruleset {
+    type Target = Router;
+    fn deref(&self) -> &Router {
+        &self.router
+    }
+}
 
 /// A rules file as read, kept for rendering diagnostics.
 #[derive(Debug, Clone)]
@@ -179,6 +230,28 @@ pub struct DestinationConfig {
     pub retry_max: Duration,
     pub max_age: Duration,
     pub file: PathBuf,
+}
+
+impl DestinationConfig {
+    /// What routing needs to know of this destination.
+    pub fn output(&self) -> Output {
+        Output {
+            delivers_as: if self.use_fallback {
+                self.fallback.clone()
+            } else {
+                None
+            },
+            direct_messages: matches!(self.kind, DestinationKind::Slack { .. }),
+            key: match &self.kind {
+                DestinationKind::Kafka { key, .. } => key.clone(),
+                _ => None,
+            },
+            body: match &self.kind {
+                DestinationKind::Webhook { template, .. } => template.clone(),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// A compiled schedule.

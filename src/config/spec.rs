@@ -1,6 +1,6 @@
 //! The rules-file format as Rust types: what the loader deserializes and what
 //! `switchyard schema` turns into JSON Schema. These types are the *user-facing contract*;
-//! everything here is plain data, compiled into a [`crate::routing::Ruleset`] by the loader.
+//! everything here is plain data, compiled into a [`crate::config::Ruleset`] by the loader.
 
 use std::collections::BTreeMap;
 

@@ -25,10 +25,10 @@ use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::config::{DestinationConfig, DestinationKind};
-use crate::destinations::{self, DeliveryError, Destination, TemplatesHandle};
+use crate::config::Ruleset;
+use crate::config::DestinationConfig;
+use crate::destinations::{self, DeliveryError, Destination};
 use crate::outbox::{now_ms, Job, Outbox, Outcome};
-use crate::routing::Ruleset;
 
 /// Counters of one destination, for `/status`.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -86,10 +86,10 @@ fn quota(rate: f64) -> Option<Quota> {
 }
 
 impl Worker {
-    fn new(cfg: &DestinationConfig, client: &reqwest::Client, rs: &Arc<Ruleset>) -> Worker {
-        let dest = destinations::build(cfg, client, Arc::new(TemplatesHandle(rs.clone())));
-        // The Slack Web API is paced per channel; everything else per destination.
-        let per_channel = matches!(cfg.kind, DestinationKind::Slack { .. });
+    fn new(cfg: &DestinationConfig, client: &reqwest::Client) -> Worker {
+        let dest = destinations::build(cfg, client);
+        // Paced per target (the Slack Web API: per channel) or as a whole.
+        let per_channel = dest.paced_per_target();
         let q = cfg.rate_per_second.and_then(quota);
         Worker {
             name: cfg.name.clone(),
@@ -129,14 +129,20 @@ struct Inner {
     outbox: Outbox,
     client: reqwest::Client,
     workers: RwLock<HashMap<String, Arc<Worker>>>,
+    /// The rules in force (the engine's, shared), read at each attempt: what destinations
+    /// render with.
+    rules: Arc<arc_swap::ArcSwap<Ruleset>>,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     tracker: TaskTracker,
 }
 
 impl Deliverer {
-    /// A deliverer writing outcomes to `outbox`.
-    pub fn new(outbox: Outbox) -> Result<Deliverer, String> {
+    /// A deliverer writing outcomes to `outbox`, rendering with the rules `rules` holds.
+    pub fn new(
+        outbox: Outbox,
+        rules: Arc<arc_swap::ArcSwap<Ruleset>>,
+    ) -> Result<Deliverer, String> {
         let client = reqwest::Client::builder()
             .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(64)
@@ -157,6 +163,7 @@ impl Deliverer {
                 outbox,
                 client,
                 workers: RwLock::new(HashMap::new()),
+                rules,
                 stop_tx,
                 stop_rx,
                 tracker: TaskTracker::new(),
@@ -177,17 +184,8 @@ impl Deliverer {
         for (name, cfg) in &rs.destinations {
             let same = workers.get(name).filter(|w| w.cfg == *cfg).cloned();
             let w = match same {
-                // Webhook and Port destinations hold the ruleset they were built from (header
-                // templates; the rules a Port expansion renders): they are rebuilt on every reload.
-                Some(w)
-                    if !matches!(
-                        cfg.kind,
-                        DestinationKind::Webhook { .. } | DestinationKind::Port { .. }
-                    ) =>
-                {
-                    w
-                }
-                _ => Arc::new(Worker::new(cfg, &self.inner.client, rs)),
+                Some(w) => w,
+                None => Arc::new(Worker::new(cfg, &self.inner.client)),
             };
             next.insert(name.clone(), w);
         }
@@ -311,7 +309,8 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         };
         w.stats().in_flight += 1;
         let started = Instant::now();
-        let mut result = w.dest.deliver(&job).await;
+        let rules = inner.rules.load_full();
+        let mut result = w.dest.deliver(&job, &rules).await;
         drop(permit);
         w.metrics.duration.record(started.elapsed().as_secs_f64());
         attempts += 1;

@@ -10,6 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use super::{BoxFut, DeliveryError, Destination};
 use crate::config::KafkaConn;
 use crate::outbox::{Job, NewJob};
+use crate::routing::Router;
 
 /// The `kafka` destination: produces each message as JSON with the rendered key.
 pub struct KafkaDest {
@@ -37,7 +38,11 @@ impl KafkaDest {
 }
 
 impl Destination for KafkaDest {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        job: &'a Job,
+        _rules: &'a Router,
+    ) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
         Box::pin(async move {
             let producer = self.producer.as_ref().map_err(|e| {
                 DeliveryError::Permanent(format!("cannot create the Kafka producer: {e}"))

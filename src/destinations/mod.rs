@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::config::{DestinationConfig, DestinationKind};
 use crate::outbox::{Job, NewJob};
-use crate::render::Templates;
+use crate::routing::Router;
 
 pub use slack::SlackBot;
 
@@ -37,8 +37,24 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Destination: Send + Sync {
     /// Makes one delivery attempt. On success it may return follow-up jobs (a Port expansion
     /// returns the messages it rendered); they are committed with this job's completion.
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>>;
-    /// A key for per-target pacing (Slack paces per channel); `None` paces the destination only.
+    ///
+    /// `rules` is the router in force at the attempt: what a destination renders with
+    /// (webhook header templates, a Port expansion's sends), so a reload reaches destinations
+    /// without rebuilding them.
+    fn deliver<'a>(
+        &'a self,
+        job: &'a Job,
+        rules: &'a Router,
+    ) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>>;
+    /// True when the destination's rate limit holds per target ([`Destination::pace_key`])
+    /// rather than for the destination as a whole (the Slack Web API: 1 message/s per channel).
+    fn paced_per_target(&self) -> bool {
+        false
+    }
+    /// The target a job is paced under, for destinations [paced per target]; `None` paces it
+    /// with the destination.
+    ///
+    /// [paced per target]: Destination::paced_per_target
     fn pace_key(&self, _job: &Job) -> Option<String> {
         None
     }
@@ -77,11 +93,7 @@ impl Endpoint {
 }
 
 /// Builds the destination for a configuration.
-pub fn build(
-    cfg: &DestinationConfig,
-    client: &reqwest::Client,
-    templates: Arc<TemplatesHandle>,
-) -> Arc<dyn Destination> {
+pub fn build(cfg: &DestinationConfig, client: &reqwest::Client) -> Arc<dyn Destination> {
     match &cfg.kind {
         DestinationKind::Stdout => Arc::new(stdout::Stdout {
             name: cfg.name.clone(),
@@ -98,11 +110,11 @@ pub fn build(
             ..
         } => Arc::new(webhook::Webhook {
             endpoint: Endpoint::new(url),
-            method: method.clone(),
+            // Validated when the rules load; anything else would have been refused there.
+            method: reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::POST),
             headers: headers.clone(),
             client: client.clone(),
             timeout: cfg.timeout,
-            templates,
         }),
         DestinationKind::Slack { token, api_url } => Arc::new(SlackBot::new(
             token.clone(),
@@ -114,16 +126,13 @@ pub fn build(
             client_id,
             client_secret,
             base_url,
-        } => Arc::new(port::Port::new(
-            crate::port_api::PortApi::new(
-                client_id.clone(),
-                client_secret.clone(),
-                base_url,
-                cfg.timeout,
-                client,
-            ),
-            templates,
-        )),
+        } => Arc::new(port::Port::new(crate::port_api::PortApi::new(
+            client_id.clone(),
+            client_secret.clone(),
+            base_url,
+            cfg.timeout,
+            client,
+        ))),
         #[cfg(feature = "kafka")]
         DestinationKind::Kafka { conn, topic, .. } => {
             Arc::new(kafka::KafkaDest::new(conn, topic, cfg.timeout))
@@ -141,18 +150,12 @@ struct Unavailable(&'static str);
 
 #[cfg(not(feature = "kafka"))]
 impl Destination for Unavailable {
-    fn deliver<'a>(&'a self, _job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        _job: &'a Job,
+        _rules: &'a Router,
+    ) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
         Box::pin(async move { Err(DeliveryError::Permanent(self.0.to_string())) })
-    }
-}
-
-/// The templates of the ruleset a destination was built from (for webhook header templates).
-pub struct TemplatesHandle(pub Arc<crate::routing::Ruleset>);
-
-impl TemplatesHandle {
-    /// The templates.
-    pub fn templates(&self) -> &Templates {
-        &self.0.templates
     }
 }
 

@@ -7,30 +7,31 @@
 //! job's completion), posting a progress log line on the run; `{"op": "report", ...}` writes
 //! the final run status and a log line.
 
-use std::sync::Arc;
-
 use serde_json::{json, Map, Value};
 
-use super::{BoxFut, DeliveryError, Destination, TemplatesHandle};
+use super::{BoxFut, DeliveryError, Destination};
 use crate::event::Event;
 use crate::job::{Expand, Job, NewJob, Payload, RunReport};
 use crate::port_api::PortApi;
-use crate::routing::DispatchError;
+use crate::routing::{DispatchError, Router};
 
-/// The `port` destination: the API client, and the rules its operations render with.
+/// The `port` destination: its operations on Port's API.
 pub struct Port {
     api: PortApi,
-    rules: Arc<TemplatesHandle>,
 }
 
 impl Port {
-    /// A destination over `api`, rendering with `rules`.
-    pub fn new(api: PortApi, rules: Arc<TemplatesHandle>) -> Port {
-        Port { api, rules }
+    /// A destination over `api`.
+    pub fn new(api: PortApi) -> Port {
+        Port { api }
     }
 
-    async fn expand(&self, job: &Job, op: &Expand) -> Result<Vec<NewJob>, DeliveryError> {
-        let rs = &self.rules.0;
+    async fn expand(
+        &self,
+        job: &Job,
+        op: &Expand,
+        rs: &Router,
+    ) -> Result<Vec<NewJob>, DeliveryError> {
         let rule_id = op.rule.as_str();
         let data = op.event.clone();
         let rule = rs.rules.iter().find(|r| r.id == rule_id).ok_or_else(|| {
@@ -39,7 +40,7 @@ impl Port {
         let ctx = handlebars::Context::from(data.clone());
         let mut results = Map::new();
         for q in &rule.queries {
-            let templates = self.rules.templates();
+            let templates = &rs.templates;
             let rules: Vec<Value> = q
                 .rules
                 .iter()
@@ -100,7 +101,7 @@ impl Port {
 
     /// Writes a closed run's status, summary, label and link, and its log line. The rule's
     /// `report:` templates render over the event with `report` (the tally) added.
-    async fn report(&self, r: &RunReport) -> Result<Vec<NewJob>, DeliveryError> {
+    async fn report(&self, r: &RunReport, rs: &Router) -> Result<Vec<NewJob>, DeliveryError> {
         let run_id = r.run_id.as_str();
         let wording = crate::runs::report_of(&r.tally);
         let status = wording.status;
@@ -109,7 +110,7 @@ impl Port {
             m.insert("report".into(), json!(r.tally));
         }
         let ctx = handlebars::Context::from(context);
-        let templates = self.rules.templates();
+        let templates = &rs.templates;
         let mut patch = json!({"status": status});
         let fields = if status == "SUCCESS" {
             &r.spec.success
@@ -160,11 +161,15 @@ fn render_strings(v: &Value, f: &dyn Fn(&str) -> Result<String, String>) -> Resu
 }
 
 impl Destination for Port {
-    fn deliver<'a>(&'a self, job: &'a Job) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        job: &'a Job,
+        rules: &'a Router,
+    ) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>> {
         Box::pin(async move {
             match &job.payload {
-                Payload::Expand(op) => self.expand(job, op).await,
-                Payload::Report(r) => self.report(r).await,
+                Payload::Expand(op) => self.expand(job, op, rules).await,
+                Payload::Report(r) => self.report(r, rules).await,
                 Payload::Message(_) => Err(DeliveryError::Permanent(
                     "a `port` destination reports runs and answers `with:` queries; it does not take messages".into(),
                 )),

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use super::{classify_transport, prepare_message, retry_after, BoxFut, DeliveryError, Destination};
 use crate::config::secret::Secret;
 use crate::outbox::Job;
+use crate::routing::Router;
 
 /// Web API errors that retrying cannot fix.
 pub(super) const PERMANENT: &[&str] = &[
@@ -203,6 +204,7 @@ impl Destination for SlackBot {
     fn deliver<'a>(
         &'a self,
         job: &'a Job,
+        _rules: &'a Router,
     ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
             let channel = match (&job.target.channel, &job.target.user_email) {
@@ -239,6 +241,10 @@ impl Destination for SlackBot {
                     },
                 })
         })
+    }
+
+    fn paced_per_target(&self) -> bool {
+        true
     }
 
     fn pace_key(&self, job: &Job) -> Option<String> {

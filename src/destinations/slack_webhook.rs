@@ -11,6 +11,7 @@ use super::{
     Endpoint,
 };
 use crate::outbox::Job;
+use crate::routing::Router;
 
 pub(super) struct SlackWebhook {
     pub endpoint: Endpoint,
@@ -22,6 +23,7 @@ impl Destination for SlackWebhook {
     fn deliver<'a>(
         &'a self,
         job: &'a Job,
+        _rules: &'a Router,
     ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
             let req = self

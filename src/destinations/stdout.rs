@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::{BoxFut, DeliveryError, Destination};
 use crate::outbox::Job;
+use crate::routing::Router;
 
 pub(super) struct Stdout {
     pub name: String,
@@ -15,6 +16,7 @@ impl Destination for Stdout {
     fn deliver<'a>(
         &'a self,
         job: &'a Job,
+        _rules: &'a Router,
     ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
             let line = json!({

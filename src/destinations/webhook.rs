@@ -2,52 +2,43 @@
 //! template, rendered at routing time); header values are templates rendered per delivery over
 //! `{rule, event_id, destination, message}`. Same classification by status as Slack.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use handlebars::Context;
 use serde_json::json;
 
-use super::{
-    classify_status, classify_transport, BoxFut, DeliveryError, Destination, Endpoint,
-    TemplatesHandle,
-};
+use super::{classify_status, classify_transport, BoxFut, DeliveryError, Destination, Endpoint};
 use crate::outbox::Job;
+use crate::routing::Router;
 
 pub(super) struct Webhook {
     pub endpoint: Endpoint,
-    pub method: String,
+    pub method: reqwest::Method,
     pub headers: Vec<(String, String)>,
     pub client: reqwest::Client,
     pub timeout: Duration,
-    pub templates: Arc<TemplatesHandle>,
 }
 
 impl Destination for Webhook {
     fn deliver<'a>(
         &'a self,
         job: &'a Job,
+        rules: &'a Router,
     ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
-            let method = reqwest::Method::from_bytes(self.method.as_bytes())
-                .unwrap_or(reqwest::Method::POST);
             super::message_of(job)?;
             let mut req = self
                 .endpoint
-                .json_request(&self.client, method, self.timeout)
+                .json_request(&self.client, self.method.clone(), self.timeout)
                 .body(job.body());
             if !self.headers.is_empty() {
                 let ctx = Context::from(
                     json!({"rule": job.rule, "event_id": job.event_id, "message": super::message_of(job)?}),
                 );
                 for (name, tpl) in &self.headers {
-                    let value =
-                        self.templates
-                            .templates()
-                            .render_plain(tpl, &ctx)
-                            .map_err(|e| {
-                                DeliveryError::Permanent(format!("header `{name}`: {}", e.message))
-                            })?;
+                    let value = rules.templates.render_plain(tpl, &ctx).map_err(|e| {
+                        DeliveryError::Permanent(format!("header `{name}`: {}", e.message))
+                    })?;
                     req = req.header(name.as_str(), value.trim());
                 }
             }

@@ -1,6 +1,6 @@
-//! The compiled ruleset and the routing step.
+//! The routing step: which rules match an event, and what each of their sends renders.
 //!
-//! [`route`] is a pure function of `(&Ruleset, &Event)`: no I/O, no clock, no randomness. The
+//! [`route`] is a pure function of `(&Router, &Event)`: no I/O, no clock, no randomness. The
 //! server, `check`, `simulate`, the rule tests and the benchmarks all call it, so what a test
 //! shows is what production does. It selects the rules for the event's type (precomputed
 //! index), skips those whose `== "text"` / `changed_to "text"` condition the event cannot meet
@@ -20,7 +20,6 @@ use handlebars::Context;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{DestinationConfig, DestinationKind, LoadedFile, RuleTest, SourceEntry};
 use crate::event::Event;
 use crate::job::{Expand, Payload};
 pub use crate::job::{ReportFields, Target};
@@ -132,33 +131,42 @@ fn ser_message<S: serde::Serializer>(
     }
 }
 
-/// Everything loaded from a rules directory, compiled and validated. Immutable: a reload builds
-/// a new one and swaps it in whole.
+/// What routing needs to know of a destination: where its messages really go and what it
+/// can do. The configuration compiles one per destination ([`crate::config`]); routing never
+/// looks at destination kinds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Output {
+    /// The destination that delivers for this name: a fallback when the destination's
+    /// settings are missing and it has one, else the destination itself.
+    pub delivers_as: Option<String>,
+    /// It sends direct messages to a user (a Slack bot): the only place a secret event may go.
+    pub direct_messages: bool,
+    /// A (plain) template rendering each message's record key (Kafka).
+    pub key: Option<String>,
+    /// A template rendering the whole body instead of the step's message (a webhook's own).
+    pub body: Option<String>,
+}
+
+/// The compiled rules, their templates, the destinations' [`Output`]s, and the per-type index:
+/// everything [`route`] reads. Immutable; a reload compiles a new one.
 #[derive(Debug)]
-pub struct Ruleset {
+pub struct Router {
     pub rules: Vec<Rule>,
-    pub sources: BTreeMap<String, SourceEntry>,
-    pub destinations: BTreeMap<String, DestinationConfig>,
-    pub templates: Templates,
-    pub tests: Vec<RuleTest>,
-    pub files: Vec<LoadedFile>,
-    /// Schedules by name.
-    pub schedules: BTreeMap<String, crate::config::Schedule>,
+    pub templates: Arc<Templates>,
+    /// By destination name.
+    pub outputs: BTreeMap<String, Output>,
     /// The candidate rules per event type (wildcards included), see [`TypeIndex`].
     index: HashMap<String, TypeIndex>,
     /// Distinct simple paths of the rules' conditions (memo slots, see [`path::Interner`]).
     path_slots: usize,
 }
 
-impl Ruleset {
-    /// Assembles a ruleset and builds the per-type index.
+impl Router {
+    /// Assembles a router and builds the per-type index.
     pub fn new(
         rules: Vec<Rule>,
-        sources: BTreeMap<String, SourceEntry>,
-        destinations: BTreeMap<String, DestinationConfig>,
-        templates: Templates,
-        tests: Vec<RuleTest>,
-        files: Vec<LoadedFile>,
+        templates: Arc<Templates>,
+        outputs: BTreeMap<String, Output>,
     ) -> Self {
         let mut rules = rules;
         let mut interner = path::Interner::default();
@@ -167,15 +175,11 @@ impl Ruleset {
                 .iter_mut()
                 .for_each(|c| c.intern(&mut interner));
         }
-        let mut rs = Ruleset {
+        let mut rs = Router {
             path_slots: interner.len(),
             rules,
-            sources,
-            destinations,
             templates,
-            tests,
-            files,
-            schedules: BTreeMap::new(),
+            outputs,
             index: HashMap::new(),
         };
         let types: Vec<String> = crate::event::EVENT_TYPES
@@ -206,16 +210,15 @@ impl Ruleset {
         }
     }
 
-    /// The text of a loaded file, for rendering diagnostics.
-    pub fn file_text(&self, path: &std::path::Path) -> Option<&Arc<str>> {
-        self.files.iter().find(|f| f.path == path).map(|f| &f.text)
-    }
-
     /// The destination that delivers for `name` (following an active fallback).
     pub fn effective_destination<'a>(&'a self, name: &'a str) -> &'a str {
-        match self.destinations.get(name) {
-            Some(d) if d.use_fallback => d.fallback.as_deref().unwrap_or(name),
-            _ => name,
+        match self
+            .outputs
+            .get(name)
+            .and_then(|o| o.delivers_as.as_deref())
+        {
+            Some(d) => d,
+            None => name,
         }
     }
 }
@@ -289,7 +292,7 @@ pub fn type_matches(pattern: &str, event_type: &str) -> bool {
 }
 
 /// The rules that match an event, in order, honouring `stop: true`. Pure.
-pub fn matching<'a>(rs: &'a Ruleset, ev: &Event) -> Vec<&'a Rule> {
+pub fn matching<'a>(rs: &'a Router, ev: &Event) -> Vec<&'a Rule> {
     let mut out = Vec::new();
     let mut lk = path::Lookup::new(&ev.data, rs.path_slots);
     let candidates = match rs.index.get(&ev.event_type) {
@@ -325,7 +328,7 @@ pub fn matching<'a>(rs: &'a Ruleset, ev: &Event) -> Vec<&'a Rule> {
 /// dispatch per send step (per element with `for_each`), messages rendered. A rule with `with:`
 /// queries yields one *expansion* dispatch to its Port destination instead: the queries are
 /// I/O, so they run in the delivery stage, which then calls [`expand`] (pure) with the results.
-pub fn route(rs: &Ruleset, ev: &Event) -> Vec<Dispatch> {
+pub fn route(rs: &Router, ev: &Event) -> Vec<Dispatch> {
     let rules = matching(rs, ev);
     if rules.is_empty() {
         return Vec::new();
@@ -337,7 +340,7 @@ pub fn route(rs: &Ruleset, ev: &Event) -> Vec<Dispatch> {
 /// matched rules render, and `ev.data` is put back before this returns. The server uses it; a
 /// deep copy of the whole envelope for each event that matched was about 3% of the engine's
 /// instructions under the bench load.
-pub fn route_in_place(rs: &Ruleset, ev: &mut Event) -> Vec<Dispatch> {
+pub fn route_in_place(rs: &Router, ev: &mut Event) -> Vec<Dispatch> {
     let rules = matching(rs, ev);
     if rules.is_empty() {
         return Vec::new();
@@ -350,7 +353,7 @@ pub fn route_in_place(rs: &Ruleset, ev: &mut Event) -> Vec<Dispatch> {
 
 /// The dispatches of the matched `rules`. The event's data is read from `ctx` only: under
 /// [`route_in_place`] `ev.data` is empty meanwhile.
-fn dispatch_all(rs: &Ruleset, ev: &Event, rules: &[&Rule], ctx: &Context) -> Vec<Dispatch> {
+fn dispatch_all(rs: &Router, ev: &Event, rules: &[&Rule], ctx: &Context) -> Vec<Dispatch> {
     let mut out = Vec::new();
     for rule in rules {
         if let Some(q) = rule.queries.first() {
@@ -399,7 +402,7 @@ fn withhold_secret_errors(out: &mut [Dispatch]) {
 /// Finishes a deferred rule: with the query results under `with`, evaluates the conditions
 /// that read them and renders the sends. Pure; `simulate --with` and the Port destination call it.
 pub fn expand(
-    rs: &Ruleset,
+    rs: &Router,
     ev: &Event,
     rule_id: &str,
     results: serde_json::Map<String, Value>,
@@ -427,7 +430,7 @@ pub fn expand(
 }
 
 fn dispatch(
-    rs: &Ruleset,
+    rs: &Router,
     ev: &Event,
     rule: &Rule,
     step: &SendStep,
@@ -472,7 +475,7 @@ fn dispatch(
     }
 }
 
-fn dispatch_one(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Context) -> Dispatch {
+fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Context) -> Dispatch {
     let destination = rs.effective_destination(&step.to).to_string();
     let mut d = Dispatch {
         rule: rule.id.clone(),
@@ -501,9 +504,9 @@ fn dispatch_one(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Co
             user_email: plain(&step.user_email)?,
             thread_ts: plain(&step.thread_ts)?,
             reply_broadcast: step.reply_broadcast,
-            key: match rs.destinations.get(&destination).map(|x| &x.kind) {
-                Some(DestinationKind::Kafka { key, .. }) => plain(key)?,
-                _ => None,
+            key: match rs.outputs.get(&destination) {
+                Some(o) => plain(&o.key)?,
+                None => None,
             },
         })
     })();
@@ -534,12 +537,7 @@ fn dispatch_one(rs: &Ruleset, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Co
         }
     }
     // A webhook destination with its own body template renders that instead of the message.
-    let own_body = match rs.destinations.get(&destination).map(|x| &x.kind) {
-        Some(DestinationKind::Webhook {
-            template: Some(t), ..
-        }) => Some(t.clone()),
-        _ => None,
-    };
+    let own_body = rs.outputs.get(&destination).and_then(|o| o.body.clone());
     if let Some(t) = own_body {
         d.template = t.clone();
         d.message = rs
@@ -563,15 +561,15 @@ fn render_error(e: crate::render::TemplateError) -> DispatchError {
 
 /// A secret event may only be a Slack DM to the user it belongs to.
 pub(crate) fn secret_allowed(
-    rs: &Ruleset,
+    rs: &Router,
     data: &Value,
     destination: &str,
     t: &Target,
 ) -> Result<(), String> {
-    let is_bot = matches!(
-        rs.destinations.get(destination).map(|d| &d.kind),
-        Some(DestinationKind::Slack { .. })
-    );
+    let is_bot = rs
+        .outputs
+        .get(destination)
+        .is_some_and(|o| o.direct_messages);
     let owner = data["user"]["email"].as_str().unwrap_or("");
     let to_owner = t.channel.is_none()
         && t.user_email
@@ -602,7 +600,7 @@ pub struct RuleReport {
 
 /// Evaluates every rule against the event and says why each matched or not. Agrees with
 /// [`route`] (same conditions, same order, same `stop`).
-pub fn explain(rs: &Ruleset, ev: &Event) -> Vec<RuleReport> {
+pub fn explain(rs: &Router, ev: &Event) -> Vec<RuleReport> {
     let candidates = rs.candidates(&ev.event_type);
     let mut stopped_by: Option<String> = None;
     rs.rules

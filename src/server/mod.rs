@@ -30,11 +30,10 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::config::secret::Secret;
-use crate::config::{load_dir, LoadOptions, Mode};
+use crate::config::{load_dir, LoadOptions, Mode, Ruleset};
 use crate::deliver::Deliverer;
 use crate::ingest::{Accepted, Pipeline};
 use crate::outbox::{EnqueueError, Outbox};
-use crate::routing::Ruleset;
 use crate::sources::{Decoded, Headers, Request};
 
 pub use listen::ConnLimits;
@@ -142,7 +141,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         });
     }
     let outbox = Outbox::open(&cfg.data_dir, cfg.max_pending)?;
-    let deliverer = Deliverer::new(outbox.clone())?;
+    let rules = Arc::new(ArcSwap::new(rs.clone()));
+    let deliverer = Deliverer::new(outbox.clone(), rules.clone())?;
     deliverer.configure(&rs);
     let pending = outbox.load_pending()?;
     if !pending.is_empty() {
@@ -154,7 +154,6 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let rules = Arc::new(ArcSwap::new(rs.clone()));
     let pipeline = Arc::new(Pipeline::new(
         rules.clone(),
         outbox.clone(),

@@ -13,9 +13,9 @@ use serde::Serialize;
 
 use super::AppState;
 use crate::config::diag::Diagnostic;
+use crate::config::Ruleset;
 use crate::config::{load_dir, LoadOptions, Mode};
 use crate::outbox::now_ms;
-use crate::routing::Ruleset;
 
 /// The outcome of the last reload, for `/status`.
 #[derive(Debug, Clone, Serialize)]
