@@ -25,8 +25,8 @@ use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::config::Ruleset;
 use crate::config::DestinationConfig;
+use crate::config::Ruleset;
 use crate::destinations::{self, DeliveryError, Destination};
 use crate::outbox::{now_ms, Job, Outbox, Outcome};
 

@@ -84,20 +84,12 @@ fn authorized(st: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-pub(super) fn status_json(st: &AppState) -> Value {
-    let rs = st.rules.load();
-    let pending: std::collections::HashMap<String, i64> = st
-        .outbox
-        .pending_by_destination()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let dead: std::collections::HashMap<String, i64> = st
-        .outbox
-        .dead_letters_by_destination()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+pub(super) async fn status_json(st: &AppState) -> Value {
+    let rs = st.rules.load_full();
+    // One read for every count; a store that cannot answer shows zeros, not an error page.
+    let summary = st.outbox.summary().await.unwrap_or_default();
+    let pending: std::collections::HashMap<String, i64> = summary.pending.into_iter().collect();
+    let dead: std::collections::HashMap<String, i64> = summary.dead_letters.into_iter().collect();
     let stats = st.deliverer.stats();
     let destinations: serde_json::Map<String, Value> = rs
         .destinations
@@ -146,7 +138,7 @@ pub(super) fn status_json(st: &AppState) -> Value {
         "queue_depth": st.outbox.pending(),
         "throttle": {
             "suppressed_since_start": st.pipeline.throttled(),
-            "active_keys": st.outbox.active_throttles().unwrap_or(0),
+            "active_keys": summary.active_throttles,
         },
         "reload": reload,
         "kafka": kafka_status(st),
@@ -164,7 +156,7 @@ fn kafka_status(_: &AppState) -> Value {
 }
 
 pub(super) async fn status(State(st): St, headers: HeaderMap) -> Response {
-    let v = status_json(&st);
+    let v = status_json(&st).await;
     let wants_html = headers
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
@@ -277,9 +269,9 @@ async fn dead_letters(State(st): St, q: Result<Query<DlQuery>, QueryRejection>) 
         Ok(Query(q)) => q,
         Err(e) => return reject(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    match st.outbox.dead_letters(&q.filter()) {
+    match st.outbox.dead_letters(q.filter()).await {
         Ok(v) => Json(json!({"dead_letters": v})).into_response(),
-        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -289,9 +281,9 @@ async fn replay(State(st): St, body: Body) -> Response {
         Err(r) => return r,
     };
     let ids = if q.ids.is_empty() {
-        match st.outbox.dead_letters(&q.filter()) {
+        match st.outbox.dead_letters(q.filter()).await {
             Ok(v) => v.into_iter().map(|d| d.id).collect(),
-            Err(e) => return reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => return reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     } else {
         q.ids.clone()

@@ -144,7 +144,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     let rules = Arc::new(ArcSwap::new(rs.clone()));
     let deliverer = Deliverer::new(outbox.clone(), rules.clone())?;
     deliverer.configure(&rs);
-    let pending = outbox.load_pending()?;
+    let pending = outbox.load_pending().await?;
     if !pending.is_empty() {
         tracing::info!(count = pending.len(), "resuming pending deliveries");
     }
@@ -210,7 +210,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     if clean {
         tracing::info!(
             "stopped; undelivered messages stay queued in {}",
-            state.outbox.path().display()
+            state.outbox.location()
         );
     } else {
         tracing::warn!("grace period over with attempts still running; their messages stay queued and are retried on the next start");
