@@ -60,7 +60,11 @@ pub fn find_source<'a>(
     if let Some(s) = rs.sources.get(name) {
         return Ok(s);
     }
-    let of_kind: Vec<_> = rs.sources.values().filter(|s| s.kind == name).collect();
+    let of_kind: Vec<_> = rs
+        .sources
+        .values()
+        .filter(|s| s.kind.name() == name)
+        .collect();
     match of_kind.as_slice() {
         [one] => Ok(one),
         _ => Err(SimulateError::UnknownSource(format!(

@@ -394,6 +394,37 @@ async fn dead_letters_can_be_listed_and_replayed() {
         .unwrap();
     assert!(String::from_utf8_lossy(&none.stdout).contains("no dead letters"));
 
+    // One dead letter through the running server's admin API, and one that does not exist.
+    let show_remote = Command::new(bin)
+        .args(["dead-letters", "show", "--server", &e.url("")])
+        .arg(id.to_string())
+        .env("SWITCHYARD_ADMIN_TOKEN", "admin-token")
+        .output()
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&show_remote.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&show_remote.stderr)));
+    assert_eq!(shown["id"], id);
+    assert!(shown["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("channel_not_found"));
+    for (where_, extra) in [
+        ("--data-dir", e.data.display().to_string()),
+        ("--server", e.url("")),
+    ] {
+        let missing = Command::new(bin)
+            .args(["dead-letters", "show", where_, &extra, "999999"])
+            .env("SWITCHYARD_ADMIN_TOKEN", "admin-token")
+            .output()
+            .unwrap();
+        assert!(!missing.status.success(), "{where_}");
+        assert!(
+            String::from_utf8_lossy(&missing.stderr).contains("no dead letter 999999"),
+            "{where_}: {}",
+            String::from_utf8_lossy(&missing.stderr)
+        );
+    }
+
     // The channel is fixed; replay one through the running server's admin API.
     slack.set_script(|_, _| (200, vec![], "ok".into()));
     let replay = Command::new(bin)

@@ -14,7 +14,7 @@ use super::spec::{DestinationSpec, RulesFile, SendSpec, SourceSpec};
 use super::yaml::{self, join_index, join_key, Limits, Pos, SpanMap};
 use super::{
     parse_duration, parse_size, DestinationConfig, DestinationKind, LoadedFile, RuleTest, Ruleset,
-    Schedule, SourceEntry,
+    Schedule, SourceEntry, SourceKind,
 };
 use crate::event::EVENT_TYPES;
 use crate::render::{TemplateOrigin, Templates};
@@ -794,7 +794,7 @@ fn build_source(
     let mut dedup_window = Duration::from_secs(24 * 3600);
     let mut kafka = None;
     let (kind, source, secrets_unset, has_secret): (
-        &'static str,
+        SourceKind,
         Arc<dyn Source>,
         Vec<String>,
         bool,
@@ -860,7 +860,7 @@ fn build_source(
             run_id_path,
             action: s.action.clone(),
         };
-        ("port", Arc::new(src), unset, has)
+        (SourceKind::Port, Arc::new(src), unset, has)
     } else if let Some(s) = &spec.coder {
         let sp = join_key(path, "coder");
         let (tokens, unset) = secrets_of(
@@ -896,7 +896,12 @@ fn build_source(
             }
         }
         let has = !tokens.is_empty();
-        ("coder", Arc::new(CoderSource { tokens }), unset, has)
+        (
+            SourceKind::Coder,
+            Arc::new(CoderSource { tokens }),
+            unset,
+            has,
+        )
     } else if let Some(k) = &spec.port_kafka {
         let sp = join_key(path, "port_kafka");
         kafka = kafka_source(p, name, k, &sp, diags);
@@ -907,7 +912,7 @@ fn build_source(
             action: None,
             ..PortSource::default()
         };
-        ("port_kafka", Arc::new(src), unset, has)
+        (SourceKind::PortKafka, Arc::new(src), unset, has)
     } else {
         let s = spec.slack.as_ref()?;
         let sp = join_key(path, "slack");
@@ -932,7 +937,12 @@ fn build_source(
             );
         }
         let has = !secrets.is_empty();
-        ("slack", Arc::new(SlackSource { secrets }), unset, has)
+        (
+            SourceKind::Slack,
+            Arc::new(SlackSource { secrets }),
+            unset,
+            has,
+        )
     };
     let mut disabled = None;
     if !secrets_unset.is_empty() {
@@ -1183,7 +1193,7 @@ fn resolve_reporting(
     dests: &BTreeMap<String, DestinationConfig>,
     diags: &mut Vec<Diagnostic>,
 ) {
-    for src in sources.values().filter(|s| s.kind == "port_kafka") {
+    for src in sources.values().filter(|s| s.kind == SourceKind::PortKafka) {
         let Some(from) = src.kafka.as_ref().and_then(|k| k.credentials_from.clone()) else {
             continue;
         };
@@ -1204,7 +1214,7 @@ fn resolve_reporting(
     }
     for src in sources
         .values_mut()
-        .filter(|s| s.kind == "port" || s.kind == "port_kafka")
+        .filter(|s| matches!(s.kind, SourceKind::Port | SourceKind::PortKafka))
     {
         match &src.report_to {
             Some(to) => {

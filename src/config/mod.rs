@@ -80,12 +80,50 @@ pub struct LoadedFile {
     pub text: Arc<str>,
 }
 
+/// What a source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Port webhooks (automations, self-service actions).
+    Port,
+    /// Port's Kafka topics.
+    PortKafka,
+    /// Coder notifications.
+    Coder,
+    /// Slack interactivity (button clicks).
+    Slack,
+}
+
+impl SourceKind {
+    /// The kind as rules files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::Port => "port",
+            SourceKind::PortKafka => "port_kafka",
+            SourceKind::Coder => "coder",
+            SourceKind::Slack => "slack",
+        }
+    }
+}
+
+/// `kind == "coder"`: compares with the spelling in rules files.
+impl PartialEq<&str> for SourceKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A configured source.
 #[derive(Debug, Clone)]
 pub struct SourceEntry {
     pub name: String,
-    /// `port`, `coder`, `slack`.
-    pub kind: &'static str,
+    pub kind: SourceKind,
     /// The verifier and decoder.
     pub source: Arc<dyn Source>,
     /// Set when the source cannot accept requests (its secret is unset); the reason names the

@@ -34,15 +34,3 @@ impl fmt::Display for Secret {
         f.write_str("[redacted]")
     }
 }
-
-/// Removes every occurrence of each secret from `text` (for error messages built from upstream
-/// responses or URLs).
-pub fn scrub(text: &str, secrets: &[&Secret]) -> String {
-    let mut out = text.to_string();
-    for s in secrets {
-        if s.0.len() >= 4 {
-            out = out.replace(&s.0, "[redacted]");
-        }
-    }
-    out
-}

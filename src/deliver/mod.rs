@@ -255,11 +255,6 @@ impl Deliverer {
             .await
             .is_ok()
     }
-
-    /// Number of job tasks alive (waiting or attempting).
-    pub fn tasks(&self) -> usize {
-        self.inner.tracker.len()
-    }
 }
 
 /// Waits for `fut` unless shutdown is requested first; `None` on shutdown.

@@ -27,7 +27,7 @@ use serde_json::Value;
 
 pub use crate::job::{Job, NewJob};
 use crate::job::{ReportSpec, Target};
-pub use sqlite::{list_dead, purge_dead};
+pub use sqlite::{list_dead, purge_dead, read_dead};
 
 /// Follow-up tracking for an action run: when every job of the event has finished, a report
 /// job for `destination` is created in the same transaction.

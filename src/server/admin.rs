@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
@@ -29,6 +29,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/-/reload", post(reload))
         .route("/-/dead-letters", get(dead_letters))
+        .route("/-/dead-letters/{id}", get(dead_letter))
         .route("/-/dead-letters/replay", post(replay))
         .route("/-/dead-letters/purge", post(purge))
         .route_layer(axum::middleware::from_fn_with_state(state, require_token))
@@ -271,6 +272,23 @@ async fn dead_letters(State(st): St, q: Result<Query<DlQuery>, QueryRejection>) 
     };
     match st.outbox.dead_letters(q.filter()).await {
         Ok(v) => Json(json!({"dead_letters": v})).into_response(),
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn dead_letter(State(st): St, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{}` is not a dead-letter id (a number)",
+                crate::render::blockkit::truncate_chars(&id, 40)
+            ),
+        );
+    };
+    match st.outbox.dead_letter(id).await {
+        Ok(Some(d)) => Json(json!({"dead_letter": d})).into_response(),
+        Ok(None) => reject(StatusCode::NOT_FOUND, format!("no dead letter {id}")),
         Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -181,7 +181,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     });
     for (name, s) in &rs.sources {
         match &s.disabled {
-            None => tracing::info!(source = %name, kind = s.kind, "accepting POST /hooks/{name}"),
+            None => tracing::info!(source = %name, kind = %s.kind, "accepting POST /hooks/{name}"),
             Some(why) => tracing::warn!(source = %name, "{why}; POST /hooks/{name} answers 503"),
         }
     }
@@ -537,7 +537,7 @@ async fn handle(
         .accept(&rs, Some(src), &mut ev, src.dedup_window)
         .await;
     m.ingest.record(started.elapsed().as_secs_f64());
-    let slack = src.kind == "slack";
+    let slack = src.kind == crate::config::SourceKind::Slack;
     match result {
         Ok(Accepted::Committed {
             dispatches: n,

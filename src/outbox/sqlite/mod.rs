@@ -450,6 +450,14 @@ pub fn list_dead(path: &Path, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, S
     query_dead(&c, f).map_err(|e| e.to_string())
 }
 
+/// One dead letter straight from a database file (the CLI, without a server).
+pub fn read_dead(path: &Path, id: i64) -> Result<Option<DeadLetter>, String> {
+    let c = open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    c.query_row(&format!("{DEAD_COLUMNS} WHERE id = ?"), [id], dead_row)
+        .optional()
+        .map_err(|e| e.to_string())
+}
+
 /// The columns of a dead letter, in [`dead_row`]'s order.
 const DEAD_COLUMNS: &str = "SELECT id, destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind FROM dead_letters";
 

@@ -1,0 +1,205 @@
+//! `switchyard dead-letters`: against the data directory, or a running server's admin API.
+use std::process::ExitCode;
+
+use crate::{DeadLetterAction, DlArgs, Format};
+use switchyard::outbox::{list_dead, purge_dead, read_dead, DeadLetter, DeadLetterFilter, Outbox};
+
+fn filter(a: &DlArgs) -> Result<DeadLetterFilter, String> {
+    let since = match &a.since {
+        None => None,
+        Some(s) => Some(
+            switchyard::outbox::now_ms()
+                - switchyard::config::parse_duration(s)
+                    .ok_or_else(|| format!("`{s}` is not a duration (e.g. `2h`)"))?
+                    .as_millis() as i64,
+        ),
+    };
+    Ok(DeadLetterFilter {
+        destination: a.destination.clone(),
+        rule: a.rule.clone(),
+        since,
+        until: None,
+        limit: a.limit,
+    })
+}
+
+fn server_call(
+    a: &DlArgs,
+    server: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, String> {
+    let token = std::env::var("SWITCHYARD_ADMIN_TOKEN")
+        .map_err(|_| "set SWITCHYARD_ADMIN_TOKEN to use --server".to_string())?;
+    let f = filter(a)?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let url = format!("{}{path}", server.trim_end_matches('/'));
+        let mut req = if method == "GET" {
+            client.get(&url)
+        } else {
+            client.post(&url)
+        };
+        let mut q = Vec::new();
+        if let Some(d) = &f.destination {
+            q.push(("destination", d.clone()));
+        }
+        if let Some(r) = &f.rule {
+            q.push(("rule", r.clone()));
+        }
+        if let Some(s) = f.since {
+            q.push(("since", s.to_string()));
+        }
+        if let Some(l) = f.limit {
+            q.push(("limit", l.to_string()));
+        }
+        if method == "GET" {
+            req = req.query(&q);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {server}: {e}"))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{status}: {}", v["reason"].as_str().unwrap_or("")));
+        }
+        Ok(v)
+    })
+}
+
+fn print_list(list: &[DeadLetter], format: Format) {
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(list).unwrap_or_default());
+        return;
+    }
+    if list.is_empty() {
+        println!("no dead letters");
+        return;
+    }
+    println!(
+        "{:>6}  {:<20}  {:<18}  {:<24}  {:>3}  last error",
+        "id", "died (UTC)", "destination", "rule", "try"
+    );
+    for d in list {
+        let when = chrono::DateTime::from_timestamp_millis(d.dead_at)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        println!(
+            "{:>6}  {:<20}  {:<18}  {:<24}  {:>3}  {}",
+            d.id,
+            when,
+            d.destination,
+            d.rule,
+            d.attempts.len(),
+            switchyard::render::blockkit::truncate_chars(&d.last_error, 80)
+        );
+    }
+}
+
+pub fn run(action: DeadLetterAction) -> ExitCode {
+    match go(action) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn db(a: &DlArgs) -> Result<std::path::PathBuf, String> {
+    let p = a.data_dir.join("switchyard.db");
+    if !p.exists() {
+        return Err(format!(
+            "no outbox database at {} (use --data-dir, or --server for a running engine)",
+            p.display()
+        ));
+    }
+    Ok(p)
+}
+
+fn go(action: DeadLetterAction) -> Result<(), String> {
+    match action {
+        DeadLetterAction::List { args, format } => {
+            let list: Vec<DeadLetter> = match &args.server {
+                Some(s) => serde_json::from_value(
+                    server_call(&args, s, "GET", "/-/dead-letters", None)?["dead_letters"].clone(),
+                )
+                .map_err(|e| e.to_string())?,
+                None => list_dead(&db(&args)?, &filter(&args)?)?,
+            };
+            print_list(&list, format);
+        }
+        DeadLetterAction::Show { args, id } => {
+            let d: Option<DeadLetter> = match &args.server {
+                Some(s) => {
+                    let v = server_call(&args, s, "GET", &format!("/-/dead-letters/{id}"), None)?;
+                    serde_json::from_value(v["dead_letter"].clone()).map_err(|e| e.to_string())?
+                }
+                None => read_dead(&db(&args)?, id)?,
+            };
+            let d = d.ok_or_else(|| format!("no dead letter {id}"))?;
+            println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
+        }
+        DeadLetterAction::Replay { args, ids } => match &args.server {
+            Some(s) => {
+                let body = if ids.is_empty() {
+                    serde_json::to_value(filter_body(&args)?).unwrap_or_default()
+                } else {
+                    serde_json::json!({"ids": ids})
+                };
+                let v = server_call(&args, s, "POST", "/-/dead-letters/replay", Some(body))?;
+                println!("replayed {}", v["replayed"]);
+            }
+            None => {
+                let path = db(&args)?;
+                let ids = if ids.is_empty() {
+                    list_dead(&path, &filter(&args)?)?
+                        .into_iter()
+                        .map(|d| d.id)
+                        .collect()
+                } else {
+                    ids
+                };
+                let outbox = Outbox::open(&args.data_dir, usize::MAX)?;
+                let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                let jobs = rt.block_on(outbox.replay(ids))?;
+                println!(
+                    "queued {} message(s) again; they go out when the engine starts",
+                    jobs.len()
+                );
+            }
+        },
+        DeadLetterAction::Purge { args } => match &args.server {
+            Some(s) => {
+                let v = server_call(
+                    &args,
+                    s,
+                    "POST",
+                    "/-/dead-letters/purge",
+                    Some(serde_json::to_value(filter_body(&args)?).unwrap_or_default()),
+                )?;
+                println!("purged {}", v["purged"]);
+            }
+            None => {
+                let n = purge_dead(&db(&args)?, &filter(&args)?)?;
+                println!("purged {n}");
+            }
+        },
+    }
+    Ok(())
+}
+
+fn filter_body(a: &DlArgs) -> Result<serde_json::Value, String> {
+    let f = filter(a)?;
+    Ok(
+        serde_json::json!({"destination": f.destination, "rule": f.rule, "since": f.since, "limit": f.limit}),
+    )
+}
