@@ -5,10 +5,17 @@
 //! every diagnostic it can (per file, per rule) so `check` shows them all at once. A ruleset is
 //! returned only when there is no error.
 
+mod destinations;
 pub mod diag;
 pub mod env;
+mod kafka;
 mod load;
+mod parsed;
+mod rule_tests;
+mod rules;
+mod schedules;
 pub mod secret;
+mod sources;
 pub mod spec;
 pub mod yaml;
 
@@ -17,7 +24,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use load::{load_dir, EnvLookup, LoadOptions, Mode};
+pub use load::load_dir;
+pub use parsed::{EnvLookup, LoadOptions, Mode};
 
 use crate::render::Templates;
 use crate::routing::{Output, Router, Rule};

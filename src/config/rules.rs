@@ -1,0 +1,414 @@
+//! Rules: `on`, conditions, `with:` queries, `report:`, `throttle` and `send` steps, compiled
+//! into routing's [`Rule`]s.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::diag::{did_you_mean, Diagnostic};
+use super::spec::SendSpec;
+use super::yaml::{join_index, join_key};
+use super::{parse_duration, DestinationConfig, DestinationKind, Schedule};
+use crate::event::EVENT_TYPES;
+use crate::render::{TemplateOrigin, Templates};
+use crate::routing::condition;
+use crate::routing::{Rule, SendStep};
+
+use super::parsed::*;
+
+pub(super) fn compile_rule(
+    p: &Parsed,
+    r: &super::spec::RuleSpec,
+    path: &str,
+    dests: &BTreeMap<String, DestinationConfig>,
+    schedules: &BTreeMap<String, Schedule>,
+    templates: &mut Templates,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Rule> {
+    let before = diags.len();
+    let on = r.on.to_vec();
+    for (i, t) in on.iter().enumerate() {
+        let known = EVENT_TYPES.contains(&t.as_str())
+            || t.strip_prefix("schedule/")
+                .is_some_and(|n| schedules.contains_key(n) || n == "*")
+            || t == "*"
+            || t.strip_suffix('*')
+                .is_some_and(|pre| EVENT_TYPES.iter().any(|e| e.starts_with(pre)));
+        if !known {
+            let tp = if matches!(r.on, super::spec::OneOrMany::One(_)) {
+                join_key(path, "on")
+            } else {
+                join_index(&join_key(path, "on"), i)
+            };
+            let hint = did_you_mean(t, EVENT_TYPES.iter().copied())
+                .map(|s| format!("did you mean `{s}`?"))
+                .unwrap_or_else(|| format!("known types: {}", EVENT_TYPES.join(", ")));
+            diags.push(
+                p.at(
+                    Diagnostic::error("unknown-event-type", format!("unknown event type `{t}`")),
+                    &tp,
+                )
+                .hint(hint),
+            );
+        }
+    }
+    let mut conditions = Vec::new();
+    let mut after = Vec::new();
+    for (i, c) in r.conditions.iter().enumerate() {
+        let cp = join_index(&join_key(path, "where"), i);
+        match condition::compile(c) {
+            Ok(c) if c.reads_member("with") => {
+                if r.queries.is_empty() {
+                    diags.push(p.at(
+                        Diagnostic::error(
+                            "bad-condition",
+                            "this condition reads `$.with…` but the rule has no `with:` queries",
+                        ),
+                        &cp,
+                    ));
+                }
+                after.push(c);
+            }
+            Ok(c) => conditions.push(c),
+            Err(e) => diags.push(condition_diag(p, &cp, &e)),
+        }
+    }
+    let mut queries = Vec::new();
+    for (name, q) in &r.queries {
+        let qp = join_key(&join_key(path, "with"), name);
+        if !dests
+            .get(&q.port)
+            .is_some_and(|d| matches!(d.kind, DestinationKind::Port { .. }))
+        {
+            diags.push(
+                p.at(
+                    Diagnostic::error(
+                        "unknown-destination",
+                        format!("`{}` is not a `port` destination", q.port),
+                    )
+                    .hint("define `destinations: {name: {port: {client_id, client_secret}}}`"),
+                    &join_key(&qp, "port"),
+                ),
+            );
+            continue;
+        }
+        let timeout = match &q.timeout {
+            None => Duration::from_secs(30),
+            Some(t) => parse_duration(t).unwrap_or_else(|| {
+                diags.push(p.at(
+                    Diagnostic::error("bad-value", format!("`{t}` is not a duration")),
+                    &join_key(&qp, "timeout"),
+                ));
+                Duration::from_secs(30)
+            }),
+        };
+        queries.push(crate::routing::Query {
+            name: name.clone(),
+            port: q.port.clone(),
+            blueprint: q.search.blueprint.clone(),
+            combinator: q.search.combinator.clone().unwrap_or_else(|| "and".into()),
+            rules: q.search.rules.clone(),
+            include: q.include.clone(),
+            max_pages: q.max_pages.unwrap_or(20).max(1),
+            limit: q.limit.unwrap_or(200).clamp(1, 1000),
+            timeout,
+        });
+    }
+    let report = match &r.report {
+        None => None,
+        Some(rep) => {
+            let rp = join_key(path, "report");
+            let to = rep.to.clone().or_else(|| only_port_destination(dests));
+            match to {
+                Some(to)
+                    if dests
+                        .get(&to)
+                        .is_some_and(|d| matches!(d.kind, DestinationKind::Port { .. })) =>
+                {
+                    let mut fields = |which: &str, c: &super::spec::ReportContent| {
+                        let mut f = crate::routing::ReportFields::default();
+                        for (key, v, slot) in [
+                            ("statusLabel", &c.status_label, &mut f.status_label),
+                            ("summary", &c.summary, &mut f.summary),
+                            ("link", &c.link, &mut f.link),
+                        ] {
+                            if let Some(text) = v {
+                                let name = format!("rule:{}:report:{which}:{key}", r.id);
+                                match templates.add_plain(&name, text) {
+                                    Ok(()) => *slot = Some(name),
+                                    Err(e) => diags.push(p.at(
+                                        Diagnostic::error(
+                                            "template",
+                                            format!("report {which}.{key}: {}", e.message),
+                                        ),
+                                        &join_key(&join_key(&rp, which), key),
+                                    )),
+                                }
+                            }
+                        }
+                        f
+                    };
+                    let success = fields("success", &rep.success);
+                    let failure = fields("failure", &rep.failure);
+                    Some(crate::routing::Report {
+                        to,
+                        success,
+                        failure,
+                    })
+                }
+                Some(to) => {
+                    diags.push(p.at(
+                        Diagnostic::error(
+                            "unknown-destination",
+                            format!("`{to}` is not a `port` destination"),
+                        ),
+                        &join_key(&rp, "to"),
+                    ));
+                    None
+                }
+                None => {
+                    diags.push(p.at_key(Diagnostic::error("missing-key", "`report:` needs a `port` destination").hint("add `to: <port destination>`, or define exactly one `port` destination"), &rp));
+                    None
+                }
+            }
+        }
+    };
+    if r.send.is_empty() {
+        diags.push(
+            p.at(
+                Diagnostic::error("bad-rule", format!("rule `{}` has an empty `send`", r.id))
+                    .hint("add at least one `- to: <destination>`"),
+                &join_key(path, "send"),
+            ),
+        );
+    }
+    let names: Vec<&str> = dests.keys().map(String::as_str).collect();
+    let mut sends = Vec::new();
+    for (i, s) in r.send.iter().enumerate() {
+        let sp = join_index(&join_key(path, "send"), i);
+        if let Some(step) = compile_send(p, &r.id, s, &sp, dests, &names, templates, diags) {
+            sends.push(step);
+        }
+    }
+    let throttle = match &r.throttle {
+        None => None,
+        Some(t) => {
+            let tp = join_key(path, "throttle");
+            let window = parse_duration(&t.window);
+            if window.is_none() {
+                diags.push(
+                    p.at(
+                        Diagnostic::error("bad-value", format!("`{}` is not a duration", t.window))
+                            .hint("e.g. `10m`"),
+                        &join_key(&tp, "window"),
+                    ),
+                );
+            }
+            let name = format!("rule:{}:throttle", r.id);
+            if let Err(e) = templates.add_plain(&name, &t.key) {
+                diags.push(p.at(
+                    Diagnostic::error("template", format!("throttle key: {}", e.message)),
+                    &join_key(&tp, "key"),
+                ));
+            }
+            window.map(|w| (name, w))
+        }
+    };
+    if diags[before..].iter().any(Diagnostic::is_error) {
+        return None;
+    }
+    Some(Rule {
+        throttle,
+        queries,
+        after,
+        report,
+        id: r.id.clone(),
+        description: r.description.clone(),
+        on,
+        conditions,
+        sends,
+        stop: r.stop,
+        file: p.path.clone(),
+    })
+}
+
+pub(super) fn condition_diag(p: &Parsed, cp: &str, e: &condition::ConditionError) -> Diagnostic {
+    let code = if e.message.contains("JSONPath") {
+        "bad-jsonpath"
+    } else if e.message.contains("regular expression") {
+        "bad-regex"
+    } else {
+        "bad-condition"
+    };
+    let mut d = Diagnostic::error(code, e.message.clone());
+    if let Some(h) = &e.hint {
+        d = d.hint(h.clone());
+    }
+    match e.offset {
+        Some(off) => {
+            let mut pos = p.spans.value(cp);
+            // Quoted scalars start one character before their text.
+            let quoted = p
+                .text
+                .as_bytes()
+                .get(pos.offset)
+                .is_some_and(|b| *b == b'"' || *b == b'\'');
+            let shift = off + usize::from(quoted);
+            pos.column += shift;
+            pos.offset += shift;
+            pos.len = e.len;
+            d.at(&p.path, pos)
+        }
+        None => {
+            let sub = format!("{cp}{}", e.subpath);
+            if e.subpath.starts_with(".") && e.message.starts_with("unknown key") {
+                p.at_key(d, &sub)
+            } else {
+                p.at(d, &sub)
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn compile_send(
+    p: &Parsed,
+    rule_id: &str,
+    s: &SendSpec,
+    sp: &str,
+    dests: &BTreeMap<String, DestinationConfig>,
+    names: &[&str],
+    templates: &mut Templates,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<SendStep> {
+    let Some(dest) = dests.get(&s.to) else {
+        let hint = did_you_mean(&s.to, names.iter().copied())
+            .map(|x| format!("did you mean `{x}`?"))
+            .unwrap_or_else(|| format!("defined destinations: {}", names.join(", ")));
+        diags.push(
+            p.at(
+                Diagnostic::error(
+                    "unknown-destination",
+                    format!("destination `{}` does not exist", s.to),
+                ),
+                &join_key(sp, "to"),
+            )
+            .hint(hint),
+        );
+        return None;
+    };
+    let is_bot = matches!(dest.kind, DestinationKind::Slack { .. });
+    for (key, present) in [
+        ("channel", s.channel.is_some()),
+        ("user_email", s.user_email.is_some()),
+        ("thread_ts", s.thread_ts.is_some()),
+    ] {
+        if present && !is_bot {
+            diags.push(
+                p.at_key(
+                    Diagnostic::error(
+                        "bad-send",
+                        format!(
+                            "`{key}` only applies to `slack` (bot) destinations; `{}` is `{}`",
+                            s.to,
+                            dest.kind.name()
+                        ),
+                    ),
+                    &join_key(sp, key),
+                )
+                .hint("an incoming webhook's channel is fixed when it is created"),
+            );
+        }
+    }
+    if is_bot && s.channel.is_none() && s.user_email.is_none() {
+        diags.push(p.at(
+            Diagnostic::error(
+                "bad-send",
+                format!(
+                    "sending to Slack bot destination `{}` needs `channel` or `user_email`",
+                    s.to
+                ),
+            ),
+            sp,
+        ));
+    }
+    let template = match (&s.template, &s.blocks) {
+        (Some(_), Some(_)) => {
+            diags.push(p.at_key(
+                Diagnostic::error("bad-send", "give either `template` or `blocks`, not both"),
+                &join_key(sp, "blocks"),
+            ));
+            return None;
+        }
+        (Some(t), None) => {
+            if !templates.has(t) {
+                diags.push(missing_template(p, &join_key(sp, "template"), t, templates));
+                return None;
+            }
+            t.clone()
+        }
+        (None, blocks) => {
+            if blocks.is_none() && s.text.is_none() {
+                diags.push(p.at(
+                    Diagnostic::error(
+                        "bad-send",
+                        "a send step needs `template`, or inline `blocks`/`text`",
+                    ),
+                    sp,
+                ));
+                return None;
+            }
+            let mut msg = serde_json::Map::new();
+            if let Some(b) = blocks {
+                msg.insert("blocks".into(), b.clone());
+            }
+            if let Some(t) = &s.text {
+                msg.insert("text".into(), Value::String(t.clone()));
+            }
+            let name = format!("rule:{rule_id}:{sp}");
+            let text = serde_json::to_string(&Value::Object(msg)).unwrap_or_default();
+            let origin = TemplateOrigin {
+                file: p.path.clone(),
+                line_offset: p.spans.value(sp).line,
+                inline: true,
+            };
+            if let Err(e) = templates.add(&name, &text, origin) {
+                let at = if s.blocks.is_some() {
+                    join_key(sp, "blocks")
+                } else {
+                    join_key(sp, "text")
+                };
+                diags.push(p.at(
+                    Diagnostic::error("template", format!("inline template: {}", e.message)),
+                    &at,
+                ));
+                return None;
+            }
+            name
+        }
+    };
+    let mut small = |key: &str, v: &Option<String>| -> Option<String> {
+        let v = v.as_ref()?;
+        let name = format!("rule:{rule_id}:{sp}:{key}");
+        match templates.add_plain(&name, v) {
+            Ok(()) => Some(name),
+            Err(e) => {
+                diags.push(p.at(
+                    Diagnostic::error("template", format!("`{key}`: {}", e.message)),
+                    &join_key(sp, key),
+                ));
+                None
+            }
+        }
+    };
+    Some(SendStep {
+        to: s.to.clone(),
+        template,
+        channel: small("channel", &s.channel),
+        user_email: small("user_email", &s.user_email),
+        thread_ts: small("thread_ts", &s.thread_ts),
+        reply_broadcast: s.reply_broadcast,
+        for_each: small("for_each", &s.for_each),
+    })
+}
