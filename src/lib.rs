@@ -1,13 +1,18 @@
 //! switchyard: Port and Coder webhooks in, Slack Block Kit out, decided by YAML rules.
 //!
-//! The pipeline, one module per stage, data flowing one way:
+//! The pipeline, one module per stage, data flowing one way (no module depends on one that
+//! depends on it; `tests/architecture.rs` checks it):
 //!
 //! ```text
-//! server (ingress) → sources (verify, decode) → routing (pure) → outbox → deliver → destinations
+//! server (ingress) → sources (verify, decode) → ingest → routing (pure) → outbox (Store)
+//!     → deliver → destinations → follow-ups (runs, Port expansions)
 //! ```
 //!
-//! `config` turns a rules directory into an immutable [`config::Ruleset`]; `render` holds the
-//! templates; `check` and `simulate` are the offline commands, built on the same code.
+//! `config` turns a rules directory into an immutable [`config::Ruleset`], whose
+//! [`routing::Router`] is all routing reads; `job` is the protocol between routing, the outbox
+//! and delivery; `check` and `simulate` are the offline commands, built on the same routing.
+//! A new source is a file in `sources/` implementing [`sources::Source`]; a new destination a
+//! file in `destinations/` implementing [`destinations::Destination`].
 
 // Diagnostics are returned by value on cold paths (loading rules); boxing them buys nothing.
 #![allow(clippy::result_large_err)]
