@@ -11,8 +11,7 @@ use switchyard::config::{LoadOptions, Mode};
 use switchyard::sources::Request;
 
 // glibc's malloc serialises on arena locks under many small allocations from several threads
-// (JSON values, HTTP buffers); the profile of the load benchmark showed ~18% of CPU in
-// malloc/free and lock waits. mimalloc removes most of it.
+// (JSON values, HTTP buffers); mimalloc does not (bench/PROFILE.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -57,7 +57,7 @@ pub struct DeadLetter {
     pub rule: String,
     pub event_id: String,
     pub target: Target,
-    /// The payload's JSON (see [`Payload::to_json`]); a passcode notification's is withheld.
+    /// The payload's JSON (see [`crate::job::Payload::to_json`]); a passcode notification's is withheld.
     pub message: Value,
     /// `message`, `expand` or `report`.
     #[serde(default = "message_kind")]

@@ -337,9 +337,8 @@ pub fn route(rs: &Router, ev: &Event) -> Vec<Dispatch> {
 }
 
 /// [`route`] without copying the event: the rendering context holds the event's data while the
-/// matched rules render, and `ev.data` is put back before this returns. The server uses it; a
-/// deep copy of the whole envelope for each event that matched was about 3% of the engine's
-/// instructions under the bench load.
+/// matched rules render, and `ev.data` is put back before this returns. The server uses it, so
+/// a matched event's envelope is never deep-copied (bench/PROFILE.md).
 pub fn route_in_place(rs: &Router, ev: &mut Event) -> Vec<Dispatch> {
     let rules = matching(rs, ev);
     if rules.is_empty() {

@@ -127,8 +127,7 @@ pub async fn serve(
             continue;
         };
 
-        // No TCP_NODELAY: hyper writes each response in one go, and setting it cost about 4% of
-        // the engine's CPU per event in bench/run.sh (more, smaller segments).
+        // No TCP_NODELAY: hyper writes each response in one go (bench/PROFILE.md).
         let io = TokioIo::new(IdleIo::new(stream, idle, limits.header_timeout));
         let svc = TowerToHyperService::new(app.clone());
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();

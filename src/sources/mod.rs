@@ -45,8 +45,8 @@ impl Request<'_> {
     }
 }
 
-/// A request's headers: borrowed from the HTTP request as they arrived (the server: copying
-/// them into a map was about 1% of the engine's CPU under load), or a map with lower-cased
+/// A request's headers: borrowed from the HTTP request as they arrived (the server, which
+/// never copies them), or a map with lower-cased
 /// names (`check`, `simulate` and tests, which read them from files).
 #[derive(Debug, Clone)]
 pub enum Headers<'a> {

@@ -4,7 +4,7 @@
 //! tools when an operator needs to look, and fast enough when commits are grouped. `redb` would
 //! do too, but dead-letter queries with filters (destination, rule, time) are plain SQL here.
 //!
-//! Writes go through one writer thread ([`writer`]) that groups every command waiting into one
+//! Writes go through one writer thread (`writer.rs`) that groups every command waiting into one
 //! transaction ("group commit"), so durability costs one fsync per batch, not per request.
 //! Reads (`/status`, the admin API, start-up) use a small pool of read connections on the
 //! blocking thread pool, never the async runtime's threads, and never re-run the schema.
@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS outbox (
   target TEXT NOT NULL, message TEXT NOT NULL, secret INTEGER NOT NULL,
   created_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
   attempt_log TEXT NOT NULL DEFAULT '[]', last_error TEXT,
-  kind TEXT NOT NULL DEFAULT 'message'
+  kind TEXT
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   target TEXT NOT NULL, message TEXT NOT NULL,
   created_at INTEGER NOT NULL, dead_at INTEGER NOT NULL,
   attempt_log TEXT NOT NULL, last_error TEXT NOT NULL,
-  kind TEXT NOT NULL DEFAULT 'message'
+  kind TEXT
 );
 CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_at);
 CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
@@ -71,8 +71,8 @@ CREATE TABLE IF NOT EXISTS run_trackers (
 );
 ";
 
-/// Hot statements go through SQLite's prepared-statement cache: the profile under load showed
-/// a fifth of the writer's time in re-parsing the same SQL text for every row.
+/// Hot statements go through SQLite's prepared-statement cache, so the same SQL text is not
+/// parsed again for every row (bench/PROFILE.md).
 trait Cached {
     fn exec_c<P: rusqlite::Params>(&self, sql: &str, p: P) -> rusqlite::Result<usize>;
     fn row_c<T, P: rusqlite::Params, F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>>(
@@ -111,6 +111,9 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
 /// 1. Payload kinds: `outbox` and `dead_letters` get a `kind` column. Rows stored before it
 ///    were operations for the `port` destination when their JSON has an `op` of `expand` (with
 ///    `rule` and `event`) or `report` (with `run_id` and `context`), and messages otherwise.
+///
+/// A message's kind is stored as NULL (it is nearly every row, and NULL costs the insert
+/// nothing); readers see `message`.
 fn migrate(c: &Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= 1 {
@@ -125,9 +128,7 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
             |r| r.get(0),
         )?;
         if !has_kind {
-            c.execute_batch(&format!(
-                "ALTER TABLE {table} ADD COLUMN kind TEXT NOT NULL DEFAULT 'message'"
-            ))?;
+            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN kind TEXT"))?;
         }
         c.execute_batch(&format!(
             "UPDATE {table} SET kind = 'expand' WHERE json_valid(message)
@@ -191,6 +192,14 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, String> {
     let _ = write!(f, "{}", std::process::id());
     let _ = f.flush();
     Ok(f)
+}
+
+/// The kind column of a payload: NULL for a message.
+fn stored_kind(p: &Payload) -> Option<&'static str> {
+    match p {
+        Payload::Message(_) => None,
+        other => Some(other.kind()),
+    }
 }
 
 /// Read connections, reused: opening one (and preparing its statements) per `/status` request
@@ -331,7 +340,7 @@ impl Store for SqliteStore {
     fn load_pending(&self) -> BoxFut<'_, Result<Vec<Job>, StoreError>> {
         Box::pin(self.reads.read(|c| {
             let mut st = c.prepare(
-                "SELECT id, destination, rule, event_id, target, message, secret, created_at, attempts, kind FROM outbox ORDER BY id",
+                "SELECT id, destination, rule, event_id, target, message, secret, created_at, attempts, COALESCE(kind, 'message') FROM outbox ORDER BY id",
             )?;
             let rows = st.query_map([], |r| {
                 let text: String = r.get(5)?;
@@ -459,7 +468,7 @@ pub fn read_dead(path: &Path, id: i64) -> Result<Option<DeadLetter>, String> {
 }
 
 /// The columns of a dead letter, in [`dead_row`]'s order.
-const DEAD_COLUMNS: &str = "SELECT id, destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind FROM dead_letters";
+const DEAD_COLUMNS: &str = "SELECT id, destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, COALESCE(kind, 'message') FROM dead_letters";
 
 fn query_dead(c: &Connection, f: &DeadLetterFilter) -> rusqlite::Result<Vec<DeadLetter>> {
     let (w, args) = where_clause(f);

@@ -127,8 +127,8 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// outcomes and can create no job (no follow-ups, no open run tracker a finished job could
 /// close into a report) does not: SQLite's WAL makes it durable with the next synced commit or
 /// checkpoint, and a power loss before that can only make a delivered message be sent again,
-/// which at-least-once delivery allows anyway. Under the bench load about 40% of commits are
-/// like this (`switchyard_outbox_commits_total{sync="normal"}`).
+/// which at-least-once delivery allows anyway. `switchyard_outbox_commits_total{sync}` counts
+/// both kinds.
 fn needs_sync(batch: &[Cmd], tracked: bool) -> bool {
     let mut finishes = false;
     for c in batch {
@@ -356,7 +356,7 @@ fn apply_tx(
                 for id in ids {
                     let row: Option<(String, String, String, String, String, String)> = tx
                         .row_c(
-                            "SELECT destination, rule, event_id, target, message, kind FROM dead_letters WHERE id = ?",
+                            "SELECT destination, rule, event_id, target, message, COALESCE(kind, 'message') FROM dead_letters WHERE id = ?",
                             [id],
                             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
                         )
@@ -370,7 +370,7 @@ fn apply_tx(
                     }
                     tx.exec_c(
                         "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
-                        params![destination, rule, event_id, target, message, now, kind],
+                        params![destination, rule, event_id, target, message, now, (kind != "message").then_some(kind.as_str())],
                     )
                     .map_err(|e| e.to_string())?;
                     let new_id = tx.last_insert_rowid();
@@ -456,7 +456,7 @@ fn insert_job(tx: &rusqlite::Transaction<'_>, j: NewJob, now: i64) -> Result<Job
     let text = j.payload.to_text();
     tx.exec_c(
         "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), text, j.secret as i64, now, j.payload.kind()],
+        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), text, j.secret as i64, now, stored_kind(&j.payload)],
     )
     .map_err(|e| e.to_string())?;
     Ok(Job {
@@ -491,7 +491,7 @@ fn insert_dead(
     };
     tx.exec_c(
         "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), msg, now, now, log, error, j.payload.kind()],
+        params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), msg, now, now, log, error, stored_kind(&j.payload)],
     )
     .map_err(|e| e.to_string())?;
     Ok(())
