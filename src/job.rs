@@ -84,8 +84,9 @@ pub struct RunReport {
 pub enum Payload {
     /// A rendered message, sent as it is.
     Message(Value),
-    /// A rule's `with:` queries to run (the `port` destination).
-    Expand(Expand),
+    /// A rule's `with:` queries to run (the `port` destination). Boxed, as is `Report`: a
+    /// payload is moved through every stage, and messages should not pay for the others' size.
+    Expand(Box<Expand>),
     /// An action run to report (the `port` destination).
     Report(Box<RunReport>),
 }
@@ -94,7 +95,7 @@ pub enum Payload {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Op {
-    Expand(Expand),
+    Expand(Box<Expand>),
     Report(Box<RunReport>),
 }
 
@@ -146,7 +147,7 @@ impl Payload {
         let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
         match kind {
             "expand" => match serde_json::from_value::<Expand>(v.clone()) {
-                Ok(e) => Payload::Expand(e),
+                Ok(e) => Payload::Expand(Box::new(e)),
                 Err(_) => Payload::Message(v),
             },
             "report" => match serde_json::from_value::<RunReport>(v.clone()) {
@@ -256,10 +257,10 @@ mod tests {
     fn a_payload_survives_storage() {
         let all = [
             Payload::Message(json!({"text": "hi", "op": "expand"})),
-            Payload::Expand(Expand {
+            Payload::Expand(Box::new(Expand {
                 rule: "r".into(),
                 event: json!({"type": "port/entity.updated"}),
-            }),
+            })),
             Payload::Report(Box::new(RunReport {
                 run_id: "r_1".into(),
                 spec: ReportSpec {

@@ -363,10 +363,10 @@ fn dispatch_all(rs: &Router, ev: &Event, rules: &[&Rule], ctx: &Context) -> Vec<
                 event_id: ev.id.clone(),
                 template: String::new(),
                 target: Target::default(),
-                message: Ok(Payload::Expand(Expand {
+                message: Ok(Payload::Expand(Box::new(Expand {
                     rule: rule.id.clone(),
                     event: ctx.data().clone(),
-                })),
+                }))),
                 secret: ev.secret,
                 throttle: None,
             });
