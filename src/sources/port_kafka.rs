@@ -56,7 +56,27 @@ struct Ctx {
     status: Statuses,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    /// librdkafka's own log lines, as tracing events of this source (target `librdkafka`).
+    /// `SWITCHYARD_KAFKA_DEBUG=cgrp` (any librdkafka `debug` contexts) makes them detailed.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", source = %self.source, fac, "{message}")
+            }
+            L::Warning => {
+                tracing::warn!(target: "librdkafka", source = %self.source, fac, "{message}")
+            }
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", source = %self.source, fac, "{message}")
+            }
+            L::Debug => {
+                tracing::debug!(target: "librdkafka", source = %self.source, fac, "{message}")
+            }
+        }
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _c: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
@@ -236,6 +256,14 @@ async fn consume(
         .set("auto.offset.reset", &k.start_from)
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000");
+    // Troubleshooting: librdkafka's debug contexts (e.g. `cgrp,protocol`), logged at debug
+    // level under target `librdkafka`.
+    if let Some(d) = std::env::var("SWITCHYARD_KAFKA_DEBUG")
+        .ok()
+        .filter(|d| !d.trim().is_empty())
+    {
+        cfg.set("debug", d.trim());
+    }
     let ctx = Ctx {
         source: name.clone(),
         status: status.clone(),
