@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{dead_letters, eventually, fixture, Engine, Fake};
+use common::{dead_letters, delivery_rules, eventually, fixture, Engine, Fake};
 use serde_json::Value;
 
 const SECRET: &str = "hostile-port-secret";
@@ -18,26 +18,9 @@ const HOOK: &str = "/services/T0/B0/X";
 
 /// One Port source, one `slack_webhook` destination at `url` with fast retries, one rule that
 /// sends every entity update.
+/// The shared delivery rules, with a short timeout for the upstreams that stall on purpose.
 fn rules(url: &str, extra_dest: &str) -> String {
-    format!(
-        r#"sources:
-  port: {{ port: {{ client_secret: "${{PORT_CLIENT_SECRET}}" }} }}
-destinations:
-  alerts:
-    slack_webhook: {{ url: "{url}" }}
-    retry_initial: 50ms
-    retry_max: 200ms
-    rate_per_second: 100
-    timeout: 2s
-{extra_dest}
-rules:
-  - id: any-update
-    on: port/entity.updated
-    send:
-      - to: alerts
-        text: "{{{{entity.identifier}}}} cpu {{{{after.properties.cpuUtil}}}}"
-"#
-    )
+    delivery_rules(url, &format!("    timeout: 2s\n{extra_dest}"))
 }
 
 async fn engine(url: &str, env: &[(&str, &str)]) -> Engine {

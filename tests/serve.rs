@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dead_letters, eventually, fixture, repo, Engine, Fake};
+use common::{dead_letters, delivery_rules, eventually, fixture, repo, Engine, Fake};
 use serde_json::Value;
 
 const SECRET: &str = "e2e-port-secret";
@@ -226,30 +226,11 @@ async fn signatures_in_seconds_and_milliseconds_both_pass() {
 }
 
 /// Rules with one slack_webhook destination and fast retries, for delivery behaviour.
-fn delivery_rules(slack: &Fake, extra: &str) -> String {
-    format!(
-        r#"sources:
-  port: {{ port: {{ client_secret: "${{PORT_CLIENT_SECRET}}" }} }}
-destinations:
-  alerts:
-    slack_webhook: {{ url: "{}" }}
-    retry_initial: 50ms
-    retry_max: 200ms
-    rate_per_second: 100
-{extra}
-rules:
-  - id: any-update
-    on: port/entity.updated
-    send:
-      - to: alerts
-        text: "{{{{entity.identifier}}}} cpu {{{{after.properties.cpuUtil}}}}"
-"#,
-        slack.url(HOOK)
-    )
-}
-
 async fn delivery_engine(slack: &Fake, extra: &str) -> Engine {
-    let (tmp, rules) = Engine::workspace(&[("rules.yaml", &delivery_rules(slack, extra))], false);
+    let (tmp, rules) = Engine::workspace(
+        &[("rules.yaml", &delivery_rules(&slack.url(HOOK), extra))],
+        false,
+    );
     Engine::start(tmp, rules, &[("PORT_CLIENT_SECRET", SECRET)]).await
 }
 
@@ -416,7 +397,10 @@ rules:
 #[tokio::test]
 async fn the_outbox_full_answers_503_with_retry_after() {
     let slack = Fake::start(|_, _| (500, vec![], "down".into())).await;
-    let (tmp, rules) = Engine::workspace(&[("rules.yaml", &delivery_rules(&slack, ""))], false);
+    let (tmp, rules) = Engine::workspace(
+        &[("rules.yaml", &delivery_rules(&slack.url(HOOK), ""))],
+        false,
+    );
     let mut engine = Engine::start(tmp, rules, &[("PORT_CLIENT_SECRET", SECRET)]).await;
     engine.kill();
     // Restart with room for one pending delivery.

@@ -419,3 +419,27 @@ pub fn dead_letters(data: &Path) -> Vec<switchyard::outbox::DeadLetter> {
     switchyard::outbox::list_dead(&data.join("switchyard.db"), &Default::default())
         .unwrap_or_default()
 }
+
+/// The rules most delivery tests use: a Port source, a Slack webhook destination `alerts` at
+/// `url` with fast retries, and one rule that sends every entity update there. `extra` is YAML
+/// appended under `destinations:` (more settings of `alerts`, or other destinations).
+pub fn delivery_rules(url: &str, extra: &str) -> String {
+    format!(
+        r#"sources:
+  port: {{ port: {{ client_secret: "${{PORT_CLIENT_SECRET}}" }} }}
+destinations:
+  alerts:
+    slack_webhook: {{ url: "{url}" }}
+    retry_initial: 50ms
+    retry_max: 200ms
+    rate_per_second: 100
+{extra}
+rules:
+  - id: any-update
+    on: port/entity.updated
+    send:
+      - to: alerts
+        text: "{{{{entity.identifier}}}} cpu {{{{after.properties.cpuUtil}}}}"
+"#
+    )
+}
