@@ -187,8 +187,8 @@ impl PortApi {
     }
 
     /// `GET /v1/kafka-credentials`: `(brokers, username, password)` of the organisation's
-    /// managed Kafka.
-    pub async fn kafka_credentials(&self) -> Result<(Vec<String>, String, Secret), String> {
+    /// managed Kafka. An answer without them is a permanent failure.
+    pub async fn kafka_credentials(&self) -> Result<(Vec<String>, String, Secret), DeliveryError> {
         let v = self
             .call(
                 reqwest::Method::GET,
@@ -196,8 +196,7 @@ impl PortApi {
                 None,
                 "kafka credentials",
             )
-            .await
-            .map_err(|e| e.reason().to_string())?;
+            .await?;
         let c = &v["credentials"];
         let brokers: Vec<String> = c["brokers"]
             .as_array()
@@ -213,7 +212,9 @@ impl PortApi {
             c["password"].as_str(),
         ) {
             (false, Some(u), Some(p)) => Ok((brokers, u.to_string(), Secret::new(p))),
-            _ => Err("kafka credentials: the answer lacks brokers, username or password".into()),
+            _ => Err(DeliveryError::Permanent(
+                "kafka credentials: the answer lacks brokers, username or password".into(),
+            )),
         }
     }
 

@@ -126,7 +126,7 @@ fn expand_offline(
             Ok(v) => out.extend(v),
             Err(e) => {
                 let mut d = d;
-                d.message = Err(DispatchError::Render(e));
+                d.message = Err(DispatchError::Render(e.to_string()));
                 out.push(d);
             }
         }

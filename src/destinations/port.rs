@@ -57,8 +57,8 @@ impl Port {
             data: data.clone(),
             secret: job.secret,
         };
-        let dispatches =
-            crate::routing::expand(rs, &ev, rule_id, results).map_err(DeliveryError::Permanent)?;
+        let dispatches = crate::routing::expand(rs, &ev, rule_id, results)
+            .map_err(|e| DeliveryError::Permanent(e.to_string()))?;
         let mut jobs = Vec::new();
         let mut lines = Vec::new();
         for d in dispatches {

@@ -99,6 +99,9 @@ pub enum StoreError {
     /// The database answered with an error.
     #[error("{0}")]
     Database(String),
+    /// The store cannot be opened (its directory, its lock, its schema); the reason says which.
+    #[error("{0}")]
+    Open(String),
 }
 
 impl From<StoreError> for String {
@@ -190,7 +193,7 @@ pub struct Outbox {
 impl Outbox {
     /// Opens (creating if needed) the SQLite outbox in `data_dir`, locking the directory.
     /// `max_pending` bounds the jobs waiting for delivery; past it enqueues fail with `Full`.
-    pub fn open(data_dir: &Path, max_pending: usize) -> Result<Outbox, String> {
+    pub fn open(data_dir: &Path, max_pending: usize) -> Result<Outbox, StoreError> {
         let store = sqlite::SqliteStore::open(data_dir)?;
         Ok(Outbox::new(Arc::new(store), max_pending))
     }

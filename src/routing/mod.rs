@@ -398,6 +398,14 @@ fn withhold_secret_errors(out: &mut [Dispatch]) {
     }
 }
 
+/// Why a deferred rule could not be finished.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExpandError {
+    /// A reload removed the rule between routing and the queries' answers.
+    #[error("rule `{0}` is no longer in the rules")]
+    RuleGone(String),
+}
+
 /// Finishes a deferred rule: with the query results under `with`, evaluates the conditions
 /// that read them and renders the sends. Pure; `simulate --with` and the Port destination call it.
 pub fn expand(
@@ -405,12 +413,12 @@ pub fn expand(
     ev: &Event,
     rule_id: &str,
     results: serde_json::Map<String, Value>,
-) -> Result<Vec<Dispatch>, String> {
+) -> Result<Vec<Dispatch>, ExpandError> {
     let rule = rs
         .rules
         .iter()
         .find(|r| r.id == rule_id)
-        .ok_or_else(|| format!("rule `{rule_id}` is no longer in the rules"))?;
+        .ok_or_else(|| ExpandError::RuleGone(rule_id.to_string()))?;
     let mut data = ev.data.clone();
     if let Value::Object(m) = &mut data {
         m.insert("with".into(), Value::Object(results));

@@ -570,7 +570,9 @@ async fn fetch_credentials(
         .map_err(|e| e.to_string())?;
     let api = crate::port_api::client_for(cfg, &client)
         .ok_or_else(|| format!("`{from}` is not a `port` destination"))?;
-    api.kafka_credentials().await
+    api.kafka_credentials()
+        .await
+        .map_err(|e| e.reason().to_string())
 }
 
 /// Commits a poison message as a dead letter (once: its id is deduplicated for a week).

@@ -256,22 +256,27 @@ impl ReadPool {
 impl SqliteStore {
     /// Opens (creating if needed) `<data_dir>/switchyard.db`, migrating its schema, and starts
     /// the writer thread.
-    pub fn open(data_dir: &Path) -> Result<SqliteStore, String> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
-        let lock = lock_data_dir(data_dir)?;
+    pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Open(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let lock = lock_data_dir(data_dir).map_err(StoreError::Open)?;
         let path = data_dir.join("switchyard.db");
-        let conn = open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let conn = open(&path)
+            .map_err(|e| StoreError::Open(format!("cannot open {}: {e}", path.display())))?;
         let count: i64 = conn
             .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StoreError::Open(e.to_string()))?;
         let pending = Arc::new(AtomicUsize::new(count as usize));
         let (tx, rx) = mpsc::channel();
         let p2 = pending.clone();
         std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || writer(conn, rx, p2))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StoreError::Open(format!("cannot start the outbox writer: {e}")))?;
         Ok(SqliteStore {
             reads: Arc::new(ReadPool::new(path.clone())),
             _lock: lock,
@@ -443,28 +448,37 @@ fn where_clause(f: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
 /// directory's lock (SQLite serialises it with a running engine's writer): purging takes
 /// nothing out of the engine's hands, unlike a replay, which needs the engine to pick the
 /// messages up.
-pub fn purge_dead(path: &Path, f: &DeadLetterFilter) -> Result<usize, String> {
-    let c = open(path).map_err(|e| e.to_string())?;
+pub fn purge_dead(path: &Path, f: &DeadLetterFilter) -> Result<usize, StoreError> {
+    let c = open_file(path)?;
     let (w, args) = where_clause(f);
     c.execute(
         &format!("DELETE FROM dead_letters WHERE {w}"),
         rusqlite::params_from_iter(args),
     )
-    .map_err(|e| e.to_string())
+    .map_err(db)
+}
+
+/// A database error as a store error.
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// Opens the database file for the CLI's offline commands.
+fn open_file(path: &Path) -> Result<Connection, StoreError> {
+    open(path).map_err(|e| StoreError::Open(format!("cannot open {}: {e}", path.display())))
 }
 
 /// Lists dead letters straight from a database file, newest first (the CLI, without a server).
-pub fn list_dead(path: &Path, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, String> {
-    let c = open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    query_dead(&c, f).map_err(|e| e.to_string())
+pub fn list_dead(path: &Path, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+    query_dead(&open_file(path)?, f).map_err(db)
 }
 
 /// One dead letter straight from a database file (the CLI, without a server).
-pub fn read_dead(path: &Path, id: i64) -> Result<Option<DeadLetter>, String> {
-    let c = open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    c.query_row(&format!("{DEAD_COLUMNS} WHERE id = ?"), [id], dead_row)
+pub fn read_dead(path: &Path, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+    open_file(path)?
+        .query_row(&format!("{DEAD_COLUMNS} WHERE id = ?"), [id], dead_row)
         .optional()
-        .map_err(|e| e.to_string())
+        .map_err(db)
 }
 
 /// The columns of a dead letter, in [`dead_row`]'s order.
