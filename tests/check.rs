@@ -459,3 +459,15 @@ fn schema_is_up_to_date() {
         "schemas/rules.schema.json is stale: run `cargo run -- schema > schemas/rules.schema.json`"
     );
 }
+
+#[test]
+fn a_kafka_session_timeout_out_of_the_brokers_range_is_an_error_at_its_value() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("rules.yaml"),
+        "sources:\n  kafka:\n    port_kafka:\n      brokers: [\"127.0.0.1:9092\"]\n      org_id: org_1\n      security_protocol: PLAINTEXT\n      session_timeout: 2s\ndestinations:\n  console: { stdout: {} }\nrules: []\n",
+    )
+    .unwrap();
+    let e = assert_one(d.path(), "bad-value", "rules.yaml", 7, 24);
+    assert!(e.message.contains("between 6s and 5m"), "{e:?}");
+}

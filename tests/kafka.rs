@@ -561,7 +561,6 @@ async fn credentials_can_come_from_port() {
 /// restarted on its data directory 3 s later. The group settles again (the restarted member
 /// gets partitions back, the survivor keeps consuming) and every message is delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "tansu 0.6's coordinator keeps the killed static member as group leader (the bug Kafka fixed in KAFKA-8500), so the group never settles there; run with --ignored against a broker that implements KIP-345"]
 async fn a_static_member_killed_and_restarted_gets_its_partitions_back() {
     let Some(b) = broker() else { return };
     let org = unique("org_s");

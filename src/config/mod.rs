@@ -238,6 +238,8 @@ pub struct KafkaSource {
     pub start_from: String,
     /// Static group membership id, when set.
     pub instance_id: Option<String>,
+    /// `session.timeout.ms`.
+    pub session_timeout: Duration,
     /// A `port` destination whose credentials fetch brokers, username and password from Port.
     pub credentials_from: Option<String>,
 }

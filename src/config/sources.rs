@@ -458,6 +458,25 @@ pub(super) fn kafka_source(
             &join_key(sp, "start_from"),
         ));
     }
+    let session_timeout = match &k.session_timeout {
+        None => Duration::from_secs(45),
+        Some(t) => match parse_duration(t) {
+            Some(d) if (Duration::from_secs(6)..=Duration::from_secs(300)).contains(&d) => d,
+            _ => {
+                diags.push(
+                    p.at(
+                        Diagnostic::error(
+                            "bad-value",
+                            format!("`{t}` is not a session timeout between 6s and 5m"),
+                        )
+                        .hint("brokers refuse sessions outside group.min/max.session.timeout.ms (6s and 5m by default); e.g. `45s`"),
+                        &join_key(sp, "session_timeout"),
+                    ),
+                );
+                Duration::from_secs(45)
+            }
+        },
+    };
     Some(super::KafkaSource {
         conn,
         group: k
@@ -467,6 +486,7 @@ pub(super) fn kafka_source(
         topics,
         start_from,
         instance_id: k.instance_id.clone().filter(|i| !i.is_empty()),
+        session_timeout,
         credentials_from: k.credentials_from.clone(),
     })
 }

@@ -254,8 +254,20 @@ async fn consume(
         .set("auto.commit.interval.ms", "500")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &k.start_from)
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000");
+        // Kafka's defaults (45 s, 3 s) unless the rules say otherwise. A short session (10 s
+        // before) made a static member restarted within seconds race its own old session's
+        // expiry; on tansu 0.6 that race left the group without a leader for good.
+        .set(
+            "session.timeout.ms",
+            k.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (k.session_timeout / 15)
+                .clamp(Duration::from_millis(500), Duration::from_secs(3))
+                .as_millis()
+                .to_string(),
+        );
     // Troubleshooting: librdkafka's debug contexts (e.g. `cgrp,protocol`), logged at debug
     // level under target `librdkafka`.
     if let Some(d) = std::env::var("SWITCHYARD_KAFKA_DEBUG")
