@@ -69,11 +69,6 @@ impl Pipeline {
         self.rules.load_full()
     }
 
-    /// The outbox the pipeline commits to.
-    pub fn outbox(&self) -> &Outbox {
-        &self.outbox
-    }
-
     /// Messages suppressed by throttles since start.
     pub fn throttled(&self) -> u64 {
         self.throttled.load(Ordering::Relaxed)
@@ -134,7 +129,7 @@ impl Pipeline {
 /// Turns an event into jobs: routes it, logs refusals and render failures (which become dead
 /// letters on commit), and, for an action run, plans the tracker that reports it to Port
 /// ([`runs::plan`]).
-pub fn plan(
+fn plan(
     rs: &Ruleset,
     src: Option<&SourceEntry>,
     ev: &mut Event,

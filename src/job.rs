@@ -91,12 +91,12 @@ pub enum Payload {
     Report(Box<RunReport>),
 }
 
-/// The operations, tagged by `op` in their stored JSON.
-#[derive(Serialize, Deserialize)]
+/// The operations as written, tagged by `op` (borrowed: serialising copies nothing).
+#[derive(Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-enum Op {
-    Expand(Box<Expand>),
-    Report(Box<RunReport>),
+enum Op<'a> {
+    Expand(&'a Expand),
+    Report(&'a RunReport),
 }
 
 impl Payload {
@@ -120,19 +120,17 @@ impl Payload {
     /// The JSON form: the message itself, or the operation with its `op` tag. This is what
     /// is stored, shown in dead letters and printed by `simulate`.
     pub fn to_json(&self) -> Value {
-        let op = match self {
-            Payload::Message(m) => return m.clone(),
-            Payload::Expand(e) => serde_json::to_value(Op::Expand(e.clone())),
-            Payload::Report(r) => serde_json::to_value(Op::Report(r.clone())),
-        };
-        op.unwrap_or(Value::Null)
+        match self {
+            Payload::Message(m) => m.clone(),
+            op => serde_json::to_value(op).unwrap_or(Value::Null),
+        }
     }
 
     /// [`Payload::to_json`] as compact text, for storage.
     pub fn to_text(&self) -> String {
         match self {
             Payload::Message(m) => m.to_string(),
-            _ => self.to_json().to_string(),
+            op => serde_json::to_string(op).unwrap_or_default(),
         }
     }
 
@@ -163,8 +161,8 @@ impl Serialize for Payload {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             Payload::Message(m) => m.serialize(s),
-            Payload::Expand(e) => Op::Expand(e.clone()).serialize(s),
-            Payload::Report(r) => Op::Report(r.clone()).serialize(s),
+            Payload::Expand(e) => Op::Expand(e).serialize(s),
+            Payload::Report(r) => Op::Report(r).serialize(s),
         }
     }
 }

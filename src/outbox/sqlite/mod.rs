@@ -235,13 +235,12 @@ impl ReadPool {
                         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
                             | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
                     )
-                    .map_err(|e| StoreError::Database(e.to_string()))?;
-                    c.busy_timeout(Duration::from_secs(5))
-                        .map_err(|e| StoreError::Database(e.to_string()))?;
+                    .map_err(db)?;
+                    c.busy_timeout(Duration::from_secs(5)).map_err(db)?;
                     c
                 }
             };
-            let out = f(&conn).map_err(|e| StoreError::Database(e.to_string()));
+            let out = f(&conn).map_err(db);
             let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < Self::KEEP {
                 idle.push(conn);
@@ -293,6 +292,18 @@ impl SqliteStore {
 
     fn send(&self, cmd: Cmd) -> Result<(), StoreError> {
         self.tx.send(cmd).map_err(|_| StoreError::Stopped)
+    }
+
+    /// Sends the writer a command that answers with a result, and waits for the answer.
+    async fn ask<T>(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Cmd,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(cmd(reply))?;
+        rx.await
+            .map_err(|_| StoreError::Stopped)?
+            .map_err(StoreError::Database)
     }
 }
 
@@ -401,23 +412,11 @@ impl Store for SqliteStore {
     }
 
     fn replay(&self, ids: Vec<i64>) -> BoxFut<'_, Result<Vec<Job>, StoreError>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            self.send(Cmd::Replay { ids, reply })?;
-            rx.await
-                .map_err(|_| StoreError::Stopped)?
-                .map_err(StoreError::Database)
-        })
+        Box::pin(self.ask(|reply| Cmd::Replay { ids, reply }))
     }
 
     fn purge(&self, filter: DeadLetterFilter) -> BoxFut<'_, Result<usize, StoreError>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            self.send(Cmd::Purge { filter, reply })?;
-            rx.await
-                .map_err(|_| StoreError::Stopped)?
-                .map_err(StoreError::Database)
-        })
+        Box::pin(self.ask(|reply| Cmd::Purge { filter, reply }))
     }
 }
 
