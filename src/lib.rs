@@ -21,6 +21,7 @@ pub mod check;
 pub mod config;
 pub mod deliver;
 pub mod destinations;
+pub mod envelope;
 pub mod event;
 pub mod ingest;
 pub mod job;

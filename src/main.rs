@@ -33,6 +33,12 @@ enum Format {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum EnvelopeFormat {
+    Markdown,
+    Schema,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum LogFormat {
     Text,
     Json,
@@ -108,9 +114,12 @@ enum DeadLetterAction {
 enum Command {
     /// Validate a rules directory and run its rule tests (exit 0 valid, 1 invalid, 2 usage).
     Check {
+        /// The rules directory (also `--rules DIR`, as for the other commands; default
+        /// `$SWITCHYARD_RULES`, else `rules`).
+        dir: Option<PathBuf>,
         /// The rules directory.
-        #[arg(default_value = "rules", env = "SWITCHYARD_RULES")]
-        dir: PathBuf,
+        #[arg(long = "rules", conflicts_with = "dir")]
+        rules: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         /// Treat warnings as errors.
@@ -123,8 +132,19 @@ enum Command {
         #[arg(long, default_value = "rules", env = "SWITCHYARD_RULES")]
         rules: PathBuf,
         /// The source that receives the event (a source name, or a kind with one source).
+        #[arg(
+            long,
+            required_unless_present = "schedule",
+            conflicts_with = "schedule",
+            requires = "event"
+        )]
+        source: Option<String>,
+        /// Simulate a schedule's tick instead of a webhook.
         #[arg(long)]
-        source: String,
+        schedule: Option<String>,
+        /// The tick's time (RFC 3339) with `--schedule`; default its next tick.
+        #[arg(long, requires = "schedule", value_parser = parse_rfc3339)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
         /// A request header, `Name: value` (e.g. `RUN_ID: r_123`); repeatable.
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
@@ -135,7 +155,22 @@ enum Command {
         #[arg(long = "with")]
         with: Vec<String>,
         /// The raw event body (a file).
+        event: Option<PathBuf>,
+    },
+    /// Print what a JSONPath selects in the envelope of an event (what `jq` is reached for).
+    Query {
+        #[arg(long, default_value = "rules", env = "SWITCHYARD_RULES")]
+        rules: PathBuf,
+        /// The source that receives the event (a source name, or a kind with one source).
+        #[arg(long)]
+        source: String,
+        /// A request header, `Name: value`; repeatable.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// The raw event body (a file).
         event: PathBuf,
+        /// The path, e.g. `$.after.properties.cpuUtil` (RFC 9535).
+        path: String,
     },
     /// Run the engine: receive webhooks, route them, deliver the messages.
     Serve {
@@ -167,6 +202,12 @@ enum Command {
     },
     /// Print the JSON Schema of a rules file.
     Schema,
+    /// Print the event envelope of every event type: the README's tables (`markdown`) or a
+    /// JSON Schema (`schema`, as in schemas/envelope.schema.json).
+    Envelope {
+        #[arg(long, value_enum, default_value_t = EnvelopeFormat::Markdown)]
+        format: EnvelopeFormat,
+    },
     /// Sign a body as Port does and print the headers (for curl and local testing).
     Sign {
         /// Name of the environment variable holding the secret.
@@ -188,17 +229,44 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check {
             dir,
+            rules,
             format,
             deny_warnings,
-        } => cmd_check(dir, format, deny_warnings),
+        } => cmd_check(
+            rules
+                .or(dir)
+                .or_else(|| std::env::var_os("SWITCHYARD_RULES").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("rules")),
+            format,
+            deny_warnings,
+        ),
         Command::Simulate {
             rules,
             source,
+            schedule,
+            at,
             headers,
             format,
             with,
             event,
-        } => cmd_simulate(rules, source, headers, format, with, event),
+        } => {
+            let input = match (source, schedule, event) {
+                (Some(s), None, Some(e)) => SimInput::Webhook(s, e),
+                (None, Some(n), None) => SimInput::Tick(n, at),
+                _ => {
+                    eprintln!("error: give --source NAME EVENT, or --schedule NAME [--at TIME]");
+                    return ExitCode::from(2);
+                }
+            };
+            cmd_simulate(rules, input, headers, format, with)
+        }
+        Command::Query {
+            rules,
+            source,
+            headers,
+            event,
+            path,
+        } => cmd_query(rules, source, headers, event, path),
         Command::Serve {
             rules,
             listen,
@@ -249,6 +317,13 @@ fn main() -> ExitCode {
         Command::DeadLetters { action } => cli::dead_letters::run(action),
         Command::Schema => {
             print!("{}", switchyard::config::spec::json_schema());
+            ExitCode::SUCCESS
+        }
+        Command::Envelope { format } => {
+            match format {
+                EnvelopeFormat::Markdown => print!("{}", switchyard::envelope::markdown()),
+                EnvelopeFormat::Schema => print!("{}", switchyard::envelope::json_schema()),
+            }
             ExitCode::SUCCESS
         }
         Command::Sign {
@@ -335,13 +410,108 @@ fn parse_headers(headers: &[String]) -> Result<std::collections::BTreeMap<String
         .collect()
 }
 
-fn cmd_simulate(
+/// What `simulate` feeds in.
+enum SimInput {
+    Webhook(String, PathBuf),
+    Tick(String, Option<chrono::DateTime<chrono::Utc>>),
+}
+
+fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    switchyard::config::parse_time(s)
+        .ok_or_else(|| format!("`{s}` is not an RFC 3339 time (e.g. 2026-01-05T09:00:00Z)"))
+}
+
+/// Loads the rules for an offline command, printing why not when they do not load.
+fn load_for_offline(rules: &std::path::Path) -> Option<switchyard::config::Ruleset> {
+    let (rs, diags) = switchyard::config::load_dir(rules, &LoadOptions::new(Mode::Check));
+    if rs.is_none() {
+        print_diagnostics(&diags, &[]);
+        eprintln!(
+            "the rules do not load; fix them first (`switchyard check {}`)",
+            rules.display()
+        );
+    }
+    rs
+}
+
+fn cmd_query(
     rules: PathBuf,
     source: String,
     headers: Vec<String>,
+    event: PathBuf,
+    path: String,
+) -> ExitCode {
+    let expr = match switchyard::routing::path::JsonPathExpr::compile(&path) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: `{path}` is not a valid JSONPath: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(rs) = load_for_offline(&rules) else {
+        return ExitCode::from(1);
+    };
+    let headers = match parse_headers(&headers) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let body = match switchyard::config::read_bounded(&event, 4 * 1024 * 1024) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            return ExitCode::from(2);
+        }
+    };
+    let req = Request {
+        headers: headers.into(),
+        body: &body,
+        path_token: None,
+        signed: None,
+    };
+    match switchyard::simulate::envelope_of(&rs, &source, &req) {
+        Ok(ev) => {
+            if ev.secret {
+                eprintln!("error: this event is a One-Time Passcode; its values are not shown");
+                return ExitCode::from(1);
+            }
+            let selected = expr.select(&ev.data);
+            let mut out = std::io::stdout().lock();
+            for v in &selected {
+                if writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(v).unwrap_or_default()
+                )
+                .is_err()
+                {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            if selected.is_empty() {
+                eprintln!(
+                    "(the path selects nothing in the envelope of this {} event)",
+                    ev.event_type
+                );
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", event.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn cmd_simulate(
+    rules: PathBuf,
+    input: SimInput,
+    headers: Vec<String>,
     format: Format,
     with: Vec<String>,
-    event: PathBuf,
 ) -> ExitCode {
     let mut stand_ins = serde_json::Map::new();
     for w in &with {
@@ -355,13 +525,7 @@ fn cmd_simulate(
             }
         }
     }
-    let (rs, diags) = switchyard::config::load_dir(&rules, &LoadOptions::new(Mode::Check));
-    let Some(rs) = rs else {
-        print_diagnostics(&diags, &[]);
-        eprintln!(
-            "the rules do not load; fix them first (`switchyard check {}`)",
-            rules.display()
-        );
+    let Some(rs) = load_for_offline(&rules) else {
         return ExitCode::from(1);
     };
     let headers = match parse_headers(&headers) {
@@ -371,20 +535,32 @@ fn cmd_simulate(
             return ExitCode::from(2);
         }
     };
-    let body = match std::fs::read(&event) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: cannot read {}: {e}", event.display());
-            return ExitCode::from(2);
+    let (result, what) = match &input {
+        SimInput::Tick(name, at) => (
+            switchyard::simulate::simulate_schedule(&rs, name, *at, &stand_ins),
+            format!("schedule {name}"),
+        ),
+        SimInput::Webhook(source, event) => {
+            let body = match switchyard::config::read_bounded(event, 4 * 1024 * 1024) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: {}", e.message);
+                    return ExitCode::from(2);
+                }
+            };
+            let req = Request {
+                headers: headers.into(),
+                body: &body,
+                path_token: None,
+                signed: None,
+            };
+            (
+                switchyard::simulate::simulate(&rs, source, &req, &stand_ins),
+                event.display().to_string(),
+            )
         }
     };
-    let req = Request {
-        headers: headers.into(),
-        body: &body,
-        path_token: None,
-        signed: None,
-    };
-    match switchyard::simulate::simulate(&rs, &source, &req, &stand_ins) {
+    match result {
         Ok(sim) => {
             match format {
                 Format::Json => {
@@ -395,7 +571,7 @@ fn cmd_simulate(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {}: {e}", event.display());
+            eprintln!("error: {what}: {e}");
             ExitCode::from(1)
         }
     }

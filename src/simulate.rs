@@ -74,6 +74,46 @@ pub fn find_source<'a>(
     }
 }
 
+/// Simulates a schedule's tick at `at` (default: its next tick after now). An unknown name
+/// gets a did-you-mean.
+pub fn simulate_schedule(
+    rs: &Ruleset,
+    name: &str,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+    with: &serde_json::Map<String, Value>,
+) -> Result<Simulation, SimulateError> {
+    let Some(s) = rs.schedules.get(name) else {
+        let names: Vec<&str> = rs.schedules.keys().map(String::as_str).collect();
+        let hint = match crate::config::diag::did_you_mean(name, names.iter().copied()) {
+            Some(m) => format!("did you mean `{m}`?"),
+            None if names.is_empty() => "no schedules are defined".to_string(),
+            None => format!("defined: {}", names.join(", ")),
+        };
+        return Err(SimulateError::UnknownSource(format!(
+            "no schedule `{name}`; {hint}"
+        )));
+    };
+    let at = match at.or_else(|| s.next_after(chrono::Utc::now())) {
+        Some(t) => t,
+        None => {
+            return Err(SimulateError::UnknownSource(format!(
+                "schedule `{name}` has no tick after now; give --at"
+            )))
+        }
+    };
+    Ok(simulate_event(rs, &s.tick_event(at), with))
+}
+
+/// Decodes a raw body into its envelope with the named source's decoder (`query`).
+pub fn envelope_of(rs: &Ruleset, source: &str, req: &Request) -> Result<Event, SimulateError> {
+    let src = find_source(rs, source)?;
+    match src.source.decode(&src.name, req) {
+        Ok(Decoded::Event(ev)) => Ok(*ev),
+        Ok(Decoded::Ack) => Err(SimulateError::Acknowledged),
+        Err(r) => Err(SimulateError::Rejected(r)),
+    }
+}
+
 /// Decodes and simulates a raw body. `with` stands in for `with:` query results (by query
 /// name); rules whose queries are all given are expanded offline.
 pub fn simulate(
@@ -92,7 +132,7 @@ pub fn simulate(
 }
 
 /// Replaces expansion dispatches by what the rule sends, when every query has a stand-in.
-fn expand_offline(
+pub fn expand_offline(
     rs: &Ruleset,
     ev: &Event,
     dispatches: Vec<Dispatch>,

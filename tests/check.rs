@@ -230,7 +230,7 @@ fn otp_to_a_channel_is_rejected() {
         "sources:\n  coder2: { coder: { token: \"${SET_VAR}\" } }\nrules:\n  - id: leak\n    on: coder/notification\n    send: [{ to: console, text: \"{{title}}\" }]\n",
     )
     .unwrap();
-    let e = assert_one(d.path(), "otp-leak", "coder.yaml", 6, 11);
+    let e = assert_one(d.path(), "otp-leak", "coder.yaml", 6, 12);
     assert!(e.message.contains("One-Time Passcode"));
 }
 

@@ -1,8 +1,10 @@
 //! Loading a rules directory into a [`Ruleset`], collecting diagnostics with positions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use serde_json::Value;
 
 use super::diag::{did_you_mean, Diagnostic};
 use super::env::expand_tree;
@@ -101,6 +103,8 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
 
     let mut rules = Vec::new();
     let mut seen_rule: HashMap<String, (PathBuf, Pos)> = HashMap::new();
+    let mut seen_findings = HashSet::new();
+    let mut template_files = HashMap::new();
     for p in &parsed {
         for (i, r) in p.spec.rules.iter().enumerate() {
             let path = join_index("rules", i);
@@ -124,17 +128,28 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
             if let Some(rule) =
                 compile_rule(p, r, &path, &dests, &schedules, &mut templates, &mut diags)
             {
+                let mut sc = super::shapes::StepCheck {
+                    p,
+                    templates: &templates,
+                    seen: &mut seen_findings,
+                    files: &mut template_files,
+                };
+                super::shapes::check_rule(p, &path, r, &rule, &mut sc, &mut diags);
                 rules.push(rule);
             }
         }
     }
 
+    // Rule tests are `check`'s business: `serve` neither needs their files (a rules directory
+    // deployed from a ConfigMap has no `examples/`) nor fails on them.
     let mut tests = Vec::new();
-    for p in &parsed {
-        for (i, t) in p.spec.tests.iter().enumerate() {
-            let path = join_index("tests", i);
-            if let Some(t) = load_test(p, t, &path, &sources, &mut diags) {
-                tests.push(t);
+    if opts.mode == Mode::Check {
+        for p in &parsed {
+            for (i, t) in p.spec.tests.iter().enumerate() {
+                let path = join_index("tests", i);
+                if let Some(t) = load_test(p, t, &path, &sources, &schedules, &mut diags) {
+                    tests.push(t);
+                }
             }
         }
     }
@@ -275,6 +290,12 @@ pub(super) fn parse_file(
             );
             return None;
         }
+    }
+    // Top-level keys starting with `x-` are the file's own (a place for anchors, as in
+    // Compose files): the loader ignores them.
+    let mut value = value;
+    if let Value::Object(m) = &mut value {
+        m.retain(|k, _| !k.starts_with("x-"));
     }
     let raw = value.clone();
     let mut expanded = value;

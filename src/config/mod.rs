@@ -15,6 +15,7 @@ mod rule_tests;
 mod rules;
 mod schedules;
 pub mod secret;
+mod shapes;
 mod sources;
 pub mod spec;
 pub mod yaml;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use load::load_dir;
-pub use parsed::{EnvLookup, LoadOptions, Mode};
+pub use parsed::{read_bounded, EnvLookup, LoadOptions, Mode};
 
 use crate::render::Templates;
 use crate::routing::{Output, Router, Rule};
@@ -311,6 +312,45 @@ pub struct Schedule {
     pub tz: chrono_tz::Tz,
 }
 
+impl Schedule {
+    /// The first tick strictly after `t`.
+    pub fn next_after(
+        &self,
+        t: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.cron
+            .find_next_occurrence(&t.with_timezone(&self.tz), false)
+            .ok()
+            .map(|d| d.with_timezone(&chrono::Utc))
+    }
+
+    /// The event of the tick at `tick`: what the engine routes when the schedule fires, and
+    /// what `simulate --schedule` and rule tests with `event: {schedule}` route.
+    pub fn tick_event(&self, tick: chrono::DateTime<chrono::Utc>) -> crate::event::Event {
+        let local = tick.with_timezone(&self.tz);
+        let id = format!("schedule:{}:{}", self.name, tick.to_rfc3339());
+        let data = serde_json::json!({
+            "schedule": {"name": self.name, "cron": self.pattern, "timezone": self.tz.name()},
+            "tick": local.to_rfc3339(),
+            "tick_utc": tick.to_rfc3339(),
+        });
+        crate::event::Event::new(
+            "schedule",
+            &format!("schedule/{}", self.name),
+            id,
+            data,
+            false,
+        )
+    }
+}
+
+/// Parses an RFC 3339 time (`2026-01-05T09:00:00Z`).
+pub fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
 impl PartialEq for Schedule {
     fn eq(&self, o: &Self) -> bool {
         self.name == o.name && self.pattern == o.pattern && self.tz == o.tz
@@ -323,12 +363,28 @@ pub struct RuleTest {
     pub name: String,
     pub file: PathBuf,
     pub pos: Pos,
-    pub source: String,
-    pub body: Vec<u8>,
-    pub headers: std::collections::BTreeMap<String, String>,
+    pub input: TestInput,
+    /// `with:` stand-ins by query name (lists of entities).
+    pub with: serde_json::Map<String, serde_json::Value>,
     pub expect: Vec<spec::Expectation>,
     /// Position of each expectation (for diagnostics).
     pub expect_pos: Vec<Pos>,
+}
+
+/// What a rule test feeds the engine.
+#[derive(Debug, Clone)]
+pub enum TestInput {
+    /// A raw request to a source.
+    Webhook {
+        source: String,
+        body: Vec<u8>,
+        headers: std::collections::BTreeMap<String, String>,
+    },
+    /// A schedule's tick at a time.
+    Tick {
+        schedule: String,
+        at: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 /// Parses `1MiB`, `512KiB`, `100000` (bytes).

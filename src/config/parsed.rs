@@ -157,7 +157,7 @@ pub(super) fn read_text(path: &Path, max: usize) -> Result<String, Diagnostic> {
 /// Reads at most `max` bytes of a regular file (after symlinks). Devices, pipes and
 /// directories are refused before they are opened for reading (`/dev/zero` never ends), and
 /// the read itself stops one byte past `max`, whatever the file's size claimed.
-pub(super) fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Diagnostic> {
+pub fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, Diagnostic> {
     use std::io::Read;
     let io =
         |e: std::io::Error| Diagnostic::error("io", format!("cannot read {}: {e}", path.display()));

@@ -17,83 +17,51 @@ pub(super) fn load_test(
     t: &super::spec::TestSpec,
     path: &str,
     sources: &BTreeMap<String, SourceEntry>,
+    schedules: &BTreeMap<String, super::Schedule>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<RuleTest> {
     let ep = join_key(path, "event");
-    if !sources.contains_key(&t.event.source) {
-        let names: Vec<&str> = sources.keys().map(String::as_str).collect();
-        let hint = did_you_mean(&t.event.source, names.iter().copied())
-            .map(|x| format!("did you mean `{x}`?"))
-            .unwrap_or_else(|| format!("defined sources: {}", names.join(", ")));
-        diags.push(
-            p.at(
-                Diagnostic::error(
-                    "unknown-source",
-                    format!("source `{}` does not exist", t.event.source),
-                ),
-                &join_key(&ep, "source"),
-            )
-            .hint(hint),
-        );
-        return None;
-    }
-    let body = match (&t.event.file, &t.event.body) {
-        (Some(f), None) => {
-            let fp = p.dir.join(f);
-            // Test events sit beside the rules (`examples/` next to `rules/`, as shipped): inside
-            // the rules directory's parent, never elsewhere on the machine, since `check`
-            // prints what they render to.
-            let root = std::fs::canonicalize(&p.dir)
-                .ok()
-                .and_then(|d| d.parent().map(Path::to_path_buf))
-                .unwrap_or_else(|| p.dir.clone());
-            let root = root.as_path();
-            if fp.exists() && !inside(root, &fp) {
-                diags.push(
-                    p.at(
-                        Diagnostic::error(
-                            "outside",
-                            format!(
-                                "event file {} leads outside {}; it is not read",
-                                fp.display(),
-                                root.display()
-                            ),
-                        ),
-                        &join_key(&ep, "file"),
-                    )
-                    .hint("keep test events next to the rules (e.g. ../examples/events/)"),
-                );
-                return None;
-            }
-            match read_bounded(&fp, 4 * 1024 * 1024) {
-                Ok(b) => b,
-                Err(e) => {
-                    diags.push(
-                        p.at(
-                            Diagnostic::error(
-                                "missing-file",
-                                format!("cannot read event file: {}", e.message),
-                            ),
-                            &join_key(&ep, "file"),
-                        )
-                        .hint("the path is relative to this rules file"),
-                    );
-                    return None;
-                }
-            }
-        }
-        (None, Some(b)) => serde_json::to_vec(b).unwrap_or_default(),
+    let input = match (&t.event.source, &t.event.schedule) {
+        (Some(source), None) => webhook_input(p, t, &ep, source, sources, diags)?,
+        (None, Some(name)) => tick_input(p, t, &ep, name, schedules, diags)?,
         _ => {
-            diags.push(p.at(
-                Diagnostic::error(
-                    "bad-test",
-                    "a test event needs exactly one of `file` or `body`",
-                ),
-                &ep,
-            ));
+            diags.push(
+                p.at(
+                    Diagnostic::error(
+                        "bad-test",
+                        "a test event needs exactly one of `source` (a webhook) or `schedule` (a tick)",
+                    ),
+                    &ep,
+                )
+                .hint("e.g. `event: { source: port, file: ../examples/events/x.json }` or `event: { schedule: daily, at: \"2026-01-05T09:00:00Z\" }`"),
+            );
             return None;
         }
     };
+    let mut with = serde_json::Map::new();
+    for (name, w) in &t.with {
+        let wp = join_key(&join_key(path, "with"), name);
+        let v = match w {
+            super::spec::WithResult::Entities(list) => Value::Array(list.clone()),
+            super::spec::WithResult::File { file } => {
+                let text = read_test_file(p, file, &join_key(&wp, "file"), diags)?;
+                match serde_json::from_slice::<Value>(&text) {
+                    Ok(v) => match v.get("entities") {
+                        Some(e) => e.clone(),
+                        None => v,
+                    },
+                    Err(e) => {
+                        diags.push(p.at(
+                            Diagnostic::error("bad-test", format!("{file} is not JSON: {e}")),
+                            &join_key(&wp, "file"),
+                        ));
+                        return None;
+                    }
+                }
+            }
+        };
+        with.insert(name.clone(), v);
+    }
     let expect_pos = (0..t.expect.len())
         .map(|i| p.spans.value(&join_index(&join_key(path, "expect"), i)))
         .collect();
@@ -101,7 +69,54 @@ pub(super) fn load_test(
         name: t.name.clone(),
         file: p.path.clone(),
         pos: p.spans.value(path),
-        source: t.event.source.clone(),
+        input,
+        with,
+        expect: t.expect.clone(),
+        expect_pos,
+    })
+}
+
+fn webhook_input(
+    p: &Parsed,
+    t: &super::spec::TestSpec,
+    ep: &str,
+    source: &str,
+    sources: &BTreeMap<String, SourceEntry>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<super::TestInput> {
+    if !sources.contains_key(source) {
+        let names: Vec<&str> = sources.keys().map(String::as_str).collect();
+        let hint = did_you_mean(source, names.iter().copied())
+            .map(|x| format!("did you mean `{x}`?"))
+            .unwrap_or_else(|| format!("defined sources: {}", names.join(", ")));
+        diags.push(
+            p.at(
+                Diagnostic::error(
+                    "unknown-source",
+                    format!("source `{source}` does not exist"),
+                ),
+                &join_key(ep, "source"),
+            )
+            .hint(hint),
+        );
+        return None;
+    }
+    let body = match (&t.event.file, &t.event.body) {
+        (Some(f), None) => read_test_file(p, f, &join_key(ep, "file"), diags)?,
+        (None, Some(b)) => serde_json::to_vec(b).unwrap_or_default(),
+        _ => {
+            diags.push(p.at(
+                Diagnostic::error(
+                    "bad-test",
+                    "a test event needs exactly one of `file` or `body`",
+                ),
+                ep,
+            ));
+            return None;
+        }
+    };
+    Some(super::TestInput::Webhook {
+        source: source.to_string(),
         body,
         headers: t
             .event
@@ -109,9 +124,105 @@ pub(super) fn load_test(
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect(),
-        expect: t.expect.clone(),
-        expect_pos,
     })
+}
+
+fn tick_input(
+    p: &Parsed,
+    t: &super::spec::TestSpec,
+    ep: &str,
+    name: &str,
+    schedules: &BTreeMap<String, super::Schedule>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<super::TestInput> {
+    let Some(s) = schedules.get(name) else {
+        let names: Vec<&str> = schedules.keys().map(String::as_str).collect();
+        let hint = did_you_mean(name, names.iter().copied())
+            .map(|x| format!("did you mean `{x}`?"))
+            .unwrap_or_else(|| {
+                if names.is_empty() {
+                    "no schedules are defined (`schedules:` at the top of a rules file)".to_string()
+                } else {
+                    format!("defined schedules: {}", names.join(", "))
+                }
+            });
+        diags.push(
+            p.at(
+                Diagnostic::error(
+                    "unknown-schedule",
+                    format!("schedule `{name}` does not exist"),
+                ),
+                &join_key(ep, "schedule"),
+            )
+            .hint(hint),
+        );
+        return None;
+    };
+    let at = match &t.event.at {
+        None => s.next_after(chrono::Utc::now()),
+        Some(text) => match super::parse_time(text) {
+            Some(at) => Some(at),
+            None => {
+                diags.push(p.at(
+                    Diagnostic::error("bad-value", format!("`{text}` is not a time")).hint(
+                        "RFC 3339, e.g. `2026-01-05T09:00:00Z` or `2026-01-05T09:00:00+01:00`",
+                    ),
+                    &join_key(ep, "at"),
+                ));
+                return None;
+            }
+        },
+    };
+    let at = at?;
+    Some(super::TestInput::Tick {
+        schedule: name.to_string(),
+        at,
+    })
+}
+
+/// Reads a file a test names: beside the rules (inside the rules directory's parent, as
+/// `examples/` next to `rules/` is shipped), never elsewhere on the machine, since `check`
+/// prints what they render to.
+fn read_test_file(p: &Parsed, f: &str, at: &str, diags: &mut Vec<Diagnostic>) -> Option<Vec<u8>> {
+    let fp = p.dir.join(f);
+    let root = std::fs::canonicalize(&p.dir)
+        .ok()
+        .and_then(|d| d.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| p.dir.clone());
+    let root = root.as_path();
+    if fp.exists() && !inside(root, &fp) {
+        diags.push(
+            p.at(
+                Diagnostic::error(
+                    "outside",
+                    format!(
+                        "test file {} leads outside {}; it is not read",
+                        fp.display(),
+                        root.display()
+                    ),
+                ),
+                at,
+            )
+            .hint("keep test events next to the rules (e.g. ../examples/events/)"),
+        );
+        return None;
+    }
+    match read_bounded(&fp, 4 * 1024 * 1024) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            diags.push(
+                p.at(
+                    Diagnostic::error(
+                        "missing-file",
+                        format!("cannot read test file: {}", e.message),
+                    ),
+                    at,
+                )
+                .hint("the path is relative to this rules file"),
+            );
+            None
+        }
+    }
 }
 
 /// A rule that could send a One-Time Passcode anywhere but its owner's DM is an error.
@@ -179,10 +290,17 @@ pub(super) fn check_secret_routing(rs: &Ruleset, parsed: &[Parsed], diags: &mut 
                 .iter()
                 .position(|r| r.id == d.rule)
                 .unwrap_or(0);
+            // Point at the step that would leak, not at the rule's first (perhaps safe) step.
+            let step = rule
+                .sends
+                .iter()
+                .position(|s| s.to == d.to && s.template == d.template)
+                .or_else(|| rule.sends.iter().position(|s| s.to == d.to))
+                .unwrap_or(0);
             diags.push(
                 p.at(
                     Diagnostic::error("otp-leak", format!("rule `{}` could send One-Time Passcode notifications to `{}`: {reason}", d.rule, d.to)),
-                    &join_key(&join_index("rules", idx), "send"),
+                    &join_index(&join_key(&join_index("rules", idx), "send"), step),
                 )
                 .hint("exclude them (`$.template.id != \"62f86a30-2330-4b61-a26d-311ff3b608cf\"`) or send only `user_email: \"{{user.email}}\"` via a `slack` destination"),
             );

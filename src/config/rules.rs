@@ -28,6 +28,18 @@ pub(super) fn compile_rule(
 ) -> Option<Rule> {
     let before = diags.len();
     let on = r.on.to_vec();
+    if on.is_empty() {
+        diags.push(
+            p.at(
+                Diagnostic::error(
+                    "bad-rule",
+                    format!("rule `{}` listens to no event type (`on: []`), so it never fires", r.id),
+                )
+                .hint("name one or more types, e.g. `on: port/entity.updated`, `on: [coder/notification]`, or `port/*`"),
+                &join_key(path, "on"),
+            ),
+        );
+    }
     for (i, t) in on.iter().enumerate() {
         let known = EVENT_TYPES.contains(&t.as_str())
             || t.strip_prefix("schedule/")

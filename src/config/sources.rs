@@ -279,6 +279,10 @@ fn port(cx: &mut Cx<'_>, s: &PortSourceSpec) -> Compiled {
         tolerance,
         run_id_path,
         action: s.action.clone(),
+        app_url: s
+            .app_url
+            .clone()
+            .unwrap_or_else(|| crate::sources::port::DEFAULT_APP_URL.to_string()),
     };
     Compiled::new(SourceKind::Port, Arc::new(src), unset, has)
 }
@@ -375,6 +379,10 @@ fn port_kafka(cx: &mut Cx<'_>, k: &PortKafkaSpec) -> Compiled {
     let src = PortSource {
         insecure_no_signature: true,
         action: None,
+        app_url: k
+            .app_url
+            .clone()
+            .unwrap_or_else(|| crate::sources::port::DEFAULT_APP_URL.to_string()),
         ..PortSource::default()
     };
     Compiled {

@@ -109,6 +109,10 @@ pub struct PortSourceSpec {
     /// Report a run that no rule handles as FAILURE "no rule matched" (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_unmatched: Option<bool>,
+    /// Port's web app, for `entity.url` links: `https://app.port.io` (EU, the default) or
+    /// `https://app.us.port.io` (US).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_url: Option<String>,
 }
 
 /// A topic setting: a name, or `false` to turn the topic off (`true` keeps the default).
@@ -124,6 +128,9 @@ pub enum TopicSetting {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortKafkaSpec {
+    /// Port's web app, for `entity.url` links (default `https://app.port.io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_url: Option<String>,
     /// Bootstrap brokers, `host:port` (Port's listen on 9196).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brokers: Option<OneOrMany>,
@@ -495,6 +502,25 @@ pub struct TestSpec {
     pub event: TestEvent,
     /// Every dispatch expected, in any order; `[]` means nothing is sent.
     pub expect: Vec<Expectation>,
+    /// Stand-ins for `with:` query results, by query name: a list of entities, or
+    /// `{file: ...}` holding one (or a search answer `{entities: [...]}`). Rules whose queries
+    /// are all given are rendered with them; without them `check` still renders such rules
+    /// against an empty result and a one-entity sample.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub with: BTreeMap<String, WithResult>,
+}
+
+/// A `with:` stand-in in a rule test.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum WithResult {
+    /// The entities inline.
+    Entities(Vec<Value>),
+    /// A JSON file relative to the rules file.
+    File {
+        /// The file.
+        file: String,
+    },
 }
 
 /// The event of a rule test: a raw body, as the source would receive it.
@@ -502,7 +528,14 @@ pub struct TestSpec {
 #[serde(deny_unknown_fields)]
 pub struct TestEvent {
     /// The source name (its kind decides the decoder).
-    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// A schedule's tick instead of a webhook: the schedule name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// The tick's time (RFC 3339) for `schedule`; default the schedule's next tick after now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
     /// A file with the raw webhook body, relative to this rules file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
@@ -525,6 +558,15 @@ pub struct Expectation {
     /// A subset of the rendered message that must be present (objects match key by key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<Value>,
+    /// The channel the message must go to (Slack bot destinations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// The user it must be a direct message to (Slack bot destinations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_email: Option<String>,
+    /// The thread it must reply in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_ts: Option<String>,
 }
 
 /// A condition in `where` (schema only; conditions are parsed by the rule compiler).

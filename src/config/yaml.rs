@@ -140,6 +140,9 @@ enum Frame {
         pending_key: Option<(String, Pos)>,
         anchor: usize,
         start: Pos,
+        /// Mappings merged in with `<<: *anchor` (YAML's merge key), applied at the end so
+        /// that the mapping's own keys win wherever they are written.
+        merges: Vec<(Map<String, Value>, Pos)>,
     },
 }
 
@@ -319,6 +322,7 @@ pub fn parse(src: &str, limits: Limits) -> Result<(Value, SpanMap), YamlError> {
                     pending_key: None,
                     anchor,
                     start: pos,
+                    merges: Vec::new(),
                 });
                 nodes += 1;
                 None
@@ -337,17 +341,26 @@ pub fn parse(src: &str, limits: Limits) -> Result<(Value, SpanMap), YamlError> {
             },
             Event::MappingEnd => match stack.pop() {
                 Some(Frame::Map {
-                    map,
+                    mut map,
                     anchor,
                     start,
                     pending_key,
-                    ..
+                    merges,
+                    path,
                 }) => {
                     if pending_key.is_some() {
                         return Err(err(
                             "mapping key without a value".into(),
                             "check the indentation",
                         ));
+                    }
+                    for (merged, mpos) in merges {
+                        for (k, v) in merged {
+                            if !map.contains_key(&k) {
+                                spans.values.entry(join_key(&path, &k)).or_insert(mpos);
+                                map.insert(k, v);
+                            }
+                        }
                     }
                     let count = 1 + map.values().map(count_nodes).sum::<usize>();
                     Some((Value::Object(map), anchor, count, start))
@@ -383,6 +396,7 @@ pub fn parse(src: &str, limits: Limits) -> Result<(Value, SpanMap), YamlError> {
                 map,
                 path,
                 pending_key,
+                merges,
                 ..
             }) => match pending_key.take() {
                 None => {
@@ -412,6 +426,30 @@ pub fn parse(src: &str, limits: Limits) -> Result<(Value, SpanMap), YamlError> {
                     }
                     spans.keys.insert(join_key(path, &key), vpos);
                     *pending_key = Some((key, vpos));
+                }
+                Some((key, _)) if key == "<<" => {
+                    let maps = match value {
+                        Value::Object(m) => vec![m],
+                        Value::Array(items) if items.iter().all(Value::is_object) => items
+                            .into_iter()
+                            .filter_map(|v| match v {
+                                Value::Object(m) => Some(m),
+                                _ => None,
+                            })
+                            .collect(),
+                        _ => {
+                            return Err(YamlError {
+                                message: "a merge key (`<<`) takes a mapping or a list of mappings"
+                                    .into(),
+                                pos: vpos,
+                                hint: Some(
+                                    "e.g. `<<: *defaults` where `defaults` anchors a mapping"
+                                        .into(),
+                                ),
+                            })
+                        }
+                    };
+                    merges.extend(maps.into_iter().map(|m| (m, vpos)));
                 }
                 Some((key, _)) => {
                     let p = join_key(path, &key);

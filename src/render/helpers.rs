@@ -495,3 +495,103 @@ mod tests {
         );
     }
 }
+
+/// What a helper takes and gives, for checking templates before any event: the number of
+/// parameters it accepts, and the shape of what it returns (so `{{#each (changed_properties
+/// before after)}}` knows its elements).
+#[derive(Debug, Clone, Copy)]
+pub struct Signature {
+    pub min: usize,
+    pub max: usize,
+    pub returns: Returns,
+    /// Block helpers (`{{#each}}`) and plain ones (`{{upper x}}`) alike.
+    pub block: bool,
+}
+
+/// The shape a helper returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returns {
+    Text,
+    Bool,
+    Number,
+    /// The shape of its first parameter (`default`).
+    First,
+    /// `[{name, before, after}]`
+    Changes,
+    /// A list of something this check does not follow.
+    List,
+    Any,
+}
+
+/// The signature of a helper, Handlebars' built-ins included; `None` for an unknown name.
+pub fn signature(name: &str) -> Option<Signature> {
+    const MANY: usize = usize::MAX;
+    let s = |min, max, returns| Signature {
+        min,
+        max,
+        returns,
+        block: false,
+    };
+    let b = |min, max| Signature {
+        min,
+        max,
+        returns: Returns::Any,
+        block: true,
+    };
+    Some(match name {
+        "if" | "unless" => b(1, 1),
+        "raw" => b(0, MANY),
+        "each" | "with" => b(1, 1),
+        "lookup" => s(2, 2, Returns::Any),
+        "log" => s(0, MANY, Returns::Text),
+        "eq" | "ne" | "gt" | "gte" | "lt" | "lte" => s(2, 2, Returns::Bool),
+        "and" | "or" => s(1, MANY, Returns::Bool),
+        "not" => s(1, 1, Returns::Bool),
+        "len" => s(1, 1, Returns::Number),
+        "default" => s(2, 2, Returns::First),
+        "truncate" => s(2, 2, Returns::Text),
+        "upper" | "lower" => s(1, 1, Returns::Text),
+        "join" => s(1, 2, Returns::Text),
+        "date" => s(1, 2, Returns::Text),
+        "changed_properties" => s(2, 2, Returns::Changes),
+        "failing_rules" | "scorecard_teams" => s(2, 3, Returns::List),
+        "by_level" => s(1, 2, Returns::List),
+        "json" | "raw_json" | "plain" | "mrkdwn" => s(1, 1, Returns::Text),
+        _ => return None,
+    })
+}
+
+/// Every helper name, for did-you-mean.
+pub const HELPER_NAMES: &[&str] = &[
+    "if",
+    "unless",
+    "raw",
+    "each",
+    "with",
+    "lookup",
+    "log",
+    "eq",
+    "ne",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "and",
+    "or",
+    "not",
+    "len",
+    "default",
+    "truncate",
+    "upper",
+    "lower",
+    "join",
+    "date",
+    "changed_properties",
+    "failing_rules",
+    "scorecard_teams",
+    "by_level",
+    "json",
+    "raw_json",
+    "plain",
+    "mrkdwn",
+];

@@ -14,7 +14,10 @@
 
 pub mod blockkit;
 mod helpers;
+pub mod inspect;
 pub mod partials;
+
+pub use inspect::Finding;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -254,6 +257,17 @@ impl Templates {
     pub fn partial_problems(&self) -> Vec<partials::PartialProblem> {
         let all = self.hb.get_templates();
         partials::check(all.iter().map(|(n, t)| (n.as_str(), t)))
+    }
+
+    /// Checks a message template (JSON output) before any event: helpers, arity, and every
+    /// path against `root`, the shape of the context it renders with ([`inspect`]).
+    pub fn inspect(&self, name: &str, root: &crate::envelope::Shape) -> Vec<Finding> {
+        inspect::inspect(self.hb.get_templates(), name, root, true)
+    }
+
+    /// [`Templates::inspect`] for a small plain template (a channel, a key).
+    pub fn inspect_plain(&self, name: &str, root: &crate::envelope::Shape) -> Vec<Finding> {
+        inspect::inspect(self.plain.get_templates(), name, root, false)
     }
 
     /// Names of all templates.

@@ -487,6 +487,21 @@ fn text_of(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 impl Comparison {
+    /// The path it reads.
+    pub fn path(&self) -> &JsonPathExpr {
+        &self.path
+    }
+
+    /// The operator.
+    pub fn op(&self) -> Op {
+        self.op
+    }
+
+    /// The value compared with (`null` for `exists` and `changed`).
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
     /// Does one selected node satisfy a non-transition operator?
     fn node_holds(&self, node: &Value) -> bool {
         use std::cmp::Ordering::*;
@@ -644,6 +659,17 @@ pub struct Trace {
 }
 
 impl Condition {
+    /// Every comparison in this condition, depth first.
+    pub fn comparisons(&self) -> Vec<&Comparison> {
+        match self {
+            Condition::Cmp(c) => vec![c],
+            Condition::All(cs) | Condition::Any(cs) => {
+                cs.iter().flat_map(|c| c.comparisons()).collect()
+            }
+            Condition::Not(c) => c.comparisons(),
+        }
+    }
+
     /// True when any comparison's path starts at `$.<name>` (e.g. `with`).
     pub fn reads_member(&self, name: &str) -> bool {
         match self {

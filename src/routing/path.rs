@@ -88,6 +88,30 @@ impl JsonPathExpr {
         }
     }
 
+    /// The leading member and index steps (all of a simple path; of a general one, the part
+    /// before its first wildcard, filter or slice): what `check` compares with the envelope.
+    pub fn members(&self) -> Vec<crate::envelope::Seg> {
+        use crate::envelope::Seg;
+        match &self.kind {
+            Kind::Simple(steps) => steps
+                .iter()
+                .map(|s| match s {
+                    Step::Name(n) => Seg::Name(n.clone()),
+                    Step::Index(_) => Seg::Index,
+                })
+                .collect(),
+            Kind::General(q) => q
+                .segments
+                .iter()
+                .map_while(|seg| match seg {
+                    Segment::Selector(Selector::Name(n)) => Some(Seg::Name(n.clone())),
+                    Segment::Selector(Selector::Index(_)) => Some(Seg::Index),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
     /// The path as written.
     pub fn text(&self) -> &str {
         &self.text

@@ -36,7 +36,12 @@ pub struct PortSource {
     pub run_id_path: Option<JsonPathExpr>,
     /// Action identifier assumed for author-defined run bodies.
     pub action: Option<String>,
+    /// Port's web app, for the entity links in envelopes (`entity.url`).
+    pub app_url: String,
 }
+
+/// Port's web app in the EU region (the API's default region too).
+pub const DEFAULT_APP_URL: &str = "https://app.port.io";
 
 impl Default for PortSource {
     fn default() -> Self {
@@ -46,6 +51,7 @@ impl Default for PortSource {
             tolerance: 300,
             run_id_path: None,
             action: None,
+            app_url: DEFAULT_APP_URL.to_string(),
         }
     }
 }
@@ -149,8 +155,36 @@ impl Source for PortSource {
 
     fn decode(&self, name: &str, req: &Request) -> Result<Decoded, Rejection> {
         let body = parse_json(req.body)?;
-        decode_value(self, name, body, req)
+        let mut d = decode_value(self, name, body, req)?;
+        if let Decoded::Event(ev) = &mut d {
+            link_entity(&mut ev.data, &self.app_url);
+        }
+        Ok(d)
     }
+}
+
+/// Gives the envelope's entity its page in Port's web app (`{app}/{blueprint}Entity?identifier=…`,
+/// the form Port's own tools link with), unless the entity already has a `url`.
+fn link_entity(data: &mut Value, app_url: &str) {
+    let Some(Value::Object(e)) = data.get_mut("entity") else {
+        return;
+    };
+    if e.contains_key("url") {
+        return;
+    }
+    let (Some(id), Some(bp)) = (
+        e.get("identifier").and_then(Value::as_str),
+        e.get("blueprint").and_then(Value::as_str),
+    ) else {
+        return;
+    };
+    let id: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
+    let bp: String = form_urlencoded::byte_serialize(bp.as_bytes()).collect();
+    let url = format!(
+        "{}/{bp}Entity?identifier={id}",
+        app_url.trim_end_matches('/')
+    );
+    e.insert("url".into(), Value::String(url));
 }
 
 fn s(v: &Value) -> Option<&str> {

@@ -12,17 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use crate::config::Schedule;
-use crate::event::Event;
 use crate::ingest::{Accepted, Pipeline};
 
 fn next_after(s: &Schedule, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    s.cron
-        .find_next_occurrence(&t.with_timezone(&s.tz), false)
-        .ok()
-        .map(|d| d.with_timezone(&Utc))
+    s.next_after(t)
 }
 
 /// Runs until the process stops.
@@ -69,19 +64,7 @@ pub async fn run(st: Arc<Pipeline>) {
 
 async fn fire(st: &Pipeline, s: &Schedule, tick: DateTime<Utc>) {
     let local = tick.with_timezone(&s.tz);
-    let id = format!("schedule:{}:{}", s.name, tick.to_rfc3339());
-    let data = json!({
-        "schedule": {"name": s.name, "cron": s.pattern, "timezone": s.tz.name()},
-        "tick": local.to_rfc3339(),
-        "tick_utc": tick.to_rfc3339(),
-    });
-    let mut ev = Event::new(
-        "schedule",
-        &format!("schedule/{}", s.name),
-        id.clone(),
-        data,
-        false,
-    );
+    let mut ev = s.tick_event(tick);
     let rs = st.rules();
     let week = Duration::from_secs(7 * 24 * 3600);
     match st.accept(&rs, None, &mut ev, week).await {

@@ -1,0 +1,303 @@
+//! Rules checked against the envelope they will see ([`crate::envelope`]): every condition
+//! path and every `{{path}}` of the templates a rule sends, for each event type its `on:`
+//! covers, before any event arrives.
+//!
+//! A path is reported only when it is wrong for *every* type the rule listens to (a rule on
+//! `port/*` may read `run.id`, which run events have), and each problem once however many rules
+//! share the template. Unknown fields are warnings (they render as nothing, or make a condition
+//! false); unknown helpers and wrong arity are errors (they fail at render time for every
+//! event), so `serve` refuses them as `check` does.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use super::diag::{did_you_mean, Diagnostic};
+use super::parsed::Parsed;
+use super::yaml::{join_key, Pos};
+use crate::envelope::{self, port_entity, resolve, Field, Resolved, Seg, Shape};
+use crate::render::{Finding, Templates};
+use crate::routing::condition::Condition;
+use crate::routing::{Query, SendStep};
+
+/// The envelopes one rule sees: one root shape per event type.
+pub(super) struct Roots {
+    roots: Vec<(&'static str, Shape)>,
+}
+
+impl Roots {
+    /// For a rule listening to `on`, with `with:` query results under `with`.
+    pub(super) fn new(on: &[String], queries: &[Query]) -> Roots {
+        let mut types: Vec<&'static str> = on.iter().flat_map(|p| envelope::types_for(p)).collect();
+        types.sort();
+        types.dedup();
+        let with = (!queries.is_empty()).then(|| {
+            Shape::Object(
+                queries
+                    .iter()
+                    .map(|q| Field {
+                        name: q.name.clone().into(),
+                        shape: Shape::List(Box::new(port_entity())),
+                        doc: "",
+                    })
+                    .collect(),
+            )
+        });
+        let roots = types
+            .into_iter()
+            .filter_map(|t| {
+                let mut s = envelope::of_type(t)?.clone();
+                if let Some(w) = &with {
+                    s = s.with_field(Field::new("with", w.clone(), ""));
+                }
+                Some((t, s))
+            })
+            .collect();
+        Roots { roots }
+    }
+
+    fn with_item(&self) -> Roots {
+        Roots {
+            roots: self
+                .roots
+                .iter()
+                .map(|(t, s)| (*t, s.with_field(Field::new("item", Shape::Any, ""))))
+                .collect(),
+        }
+    }
+
+    fn types(&self) -> String {
+        self.roots
+            .iter()
+            .map(|(t, _)| *t)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Checks the paths of one condition (at `cp` in the file).
+pub(super) fn check_condition(
+    p: &Parsed,
+    cp: &str,
+    c: &Condition,
+    roots: &Roots,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if roots.roots.is_empty() {
+        return;
+    }
+    for cmp in c.comparisons() {
+        let segs = cmp.path().members();
+        let mut first_miss = None;
+        let mut ok = false;
+        for (_, root) in &roots.roots {
+            match resolve(root, &segs) {
+                Resolved::Found(_) => ok = true,
+                miss => {
+                    first_miss.get_or_insert(miss);
+                }
+            }
+        }
+        if ok {
+            continue;
+        }
+        let text = cmp.path().text();
+        let (message, hint) = match first_miss {
+            Some(Resolved::Unknown { at, keys }) => {
+                let word = match &segs[at] {
+                    Seg::Name(n) => n.as_str(),
+                    Seg::Index => "",
+                };
+                (
+                    format!(
+                        "`{text}`: no field `{word}` in the envelope of {}; the path selects nothing, so the condition is false for every such event",
+                        roots.types()
+                    ),
+                    did_you_mean(word, keys.iter().copied()).map(|s| format!("did you mean `{s}`?")),
+                )
+            }
+            Some(Resolved::Scalar { at, shape }) => (
+                format!(
+                    "`{text}`: step {} goes into {}, which has no fields; the path selects nothing",
+                    at + 1,
+                    shape.describe()
+                ),
+                None,
+            ),
+            _ => continue,
+        };
+        let mut d = p.at(Diagnostic::warning("unknown-field", message), cp);
+        if let Some(h) = hint {
+            d = d.hint(h);
+        }
+        diags.push(d);
+    }
+}
+
+/// What one rule's templates are checked with; `seen` keeps one report per problem across
+/// rules that share a template.
+pub(super) struct StepCheck<'a> {
+    pub p: &'a Parsed,
+    pub templates: &'a Templates,
+    pub seen: &'a mut HashSet<(String, usize, usize, String)>,
+    pub files: &'a mut HashMap<PathBuf, String>,
+}
+
+impl StepCheck<'_> {
+    /// Checks a send step's templates (message, recipient fields, `for_each`).
+    pub(super) fn step(
+        &mut self,
+        sp: &str,
+        step: &SendStep,
+        inline_key: &str,
+        roots: &Roots,
+        diags: &mut Vec<Diagnostic>,
+    ) {
+        if roots.roots.is_empty() {
+            return;
+        }
+        let item_roots;
+        let roots = if step.for_each.is_some() {
+            item_roots = roots.with_item();
+            &item_roots
+        } else {
+            roots
+        };
+        let found = keep_common(roots, |root| self.templates.inspect(&step.template, root));
+        self.report(found, &join_key(sp, inline_key), diags);
+        for (key, t) in [
+            ("channel", &step.channel),
+            ("user_email", &step.user_email),
+            ("thread_ts", &step.thread_ts),
+            ("for_each", &step.for_each),
+        ] {
+            let Some(t) = t else { continue };
+            let found = keep_common(roots, |root| self.templates.inspect_plain(t, root));
+            self.report(found, &join_key(sp, key), diags);
+        }
+    }
+
+    /// Checks a small template of the rule (a throttle key) at `at`.
+    pub(super) fn plain(
+        &mut self,
+        name: &str,
+        at: &str,
+        roots: &Roots,
+        diags: &mut Vec<Diagnostic>,
+    ) {
+        if roots.roots.is_empty() {
+            return;
+        }
+        let found = keep_common(roots, |root| self.templates.inspect_plain(name, root));
+        self.report(found, at, diags);
+    }
+
+    fn report(&mut self, found: Vec<Finding>, at: &str, diags: &mut Vec<Diagnostic>) {
+        for f in found {
+            let origin = self.templates.origin(&f.template).cloned();
+            let key = (f.template.clone(), f.line, f.column, f.subject.clone());
+            if !self.seen.insert(key) {
+                continue;
+            }
+            let code = if f.error { "template" } else { "unknown-field" };
+            let mut d = if f.error {
+                Diagnostic::error(code, f.message.clone())
+            } else {
+                Diagnostic::warning(code, f.message.clone())
+            };
+            let hint = f
+                .unknown
+                .as_ref()
+                .and_then(|(w, c)| did_you_mean(w, c.iter().map(String::as_str)))
+                .map(|s| format!("did you mean `{s}`?"))
+                .or(f.hint.clone());
+            if let Some(h) = hint {
+                d = d.hint(h);
+            }
+            d = match origin {
+                Some(o) if !o.inline => {
+                    let text = self
+                        .files
+                        .entry(o.file.clone())
+                        .or_insert_with(|| std::fs::read_to_string(&o.file).unwrap_or_default());
+                    let line = f.line + o.line_offset - 1;
+                    let offset = text
+                        .lines()
+                        .take(line.saturating_sub(1))
+                        .map(|x| x.len() + 1)
+                        .sum::<usize>()
+                        + f.column.saturating_sub(1);
+                    d.at(
+                        &o.file,
+                        Pos {
+                            line,
+                            column: f.column,
+                            offset: offset.min(text.len()),
+                            len: 2,
+                        },
+                    )
+                }
+                _ => self.p.at(d, at),
+            };
+            diags.push(d);
+        }
+    }
+}
+
+/// The findings present for every root (a path wrong for only some event types is fine).
+fn keep_common(roots: &Roots, mut run: impl FnMut(&Shape) -> Vec<Finding>) -> Vec<Finding> {
+    let mut all: Vec<Vec<Finding>> = roots.roots.iter().map(|(_, r)| run(r)).collect();
+    let Some(first) = all.pop() else {
+        return Vec::new();
+    };
+    first
+        .into_iter()
+        .filter(|f| {
+            all.iter().all(|other| {
+                other.iter().any(|o| {
+                    o.template == f.template
+                        && o.line == f.line
+                        && o.column == f.column
+                        && o.subject == f.subject
+                })
+            })
+        })
+        .collect()
+}
+
+/// Checks one compiled rule: its conditions (recompiled from the spec, which keeps their
+/// places), its send steps' templates and its throttle key.
+pub(super) fn check_rule(
+    p: &Parsed,
+    path: &str,
+    spec: &super::spec::RuleSpec,
+    rule: &crate::routing::Rule,
+    sc: &mut StepCheck<'_>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let roots = Roots::new(&rule.on, &rule.queries);
+    for (i, c) in spec.conditions.iter().enumerate() {
+        if let Ok(c) = crate::routing::condition::compile(c) {
+            let cp = super::yaml::join_index(&join_key(path, "where"), i);
+            check_condition(p, &cp, &c, &roots, diags);
+        }
+    }
+    for (i, (step, s)) in rule.sends.iter().zip(&spec.send).enumerate() {
+        let sp = super::yaml::join_index(&join_key(path, "send"), i);
+        let inline_key = if s.blocks.is_some() {
+            "blocks"
+        } else if s.text.is_some() {
+            "text"
+        } else {
+            "template"
+        };
+        sc.step(&sp, step, inline_key, &roots, diags);
+    }
+    if let Some((key, _)) = &rule.throttle {
+        sc.plain(
+            key,
+            &join_key(&join_key(path, "throttle"), "key"),
+            &roots,
+            diags,
+        );
+    }
+}
