@@ -28,7 +28,7 @@ fn outcome(case: &Value) -> Result<(), String> {
     let got = Value::Array(got);
     let ok = match (&case["result"], &case["results"]) {
         (Value::Array(_), _) => got == case["result"],
-        (_, Value::Array(alts)) => alts.iter().any(|a| *a == got),
+        (_, Value::Array(alts)) => alts.contains(&got),
         _ => false,
     };
     if ok {
