@@ -224,8 +224,23 @@ enum Command {
     },
 }
 
+/// Offline commands end quietly when their reader goes away (`dead-letters show 1 | head`), as
+/// Unix tools do, instead of panicking on the failed write to a closed pipe.
+fn default_sigpipe() {
+    // SAFETY: `signal` with `SIG_DFL` only changes the disposition of SIGPIPE; it runs before
+    // any thread is started, and the Rust runtime's own choice (ignore) is what it replaces.
+    // `serve` keeps the runtime's choice, so a peer closing a socket can never kill it.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        default_sigpipe();
+    }
     match cli.command {
         Command::Check {
             dir,

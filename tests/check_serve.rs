@@ -367,3 +367,57 @@ fn the_readme_and_the_envelope_schema_are_generated_from_the_envelope() {
         "run `cargo run -- envelope --format schema > schemas/envelope.schema.json`"
     );
 }
+
+#[test]
+fn a_closed_pipe_ends_an_offline_command_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("schema")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn diagnostics_say_what_is_accepted() {
+    // A list in a condition: single quotes are fine, a broken element is named at its column.
+    let d = dir_with(
+        "rules:
+  - id: r
+    on: port/entity.updated
+    where:
+      - $.blueprint in [\"a\", 'b', c]
+      - $.blueprint in [\"a\", b c]
+    send: [{ to: console, text: hi }]
+schedules:
+  four: { cron: \"0 9 * *\" }
+",
+        &[],
+    );
+    let (_, diags) = run(&d);
+    let e = find(&diags, "bad-condition", "element 2");
+    assert_eq!((e.line, e.column), (Some(13), Some(30)), "{e:#?}");
+    assert!(
+        !diags.iter().any(|d| d.message.contains("element 3")),
+        "{diags:#?}"
+    );
+    let c = find(&diags, "bad-cron", "4 fields");
+    assert!(c.message.contains("5") && c.message.contains("6"), "{c:#?}");
+    // An unset destination with a fallback says where messages go meanwhile.
+    let d = dir_with("", &[]);
+    std::fs::write(
+        d.path().join("rules/alerts.yaml"),
+        "destinations:\n  alerts: { slack_webhook: { url: \"${UNSET_URL}\" }, fallback: console }\nrules:\n  - id: r\n    on: port/entity.updated\n    send: [{ to: alerts, text: hi }]\n",
+    )
+    .unwrap();
+    let (_, diags) = run(&d);
+    let w = find(&diags, "unset-var", "alerts");
+    assert!(
+        w.hint.as_deref().unwrap().contains("delivers to `console`"),
+        "{w:#?}"
+    );
+}

@@ -86,11 +86,11 @@ fn print_list(list: &[DeadLetter], format: Format) {
     }
     println!(
         "{:>6}  {:<20}  {:<18}  {:<24}  {:>3}  last error",
-        "id", "died (UTC)", "destination", "rule", "try"
+        "id", "died", "destination", "rule", "try"
     );
     for d in list {
         let when = chrono::DateTime::from_timestamp_millis(d.dead_at)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             .unwrap_or_default();
         println!(
             "{:>6}  {:<20}  {:<18}  {:<24}  {:>3}  {}",

@@ -260,7 +260,7 @@ pub(super) fn build_destination(
         let vars = unset.join(", ");
         let path = &first_unset(p, path);
         match (opts.mode, &spec.fallback) {
-            (Mode::Check, _) => diags.push(
+            (Mode::Check, fallback) => diags.push(
                 p.at(
                     Diagnostic::warning(
                         "unset-var",
@@ -268,7 +268,12 @@ pub(super) fn build_destination(
                     ),
                     path,
                 )
-                .hint("fine in CI; `serve` needs it set (or a `fallback`)"),
+                .hint(match fallback {
+                    Some(f) => {
+                        format!("fine in CI; until it is set, `serve` delivers to `{f}` instead")
+                    }
+                    None => "fine in CI; `serve` needs it set (or a `fallback`)".to_string(),
+                }),
             ),
             (Mode::Serve, Some(f)) => {
                 use_fallback = true;

@@ -27,7 +27,26 @@ pub(super) fn load_schedules(
                 ));
                 continue;
             }
+            let fields = spec.cron.split_whitespace().count();
             let cron = match parser.parse(&spec.cron) {
+                Ok(c) if fields == 5 || fields == 6 => c,
+                Ok(_) | Err(_) if fields != 5 && fields != 6 => {
+                    diags.push(
+                        p.at(
+                            Diagnostic::error(
+                                "bad-cron",
+                                format!(
+                                    "cron pattern `{}` has {fields} field{}; switchyard accepts 5 (`min hour day month weekday`) or 6 (seconds first)",
+                                    spec.cron,
+                                    if fields == 1 { "" } else { "s" }
+                                ),
+                            ),
+                            &join_key(&path, "cron"),
+                        )
+                        .hint("e.g. `0 9 * * MON` (09:00 on Mondays) or `30 0 9 * * MON` (09:00:30)"),
+                    );
+                    continue;
+                }
                 Ok(c) => c,
                 Err(e) => {
                     diags.push(

@@ -42,9 +42,39 @@ pub struct NewTracker {
     pub fail: Option<String>,
 }
 
+/// Unix-millisecond times written as RFC 3339 text, read back from that text or from the plain
+/// integers older records hold.
+mod rfc3339_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        match chrono::DateTime::from_timestamp_millis(*ms) {
+            Some(t) => s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            None => s.serialize_i64(*ms),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Ms(i64),
+            Text(String),
+        }
+        match Either::deserialize(d)? {
+            Either::Ms(ms) => Ok(ms),
+            Either::Text(t) => chrono::DateTime::parse_from_rfc3339(&t)
+                .map(|t| t.timestamp_millis())
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// One delivery attempt, as recorded for dead letters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attempt {
+    /// Unix milliseconds; RFC 3339 in JSON.
+    #[serde(with = "rfc3339_ms")]
     pub at: i64,
     pub error: String,
 }
@@ -62,7 +92,11 @@ pub struct DeadLetter {
     /// `message`, `expand` or `report`.
     #[serde(default = "message_kind")]
     pub kind: String,
+    /// Unix milliseconds; RFC 3339 in JSON (`2026-09-21T14:13:17.482Z`), as every time the CLI
+    /// and the admin API print.
+    #[serde(with = "rfc3339_ms")]
     pub created_at: i64,
+    #[serde(with = "rfc3339_ms")]
     pub dead_at: i64,
     pub attempts: Vec<Attempt>,
     pub last_error: String,

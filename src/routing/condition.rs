@@ -330,7 +330,11 @@ fn compile_line(line: &str) -> Result<Condition, ConditionError> {
     let value = if value_text.is_empty() {
         None
     } else {
-        Some(parse_literal(value_text))
+        Some(parse_literal(value_text).map_err(|(msg, off, len)| {
+            ConditionError::new(msg)
+                .hint("list elements are JSON (`\"a\"`, `80`), single-quoted text (`'a b'`), or a bare word")
+                .span(value_start + off, len)
+        })?)
     };
     build(s.to_string(), path, op, value).map_err(|e| {
         if e.offset.is_some() {
@@ -345,14 +349,87 @@ fn compile_line(line: &str) -> Result<Condition, ConditionError> {
 
 /// A value in a one-line condition: JSON if it parses (`80`, `"Degraded"`, `["a","b"]`, `true`),
 /// a single-quoted string, or else the bare text (`Degraded`).
-fn parse_literal(t: &str) -> Value {
+/// A list that is not JSON (`["a", 'b', c]`) is read element by element, each as a scalar
+/// value is; an element that cannot be read is named with its place.
+fn parse_literal(t: &str) -> Result<Value, (String, usize, usize)> {
     if let Ok(v) = serde_json::from_str::<Value>(t) {
-        return v;
+        return Ok(v);
     }
+    if t.len() >= 2 && t.starts_with('[') && t.ends_with(']') {
+        return parse_list(t);
+    }
+    Ok(scalar_literal(t))
+}
+
+fn scalar_literal(t: &str) -> Value {
     if t.len() >= 2 && t.starts_with('\'') && t.ends_with('\'') {
         return Value::String(t[1..t.len() - 1].to_string());
     }
     Value::String(t.to_string())
+}
+
+fn parse_list(t: &str) -> Result<Value, (String, usize, usize)> {
+    let inner = &t[1..t.len() - 1];
+    let mut items = Vec::new();
+    let mut start = 0;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut pieces = Vec::new();
+    for (i, c) in inner.char_indices() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == ',' => {
+                pieces.push((start, &inner[start..i]));
+                start = i + 1;
+            }
+            None => {}
+        }
+    }
+    pieces.push((start, &inner[start..]));
+    if quote.is_some() {
+        return Err(("the list has an unclosed quote".into(), 0, t.len()));
+    }
+    for (n, (off, raw)) in pieces.iter().enumerate() {
+        let el = raw.trim();
+        let at = 1 + off + (raw.len() - raw.trim_start().len());
+        if el.is_empty() {
+            if pieces.len() == 1 {
+                break; // `[]`
+            }
+            return Err((
+                format!("element {} of the list is empty (a stray comma?)", n + 1),
+                at.min(t.len() - 1),
+                1,
+            ));
+        }
+        if let Ok(v) = serde_json::from_str::<Value>(el) {
+            items.push(v);
+        } else if el.len() >= 2 && el.starts_with('\'') && el.ends_with('\'') {
+            items.push(scalar_literal(el));
+        } else if el.starts_with('"')
+            || el.starts_with('\'')
+            || el.chars().any(char::is_whitespace)
+            || el.contains(['[', ']', '{', '}'])
+        {
+            return Err((
+                format!("element {} of the list, `{el}`, is not a value", n + 1),
+                at,
+                el.len(),
+            ));
+        } else {
+            items.push(Value::String(el.to_string()));
+        }
+    }
+    Ok(Value::Array(items))
 }
 
 fn build(
