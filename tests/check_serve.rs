@@ -421,3 +421,30 @@ schedules:
         "{w:#?}"
     );
 }
+
+#[test]
+fn an_unclosed_block_is_one_error_at_its_opening_tag() {
+    let d = dir_with(
+        "rules:\n  - id: r\n    on: port/entity.updated\n    send: [{ to: console, template: t }]\n",
+        &[(
+            "t",
+            "{\n  \"blocks\": [\n    {{#if entity.title}}\n    {\"type\": \"section\", \"text\": {\"type\": \"mrkdwn\", \"text\": \"{{entity.title}}\"}}\n  ]\n}\n",
+        )],
+    );
+    let (valid, diags) = run(&d);
+    assert!(!valid);
+    let errors: Vec<_> = diags.iter().filter(|d| d.is_error()).collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].message.contains("`{{#if}}` is never closed"),
+        "{errors:#?}"
+    );
+    assert_eq!((errors[0].line, errors[0].column), (Some(3), Some(5)));
+    let d = dir_with(
+        "rules:\n  - id: r\n    on: port/entity.updated\n    send: [{ to: console, template: t }]\n",
+        &[("t", "{{#each a}}{{#if b}}x{{/each}}{{/if}}")],
+    );
+    let (_, diags) = run(&d);
+    let e = find(&diags, "template", "closes `{{#if}}`");
+    assert_eq!(e.column, Some(22), "{e:#?}");
+}

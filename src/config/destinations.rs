@@ -137,7 +137,7 @@ pub(super) fn build_destination(
             headers.push((h.clone(), tname));
         }
         if let Some(t) = &s.template {
-            if !templates.has(t) {
+            if !templates.has(t) && !templates.is_broken(t) {
                 diags.push(missing_template(
                     p,
                     &join_key(path, "webhook.template"),

@@ -355,7 +355,10 @@ pub(super) fn compile_send(
         }
         (Some(t), None) => {
             if !templates.has(t) {
-                diags.push(missing_template(p, &join_key(sp, "template"), t, templates));
+                // A template that failed to compile has its own error already.
+                if !templates.is_broken(t) {
+                    diags.push(missing_template(p, &join_key(sp, "template"), t, templates));
+                }
                 return None;
             }
             t.clone()

@@ -95,14 +95,105 @@ pub struct TemplateError {
     pub column: Option<usize>,
 }
 
-fn syntax_error(name: &str, e: &handlebars::TemplateError) -> TemplateError {
+fn syntax_error(name: &str, text: &str, e: &handlebars::TemplateError) -> TemplateError {
+    // The parser notices an unclosed block only at the end of the text and then lists every
+    // token it could have taken; the opening tag is where the mistake is.
+    if let Some((message, line, column)) = unbalanced_block(text) {
+        return TemplateError {
+            template: name.to_string(),
+            message,
+            line: Some(line),
+            column: Some(column),
+        };
+    }
     let pos = e.pos();
+    let reason = e.reason().to_string();
+    let reason = match reason.split_once(": expected ") {
+        Some((head, _)) => format!("{head} (a `{{{{` that does not start a valid tag?)"),
+        None => reason,
+    };
     TemplateError {
         template: name.to_string(),
-        message: format!("template syntax error: {}", e.reason()),
+        message: format!("template syntax error: {reason}"),
         line: pos.map(|p| p.0),
         column: pos.map(|p| p.1),
     }
+}
+
+/// The first block tag that is closed by the wrong name or never closed, with its 1-based line
+/// and column: `{{#if x}}` without `{{/if}}`.
+pub fn unbalanced_block(text: &str) -> Option<(String, usize, usize)> {
+    let mut open: Vec<(String, usize, usize)> = Vec::new();
+    let mut rest = text;
+    let mut consumed = 0;
+    while let Some(i) = rest.find("{{") {
+        let at = consumed + i;
+        let after = &rest[i + 2..];
+        // Comments may hold anything.
+        let (tag, skip) = if let Some(c) = after.strip_prefix("!--") {
+            match c.find("--}}") {
+                Some(j) => ("", 2 + 3 + j + 4),
+                None => return None,
+            }
+        } else {
+            match after.find("}}") {
+                Some(j) => (&after[..j], 2 + j + 2),
+                None => return None,
+            }
+        };
+        let t = tag
+            .trim_start_matches(['{', '~'])
+            .trim_end_matches(['}', '~'])
+            .trim();
+        let (line, column) = line_col(text, at);
+        if let Some(b) = t.strip_prefix('#') {
+            let b = b.trim_start_matches(['>', '*']).trim_start();
+            let name = b.split_whitespace().next().unwrap_or("").to_string();
+            if !name.is_empty() {
+                open.push((name, line, column));
+            }
+        } else if let Some(b) = t.strip_prefix('/') {
+            let name = b.trim();
+            match open.pop() {
+                Some((o, _, _)) if o == name => {}
+                Some((o, ol, oc)) => {
+                    return Some((
+                        format!("`{{{{/{name}}}}}` closes `{{{{#{o}}}}}`, opened at line {ol}, column {oc}: close `{o}` first"),
+                        line,
+                        column,
+                    ))
+                }
+                None => {
+                    return Some((
+                        format!("`{{{{/{name}}}}}` closes a block that was never opened"),
+                        line,
+                        column,
+                    ))
+                }
+            }
+        }
+        consumed = at + skip.min(rest.len() - i);
+        rest = &text[consumed.min(text.len())..];
+    }
+    open.pop().map(|(name, line, column)| {
+        (
+            format!("`{{{{#{name}}}}}` is never closed: add `{{{{/{name}}}}}` after its content"),
+            line,
+            column,
+        )
+    })
+}
+
+fn line_col(text: &str, byte: usize) -> (usize, usize) {
+    let before = &text[..byte.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, column)
 }
 
 fn render_failed(name: &str, e: &handlebars::RenderError) -> TemplateError {
@@ -183,6 +274,9 @@ pub struct Templates {
     /// Small strings (channels, emails, headers, keys): rendered without any escaping.
     plain: Handlebars<'static>,
     origins: BTreeMap<String, TemplateOrigin>,
+    /// Templates that failed to compile: already reported, so a rule naming one is not
+    /// reported again as naming a missing template.
+    broken: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Templates {
@@ -213,6 +307,7 @@ impl Templates {
             hb,
             plain,
             origins: BTreeMap::new(),
+            broken: Default::default(),
         }
     }
 
@@ -223,9 +318,10 @@ impl Templates {
         text: &str,
         origin: TemplateOrigin,
     ) -> Result<(), TemplateError> {
-        self.hb
-            .register_template_string(name, text)
-            .map_err(|e| syntax_error(name, &e))?;
+        if let Err(e) = self.hb.register_template_string(name, text) {
+            self.broken.insert(name.to_string());
+            return Err(syntax_error(name, text, &e));
+        }
         self.origins.insert(name.to_string(), origin);
         Ok(())
     }
@@ -234,7 +330,7 @@ impl Templates {
     pub fn add_plain(&mut self, name: &str, text: &str) -> Result<(), TemplateError> {
         self.plain
             .register_template_string(name, text)
-            .map_err(|e| syntax_error(name, &e))
+            .map_err(|e| syntax_error(name, text, &e))
     }
 
     /// Renders a template added with [`Templates::add_plain`].
@@ -245,6 +341,11 @@ impl Templates {
     /// True when a template of that name exists.
     pub fn has(&self, name: &str) -> bool {
         self.origins.contains_key(name)
+    }
+
+    /// True for a template that exists but failed to compile (its error is already reported).
+    pub fn is_broken(&self, name: &str) -> bool {
+        self.broken.contains(name)
     }
 
     /// Where a template came from.
