@@ -27,6 +27,8 @@ pub enum Shape {
     Bool,
     /// A timestamp in RFC 3339 text.
     Time,
+    /// Text that is one of these values (a Port `enum` property).
+    Enum(Vec<Value>),
     /// Free-form keys, each value of the inner shape.
     Map(Box<Shape>),
     /// A list, each element of the inner shape.
@@ -82,6 +84,7 @@ impl Shape {
             Shape::Number => "a number",
             Shape::Bool => "true or false",
             Shape::Time => "a time (RFC 3339 text)",
+            Shape::Enum(_) => "one of a fixed set of values",
             Shape::Map(_) => "a map",
             Shape::List(_) => "a list",
             Shape::Object(_) => "an object",
@@ -128,6 +131,7 @@ impl Shape {
             Shape::Number => json!({"type": ["number", "null"]}),
             Shape::Bool => json!({"type": ["boolean", "null"]}),
             Shape::Time => json!({"type": ["string", "number", "null"]}),
+            Shape::Enum(values) => json!({"enum": values}),
             Shape::Map(v) => {
                 json!({"type": ["object", "null"], "additionalProperties": v.json_schema()})
             }

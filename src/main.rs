@@ -32,6 +32,19 @@ enum Format {
     Json,
 }
 
+#[derive(Subcommand)]
+enum BlueprintsAction {
+    /// Fetch every blueprint with a `port` destination's credentials (`GET /v1/blueprints`)
+    /// and save each as `blueprints/<identifier>.json` in the rules directory.
+    Pull {
+        #[arg(long, default_value = "rules", env = "SWITCHYARD_RULES")]
+        rules: PathBuf,
+        /// The `port` destination whose credentials and base URL to use.
+        #[arg(long)]
+        port: String,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum EnvelopeFormat {
     Markdown,
@@ -200,6 +213,11 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Port blueprint definitions for `check` (`blueprints/*.json` in the rules directory).
+    Blueprints {
+        #[command(subcommand)]
+        action: BlueprintsAction,
+    },
     /// Print the JSON Schema of a rules file.
     Schema,
     /// Print the event envelope of every event type: the README's tables (`markdown`) or a
@@ -334,6 +352,9 @@ fn main() -> ExitCode {
             print!("{}", switchyard::config::spec::json_schema());
             ExitCode::SUCCESS
         }
+        Command::Blueprints {
+            action: BlueprintsAction::Pull { rules, port },
+        } => cli::blueprints::pull(&rules, &port),
         Command::Envelope { format } => {
             match format {
                 EnvelopeFormat::Markdown => print!("{}", switchyard::envelope::markdown()),
@@ -637,5 +658,6 @@ fn init_logging(format: LogFormat) {
 
 /// The binary's own modules (the library is `switchyard::…`).
 mod cli {
+    pub mod blueprints;
     pub mod dead_letters;
 }

@@ -105,6 +105,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
     let mut seen_rule: HashMap<String, (PathBuf, Pos)> = HashMap::new();
     let mut seen_findings = HashSet::new();
     let mut template_files = HashMap::new();
+    let blueprints = super::blueprints::load(dir, &mut diags);
     for p in &parsed {
         for (i, r) in p.spec.rules.iter().enumerate() {
             let path = join_index("rules", i);
@@ -130,6 +131,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
             {
                 let mut sc = super::shapes::StepCheck {
                     p,
+                    blueprints: &blueprints,
                     templates: &templates,
                     seen: &mut seen_findings,
                     files: &mut template_files,

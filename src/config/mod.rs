@@ -5,6 +5,7 @@
 //! every diagnostic it can (per file, per rule) so `check` shows them all at once. A ruleset is
 //! returned only when there is no error.
 
+pub mod blueprints;
 mod destinations;
 pub mod diag;
 pub mod env;

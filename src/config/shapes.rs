@@ -8,9 +8,10 @@
 //! false); unknown helpers and wrong arity are errors (they fail at render time for every
 //! event), so `serve` refuses them as `check` does.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
+use super::blueprints::Blueprint;
 use super::diag::{did_you_mean, Diagnostic};
 use super::parsed::Parsed;
 use super::yaml::{join_key, Pos};
@@ -25,19 +26,39 @@ pub(super) struct Roots {
 }
 
 impl Roots {
-    /// For a rule listening to `on`, with `with:` query results under `with`.
-    pub(super) fn new(on: &[String], queries: &[Query]) -> Roots {
+    /// For a rule listening to `on`, with `with:` query results under `with`; entities of the
+    /// `pinned` blueprints (when every one has a file in `blueprints/`) get typed properties.
+    pub(super) fn new(
+        on: &[String],
+        queries: &[Query],
+        blueprints: &BTreeMap<String, Blueprint>,
+        pinned: Option<&[String]>,
+    ) -> Roots {
         let mut types: Vec<&'static str> = on.iter().flat_map(|p| envelope::types_for(p)).collect();
         types.sort();
         types.dedup();
+        let known: Option<Vec<&Blueprint>> = pinned
+            .map(|ids| {
+                ids.iter()
+                    .map(|id| blueprints.get(id))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .unwrap_or(None)
+            .filter(|v| !v.is_empty());
         let with = (!queries.is_empty()).then(|| {
             Shape::Object(
                 queries
                     .iter()
-                    .map(|q| Field {
-                        name: q.name.clone().into(),
-                        shape: Shape::List(Box::new(port_entity())),
-                        doc: "",
+                    .map(|q| {
+                        let entity = match blueprints.get(&q.blueprint) {
+                            Some(b) => typed(&port_entity(), &[b]),
+                            None => port_entity(),
+                        };
+                        Field {
+                            name: q.name.clone().into(),
+                            shape: Shape::List(Box::new(entity)),
+                            doc: "",
+                        }
                     })
                     .collect(),
             )
@@ -46,6 +67,22 @@ impl Roots {
             .into_iter()
             .filter_map(|t| {
                 let mut s = envelope::of_type(t)?.clone();
+                if let Some(bps) = &known {
+                    let entity_like: &[&'static str] = if t.starts_with("port/run.") {
+                        &["entity"]
+                    } else if t.starts_with("port/") {
+                        &["entity", "before", "after"]
+                    } else {
+                        &[]
+                    };
+                    for name in entity_like {
+                        if let Some(fl) = s.field(name) {
+                            let shape = typed(&fl.shape, bps);
+                            let doc = fl.doc;
+                            s = s.with_field(Field::new(name, shape, doc));
+                        }
+                    }
+                }
                 if let Some(w) = &with {
                     s = s.with_field(Field::new("with", w.clone(), ""));
                 }
@@ -74,6 +111,140 @@ impl Roots {
     }
 }
 
+/// An entity shape whose `properties` and `relations` are those of `bps` (a property several
+/// blueprints type differently is left open).
+fn typed(entity: &Shape, bps: &[&Blueprint]) -> Shape {
+    let mut props: BTreeMap<String, Shape> = BTreeMap::new();
+    let mut rels: Vec<String> = Vec::new();
+    for b in bps {
+        for (k, v) in &b.properties {
+            match props.get(k) {
+                Some(prev) if prev != v => {
+                    props.insert(k.clone(), Shape::Any);
+                }
+                _ => {
+                    props.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        rels.extend(b.relations.iter().cloned());
+    }
+    let props = Shape::Object(
+        props
+            .into_iter()
+            .map(|(k, v)| Field {
+                name: k.into(),
+                shape: v,
+                doc: "",
+            })
+            .collect(),
+    );
+    rels.sort();
+    rels.dedup();
+    let rels = Shape::Object(
+        rels.into_iter()
+            .map(|k| Field {
+                name: k.into(),
+                shape: Shape::Any,
+                doc: "",
+            })
+            .collect(),
+    );
+    entity
+        .with_field(Field::new(
+            "properties",
+            props,
+            "the entity's properties, as its blueprint defines them",
+        ))
+        .with_field(Field::new("relations", rels, "its relations"))
+}
+
+/// The blueprints a rule's top-level conditions pin it to: `$.blueprint == "X"`,
+/// `$.blueprint in ["X", "Y"]` (also through `$.entity.blueprint`).
+pub(super) fn pinned_blueprints(conditions: &[Condition]) -> Option<Vec<String>> {
+    use crate::routing::condition::Op;
+    for c in conditions {
+        let Condition::Cmp(cmp) = c else { continue };
+        let m = cmp.path().members();
+        let on_blueprint = matches!(m.as_slice(), [Seg::Name(a)] if a == "blueprint")
+            || matches!(m.as_slice(), [Seg::Name(a), Seg::Name(b)] if a == "entity" && b == "blueprint");
+        if !on_blueprint || !cmp.path().is_chain() {
+            continue;
+        }
+        match (cmp.op(), cmp.value()) {
+            (Op::Eq, serde_json::Value::String(s)) => return Some(vec![s.clone()]),
+            (Op::In, serde_json::Value::Array(a)) => {
+                let ids: Option<Vec<String>> =
+                    a.iter().map(|v| v.as_str().map(str::to_string)).collect();
+                return ids;
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// What a condition's value can never match: text against a number property, a value outside a
+/// property's `enum`. `None` when it can.
+fn value_problem(
+    op: crate::routing::condition::Op,
+    value: &serde_json::Value,
+    shape: &Shape,
+) -> Option<(String, String)> {
+    use crate::routing::condition::Op;
+    use serde_json::Value;
+    match shape {
+        Shape::Number => {
+            let ordering = matches!(
+                op,
+                Op::Gt | Op::Ge | Op::Lt | Op::Le | Op::CrossesAbove | Op::CrossesBelow
+            );
+            let equality = matches!(op, Op::Eq | Op::Ne | Op::ChangedTo | Op::ChangedFrom);
+            match value {
+                Value::String(t) if ordering || (equality && t.trim().parse::<f64>().is_err()) => {
+                    Some((
+                        format!("the property is a number, and `{t}` is text (in quotes)"),
+                        "compare with a number: drop the quotes (`> 80`)".to_string(),
+                    ))
+                }
+                _ => None,
+            }
+        }
+        Shape::Enum(allowed) => {
+            let shown = || {
+                allowed
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let outside = |v: &Value| !allowed.contains(v);
+            match (op, value) {
+                (Op::Eq | Op::Ne | Op::ChangedTo | Op::ChangedFrom, v @ Value::String(_))
+                    if outside(v) =>
+                {
+                    let near = v
+                        .as_str()
+                        .and_then(|t| did_you_mean(t, allowed.iter().filter_map(Value::as_str)));
+                    Some((
+                        format!("{v} is not one of the property's values ({})", shown()),
+                        near.map(|n| format!("did you mean \"{n}\"?"))
+                            .unwrap_or_else(|| "use one of the blueprint's enum values".into()),
+                    ))
+                }
+                (Op::In, Value::Array(items)) => items.iter().find(|v| outside(v)).map(|v| {
+                    (
+                        format!("{v} is not one of the property's values ({})", shown()),
+                        "use only the blueprint's enum values".to_string(),
+                    )
+                }),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Checks the paths of one condition (at `cp` in the file).
 pub(super) fn check_condition(
     p: &Parsed,
@@ -88,16 +259,39 @@ pub(super) fn check_condition(
     for cmp in c.comparisons() {
         let segs = cmp.path().members();
         let mut first_miss = None;
-        let mut ok = false;
+        let mut found: Vec<&Shape> = Vec::new();
         for (_, root) in &roots.roots {
             match resolve(root, &segs) {
-                Resolved::Found(_) => ok = true,
+                Resolved::Found(s) => found.push(s),
                 miss => {
                     first_miss.get_or_insert(miss);
                 }
             }
         }
-        if ok {
+        if !found.is_empty() {
+            // A value that can never match the property's type, for every event type.
+            let problems: Vec<Option<(String, String)>> = if cmp.path().is_chain() {
+                found
+                    .iter()
+                    .map(|s| value_problem(cmp.op(), cmp.value(), s))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if !problems.is_empty() && problems.iter().all(Option::is_some) {
+                if let Some(Some((why, hint))) = problems.into_iter().next() {
+                    diags.push(
+                        p.at(
+                            Diagnostic::error(
+                                "bad-value",
+                                format!("`{}`: {why}; the condition can never hold", cmp.text),
+                            ),
+                            cp,
+                        )
+                        .hint(hint),
+                    );
+                }
+            }
             continue;
         }
         let text = cmp.path().text();
@@ -137,6 +331,7 @@ pub(super) fn check_condition(
 /// rules that share a template.
 pub(super) struct StepCheck<'a> {
     pub p: &'a Parsed,
+    pub blueprints: &'a BTreeMap<String, Blueprint>,
     pub templates: &'a Templates,
     pub seen: &'a mut HashSet<(String, usize, usize, String)>,
     pub files: &'a mut HashMap<PathBuf, String>,
@@ -274,7 +469,8 @@ pub(super) fn check_rule(
     sc: &mut StepCheck<'_>,
     diags: &mut Vec<Diagnostic>,
 ) {
-    let roots = Roots::new(&rule.on, &rule.queries);
+    let pinned = pinned_blueprints(&rule.conditions);
+    let roots = Roots::new(&rule.on, &rule.queries, sc.blueprints, pinned.as_deref());
     for (i, c) in spec.conditions.iter().enumerate() {
         if let Ok(c) = crate::routing::condition::compile(c) {
             let cp = super::yaml::join_index(&join_key(path, "where"), i);

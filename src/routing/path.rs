@@ -196,6 +196,11 @@ impl JsonPathExpr {
         }
     }
 
+    /// True for a plain member/index chain (what the fast walk evaluates), interned or not.
+    pub fn is_chain(&self) -> bool {
+        matches!(self.kind, Kind::Simple(_))
+    }
+
     /// True for a member/index chain that has its memo slot (selects at most one node).
     pub fn is_simple(&self) -> bool {
         matches!(self.kind, Kind::Simple(_)) && self.slot.is_some()
