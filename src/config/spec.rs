@@ -639,7 +639,131 @@ pub enum OpSchema {
 /// The JSON Schema of a rules file, as checked in at `schemas/rules.schema.json`.
 pub fn json_schema() -> String {
     let schema = schemars::schema_for!(RulesFile);
-    let mut s = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    let mut v = serde_json::to_value(&schema).unwrap_or_default();
+    tighten(&mut v);
+    let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
     s.push('\n');
     s
+}
+
+/// Settings that are durations (`10s`, `1h 30m`): what `humantime` reads.
+const DURATION_KEYS: &[&str] = &[
+    "timeout",
+    "window",
+    "tolerance",
+    "retry_initial",
+    "retry_max",
+    "max_age",
+    "dedup_window",
+    "session_timeout",
+];
+
+/// What the generated schema cannot say from the types alone, added so that it agrees with
+/// `check` wherever JSON Schema can: `on` completes from the event types, `on` and `send` are
+/// non-empty, a destination has exactly one kind, a send step has a template, blocks or text,
+/// durations and cron patterns have their shapes, and no format is left that strict validators
+/// (ajv) do not know (`uint32`, `double`).
+fn tighten(v: &mut Value) {
+    strip_formats(v);
+    let Some(defs) = v.get_mut("$defs").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let event_type = serde_json::json!({
+        "anyOf": [
+            {"enum": crate::event::EVENT_TYPES},
+            {"type": "string", "pattern": "^(\\*|[a-z]+/\\*|port/(entity|timer|run)\\.\\*|schedule/[A-Za-z0-9_.-]+)$"}
+        ]
+    });
+    if let Some(on) = defs
+        .get_mut("RuleSpec")
+        .and_then(|r| r.pointer_mut("/properties/on"))
+    {
+        let description = on.get("description").cloned().unwrap_or(Value::Null);
+        *on = serde_json::json!({
+            "description": description,
+            "anyOf": [
+                event_type.clone(),
+                {"type": "array", "items": event_type, "minItems": 1}
+            ]
+        });
+    }
+    if let Some(send) = defs
+        .get_mut("RuleSpec")
+        .and_then(|r| r.pointer_mut("/properties/send"))
+    {
+        if let Value::Object(m) = send {
+            m.insert("minItems".into(), Value::from(1));
+        }
+    }
+    if let Some(Value::Object(d)) = defs.get_mut("DestinationSpec") {
+        let kinds = [
+            "slack_webhook",
+            "slack",
+            "webhook",
+            "stdout",
+            "port",
+            "kafka",
+        ];
+        d.insert(
+            "oneOf".into(),
+            Value::Array(
+                kinds
+                    .iter()
+                    .map(|k| serde_json::json!({"properties": {*k: true}, "required": [k]}))
+                    .collect(),
+            ),
+        );
+    }
+    if let Some(Value::Object(st)) = defs.get_mut("SendSpec") {
+        st.insert(
+            "anyOf".into(),
+            serde_json::json!([
+                {"properties": {"template": true}, "required": ["template"]},
+                {"properties": {"blocks": true}, "required": ["blocks"]},
+                {"properties": {"text": true}, "required": ["text"]}
+            ]),
+        );
+        st.insert(
+            "not".into(),
+            serde_json::json!({"properties": {"template": true, "blocks": true}, "required": ["template", "blocks"]}),
+        );
+    }
+    if let Some(cron) = defs
+        .get_mut("ScheduleSpec")
+        .and_then(|r| r.pointer_mut("/properties/cron"))
+        .and_then(Value::as_object_mut)
+    {
+        cron.insert(
+            "pattern".into(),
+            Value::from("^\\s*\\S+(\\s+\\S+){4,5}\\s*$"),
+        );
+    }
+    for def in defs.values_mut() {
+        let Some(props) = def.get_mut("properties").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for key in DURATION_KEYS {
+            if let Some(Value::Object(p)) = props.get_mut(*key) {
+                p.insert(
+                    "pattern".into(),
+                    Value::from("^\\s*([0-9]+\\s*[a-zA-Z\u{b5}]+\\s*)+$"),
+                );
+            }
+        }
+    }
+}
+
+fn strip_formats(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if m.get("format").and_then(Value::as_str).is_some_and(|f| {
+                f.starts_with("uint") || f.starts_with("int") || f == "double" || f == "float"
+            }) {
+                m.remove("format");
+            }
+            m.values_mut().for_each(strip_formats);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_formats),
+        _ => {}
+    }
 }
