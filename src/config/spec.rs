@@ -687,13 +687,11 @@ fn tighten(v: &mut Value) {
             ]
         });
     }
-    if let Some(send) = defs
+    if let Some(Value::Object(send)) = defs
         .get_mut("RuleSpec")
         .and_then(|r| r.pointer_mut("/properties/send"))
     {
-        if let Value::Object(m) = send {
-            m.insert("minItems".into(), Value::from(1));
-        }
+        send.insert("minItems".into(), Value::from(1));
     }
     if let Some(Value::Object(d)) = defs.get_mut("DestinationSpec") {
         let kinds = [
