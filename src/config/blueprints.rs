@@ -64,14 +64,14 @@ pub(super) fn load(dir: &Path, diags: &mut Vec<Diagnostic>) -> BTreeMap<String, 
     if !bdir.is_dir() {
         return out;
     }
-    let files = match super::load::list_files(&bdir, &["json"]) {
+    let files = match super::parsed::list_files(&bdir, &["json"]) {
         Ok(f) => f,
         Err(d) => {
             diags.push(d);
             return out;
         }
     };
-    for f in super::load::only_inside(dir, files, diags) {
+    for f in super::parsed::only_inside(dir, files, diags) {
         let text = match super::parsed::read_text(&f, 4 * 1024 * 1024) {
             Ok(t) => t,
             Err(d) => {

@@ -316,3 +316,49 @@ pub(super) fn only_port_destination(dests: &BTreeMap<String, DestinationConfig>)
         _ => None,
     }
 }
+
+/// The files of `dir` with one of `exts`, sorted, hidden ones left out.
+pub(super) fn list_files(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>, Diagnostic> {
+    let rd = std::fs::read_dir(dir).map_err(|e| {
+        Diagnostic::error(
+            "io",
+            format!("cannot read the rules directory {}: {e}", dir.display()),
+        )
+        .hint("pass an existing directory with --rules (default: rules/)")
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| exts.contains(&e))
+        })
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// `files` without those that lead outside `root`, each of those reported.
+pub(super) fn only_inside(
+    root: &Path,
+    files: Vec<PathBuf>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<PathBuf> {
+    files
+        .into_iter()
+        .filter(|f| {
+            let ok = inside(root, f);
+            if !ok {
+                diags.push(outside(f, root));
+            }
+            ok
+        })
+        .collect()
+}
