@@ -168,8 +168,20 @@ fn run_test(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) {
             Err(DispatchError::Render(reason)) => {
                 let mut diag =
                     Diagnostic::error("template", format!("test `{}`: {reason}", t.name));
-                diag = match rs.templates.origin(&d.template) {
-                    Some(o) if !o.inline => diag.in_file(&o.file),
+                // Where in the template it failed, when the renderer says.
+                let at = rs
+                    .templates
+                    .render_message(&d.template, &handlebars::Context::from(ev.data.clone()))
+                    .err()
+                    .and_then(|e| e.line.zip(e.column));
+                diag = match (rs.templates.origin(&d.template), at) {
+                    (Some(o), Some((line, column))) if !o.inline => {
+                        let mut d = diag.in_file(&o.file);
+                        d.line = Some(line + o.line_offset - 1);
+                        d.column = Some(column);
+                        d
+                    }
+                    (Some(o), _) if !o.inline => diag.in_file(&o.file),
                     _ => diag.at(&t.file, t.pos),
                 };
                 diags.push(diag);

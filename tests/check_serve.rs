@@ -448,3 +448,24 @@ fn an_unclosed_block_is_one_error_at_its_opening_tag() {
     let e = find(&diags, "template", "closes `{{#if}}`");
     assert_eq!(e.column, Some(22), "{e:#?}");
 }
+
+#[test]
+fn a_render_error_names_the_template_line() {
+    let d = dir_with(
+        "rules:
+  - id: r
+    on: port/entity.updated
+    send: [{ to: console, template: t }]
+tests:
+  - name: spike
+    event: { source: port, file: ../examples/cpu-spike.json }
+    expect: [{ rule: r, to: console }]
+",
+        &[("t", "{\n  \"text\": \"{{entity.title}}\",\n  \"x\": \"{{truncate entity.title \"a\"}}\"\n}\n")],
+    );
+    let (valid, diags) = run(&d);
+    assert!(!valid);
+    let e = find(&diags, "template", "test `spike`");
+    assert_eq!(e.line, Some(3), "{e:#?}");
+    assert!(e.message.contains("line 3"), "{e:#?}");
+}

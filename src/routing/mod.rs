@@ -563,7 +563,13 @@ fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Con
 }
 
 fn render_error(e: crate::render::TemplateError) -> DispatchError {
-    DispatchError::Render(format!("template `{}`: {}", e.template, e.message))
+    match (e.line, e.column) {
+        (Some(l), Some(c)) => DispatchError::Render(format!(
+            "template `{}` (line {l}, column {c}): {}",
+            e.template, e.message
+        )),
+        _ => DispatchError::Render(format!("template `{}`: {}", e.template, e.message)),
+    }
 }
 
 /// A secret event may only be a Slack DM to the user it belongs to.
