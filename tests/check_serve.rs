@@ -469,3 +469,30 @@ tests:
     assert_eq!(e.line, Some(3), "{e:#?}");
     assert!(e.message.contains("line 3"), "{e:#?}");
 }
+
+#[test]
+fn every_error_in_a_file_is_reported_in_one_run() {
+    let d = dir_with(
+        "rules:
+  - id: a
+    on: port/entity.updated
+    sned: []
+  - id: b
+    on: port/entity.updated
+    send: [{ to: console, txt: hi }]
+schedules:
+  s: { crn: \"0 9 * * *\" }
+",
+        &[],
+    );
+    let (_, diags) = run(&d);
+    let keys: Vec<&str> = diags
+        .iter()
+        .filter(|d| d.code == "unknown-key")
+        .map(|d| d.message.as_str())
+        .collect();
+    assert_eq!(keys.len(), 3, "{diags:#?}");
+    for k in ["sned", "txt", "crn"] {
+        assert!(keys.iter().any(|m| m.contains(k)), "{k}: {keys:?}");
+    }
+}

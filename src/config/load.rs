@@ -270,9 +270,20 @@ pub(super) fn parse_file(
     let spec: RulesFile = match serde_path_to_error::deserialize(&expanded) {
         Ok(s) => s,
         Err(e) => {
-            let mut d = serde_diag(path, &spans, &e);
-            scrub(&mut d, &expansions);
-            diags.push(d);
+            // serde stops at the first mistake; each section item on its own finds them all,
+            // so that one run of `check` reports every error in the file.
+            let first = serde_diag(path, &spans, &e, "");
+            let mut all = item_errors(path, &spans, &expanded);
+            if !all
+                .iter()
+                .any(|d| d.line == first.line && d.column == first.column)
+            {
+                all.insert(0, first);
+            }
+            for mut d in all {
+                scrub(&mut d, &expansions);
+                diags.push(d);
+            }
             return None;
         }
     };
@@ -310,12 +321,54 @@ pub(super) fn scrub(d: &mut Diagnostic, expansions: &[(String, String)]) {
 }
 
 /// Turns a deserialization error into a positioned diagnostic with a "did you mean" hint.
+/// The deserialization errors of every item of every section, each at its place.
+fn item_errors(file: &Path, spans: &SpanMap, v: &Value) -> Vec<Diagnostic> {
+    use super::spec::{DestinationSpec, RuleSpec, ScheduleSpec, SourceSpec, TestSpec};
+    fn one<T: serde::de::DeserializeOwned>(
+        file: &Path,
+        spans: &SpanMap,
+        v: &Value,
+        at: &str,
+        out: &mut Vec<Diagnostic>,
+    ) {
+        if let Err(e) = serde_path_to_error::deserialize::<_, T>(v) {
+            out.push(serde_diag(file, spans, &e, at));
+        }
+    }
+    let mut out = Vec::new();
+    let Some(m) = v.as_object() else {
+        return out;
+    };
+    for (section, val) in m {
+        match (section.as_str(), val) {
+            ("sources", Value::Object(items)) => items.iter().for_each(|(k, x)| {
+                one::<SourceSpec>(file, spans, x, &join_key("sources", k), &mut out)
+            }),
+            ("destinations", Value::Object(items)) => items.iter().for_each(|(k, x)| {
+                one::<DestinationSpec>(file, spans, x, &join_key("destinations", k), &mut out)
+            }),
+            ("schedules", Value::Object(items)) => items.iter().for_each(|(k, x)| {
+                one::<ScheduleSpec>(file, spans, x, &join_key("schedules", k), &mut out)
+            }),
+            ("rules", Value::Array(items)) => items.iter().enumerate().for_each(|(i, x)| {
+                one::<RuleSpec>(file, spans, x, &join_index("rules", i), &mut out)
+            }),
+            ("tests", Value::Array(items)) => items.iter().enumerate().for_each(|(i, x)| {
+                one::<TestSpec>(file, spans, x, &join_index("tests", i), &mut out)
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
 pub(super) fn serde_diag(
     file: &Path,
     spans: &SpanMap,
     e: &serde_path_to_error::Error<serde_json::Error>,
+    prefix: &str,
 ) -> Diagnostic {
-    let mut path = String::new();
+    let mut path = prefix.to_string();
     for seg in e.path().iter() {
         match seg {
             serde_path_to_error::Segment::Seq { index } => path = join_index(&path, *index),
