@@ -84,11 +84,37 @@ tests:
     );
     let (valid, diags) = run(&d);
     assert!(!valid);
-    let e = find(&diags, "bad-recipient", "user_email");
-    assert!(e.is_error() && e.hint.is_some(), "{e:#?}");
-    let w = find(&diags, "unknown-field", "payload.user_email");
+    // The envelope shows it without any event: the step's only recipient is a field no Coder
+    // notification has.
+    let w = find(&diags, "bad-recipient", "payload.user_email");
+    assert!(w.is_error() && w.message.contains("dead letter"), "{w:#?}");
     assert_eq!((w.line, w.column), (Some(14), Some(21)), "{w:#?}");
     assert!(w.hint.as_deref().unwrap().contains("user"), "{w:#?}");
+}
+
+#[test]
+fn a_recipient_that_renders_empty_for_a_test_event_fails_check() {
+    // `labels` is open (Coder sends what it likes), so only the event can tell.
+    let d = dir_with(
+        "rules:
+  - id: dm
+    on: coder/notification
+    where: ['$.template.id != \"62f86a30-2330-4b61-a26d-311ff3b608cf\"']
+    send: [{ to: bot, user_email: \"{{labels.owner_email}}\", text: \"{{title}}\" }]
+tests:
+  - name: deleted
+    event: { source: coder, file: ../examples/coder-workspace-deleted.json }
+    expect: [{ rule: dm, to: bot }]
+",
+        &[],
+    );
+    let (valid, diags) = run(&d);
+    assert!(!valid);
+    let e = find(&diags, "bad-recipient", "for this event");
+    assert!(
+        e.is_error() && e.hint.is_some() && e.line.is_some(),
+        "{e:#?}"
+    );
 }
 
 #[test]

@@ -16,6 +16,7 @@ use super::diag::{did_you_mean, Diagnostic};
 use super::parsed::Parsed;
 use super::yaml::{join_key, Pos};
 use crate::envelope::{self, port_entity, resolve, Field, Resolved, Seg, Shape};
+use crate::render::inspect::FindingKind;
 use crate::render::{Finding, Templates};
 use crate::routing::condition::Condition;
 use crate::routing::{Query, SendStep};
@@ -366,7 +367,25 @@ impl StepCheck<'_> {
             ("for_each", &step.for_each),
         ] {
             let Some(t) = t else { continue };
-            let found = keep_common(roots, |root| self.templates.inspect_plain(t, root));
+            let mut found = keep_common(roots, |root| self.templates.inspect_plain(t, root));
+            // The only recipient of the step, rendered from a field no event has: every message
+            // of this step would be a dead letter (`no channel or user_email`), so it is an error.
+            let sole = match key {
+                "channel" => step.user_email.is_none(),
+                "user_email" => step.channel.is_none(),
+                _ => false,
+            };
+            if sole {
+                for f in &mut found {
+                    if matches!(f.kind, FindingKind::UnknownField | FindingKind::NoFields) {
+                        f.error = true;
+                        f.message = format!(
+                            "`{key}`: {}, so every message of this step would be a dead letter (`no channel or user_email`)",
+                            f.message.trim_end_matches("; it renders as nothing")
+                        );
+                    }
+                }
+            }
             self.report(found, &join_key(sp, key), diags);
         }
     }
@@ -393,7 +412,11 @@ impl StepCheck<'_> {
             if !self.seen.insert(key) {
                 continue;
             }
-            let code = if f.error { "template" } else { "unknown-field" };
+            let code = match (f.error, f.kind) {
+                (true, FindingKind::UnknownField | FindingKind::NoFields) => "bad-recipient",
+                (true, _) => "template",
+                (false, _) => "unknown-field",
+            };
             let mut d = if f.error {
                 Diagnostic::error(code, f.message.clone())
             } else {
