@@ -522,3 +522,72 @@ schedules:
         assert!(keys.iter().any(|m| m.contains(k)), "{k}: {keys:?}");
     }
 }
+
+#[test]
+fn query_prints_what_a_path_selects_and_simulate_runs_a_schedule() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let out = std::process::Command::new(bin)
+        .args(["query", "--rules"])
+        .arg(root.join("rules"))
+        .args(["--source", "port"])
+        .arg(root.join("examples/events/cpu-spike.json"))
+        .arg("$.after.properties.cpuUtil")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "91");
+    let none = std::process::Command::new(bin)
+        .args(["query", "--rules"])
+        .arg(root.join("rules"))
+        .args(["--source", "port"])
+        .arg(root.join("examples/events/cpu-spike.json"))
+        .arg("$.after.nope")
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("selects nothing"));
+    let bad = std::process::Command::new(bin)
+        .args(["query", "--rules"])
+        .arg(root.join("rules"))
+        .args(["--source", "port"])
+        .arg(root.join("examples/events/cpu-spike.json"))
+        .arg("$.after[")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+
+    let sim = std::process::Command::new(bin)
+        .args(["simulate", "--rules"])
+        .arg(root.join("rules"))
+        .args(["--schedule", "weekly-readines"])
+        .output()
+        .unwrap();
+    assert_eq!(sim.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&sim.stderr).contains("did you mean `weekly-readiness`?"),
+        "{}",
+        String::from_utf8_lossy(&sim.stderr)
+    );
+    let sim = std::process::Command::new(bin)
+        .args(["simulate", "--rules"])
+        .arg(root.join("rules"))
+        .args([
+            "--schedule",
+            "weekly-readiness",
+            "--at",
+            "2026-01-05T08:00:00Z",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        sim.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sim.stderr)
+    );
+    assert!(String::from_utf8_lossy(&sim.stdout).contains("readiness-reminder"));
+}
