@@ -5,8 +5,11 @@
 //! A path is reported only when it is wrong for *every* type the rule listens to (a rule on
 //! `port/*` may read `run.id`, which run events have), and each problem once however many rules
 //! share the template. Unknown fields are warnings (they render as nothing, or make a condition
-//! false); unknown helpers and wrong arity are errors (they fail at render time for every
-//! event), so `serve` refuses them as `check` does.
+//! false), except as a step's only recipient, where every message would become a dead letter;
+//! unknown helpers and wrong arity are errors (they fail at render time for every event), so
+//! `serve` refuses them as `check` does. With Port blueprints in the rules directory
+//! ([`super::blueprints`]), a rule pinned to blueprints sees typed entity properties, and a
+//! condition value that can never match a property's type or `enum` is an error.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
