@@ -105,6 +105,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
     let mut seen_rule: HashMap<String, (PathBuf, Pos)> = HashMap::new();
     let mut seen_findings = HashSet::new();
     let mut template_files = HashMap::new();
+    let mut findings_memo = HashMap::new();
     let blueprints = super::blueprints::load(dir, &mut diags);
     for p in &parsed {
         for (i, r) in p.spec.rules.iter().enumerate() {
@@ -134,6 +135,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
                     blueprints: &blueprints,
                     templates: &templates,
                     seen: &mut seen_findings,
+                    memo: &mut findings_memo,
                     files: &mut template_files,
                 };
                 super::shapes::check_rule(p, &path, r, &rule, &mut sc, &mut diags);

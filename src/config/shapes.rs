@@ -27,6 +27,9 @@ use crate::routing::{Query, SendStep};
 /// The envelopes one rule sees: one root shape per event type.
 pub(super) struct Roots {
     roots: Vec<(&'static str, Shape)>,
+    /// Equal for rules that see equal envelopes (types, queries, pinned blueprints, `item`):
+    /// what template findings are memoised by, since many rules share a template.
+    key: String,
 }
 
 impl Roots {
@@ -67,7 +70,7 @@ impl Roots {
                     .collect(),
             )
         });
-        let roots = types
+        let roots: Vec<(&'static str, Shape)> = types
             .into_iter()
             .filter_map(|t| {
                 let mut s = envelope::of_type(t)?.clone();
@@ -93,7 +96,23 @@ impl Roots {
                 Some((t, s))
             })
             .collect();
-        Roots { roots }
+        let key = format!(
+            "{}|{}|{}",
+            roots_types(&roots),
+            queries
+                .iter()
+                .map(|q| format!("{}:{}", q.name, q.blueprint))
+                .collect::<Vec<_>>()
+                .join(","),
+            known
+                .map(|k| k
+                    .iter()
+                    .map(|b| b.identifier.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default()
+        );
+        Roots { roots, key }
     }
 
     fn with_item(&self) -> Roots {
@@ -103,16 +122,17 @@ impl Roots {
                 .iter()
                 .map(|(t, s)| (*t, s.with_field(Field::new("item", Shape::Any, ""))))
                 .collect(),
+            key: format!("{}|item", self.key),
         }
     }
 
     fn types(&self) -> String {
-        self.roots
-            .iter()
-            .map(|(t, _)| *t)
-            .collect::<Vec<_>>()
-            .join(", ")
+        roots_types(&self.roots)
     }
+}
+
+fn roots_types(roots: &[(&'static str, Shape)]) -> String {
+    roots.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ")
 }
 
 /// An entity shape whose `properties` and `relations` are those of `bps` (a property several
@@ -338,6 +358,7 @@ pub(super) struct StepCheck<'a> {
     pub blueprints: &'a BTreeMap<String, Blueprint>,
     pub templates: &'a Templates,
     pub seen: &'a mut HashSet<(String, usize, usize, String)>,
+    pub memo: &'a mut HashMap<(String, bool, String), Vec<Finding>>,
     pub files: &'a mut HashMap<PathBuf, String>,
 }
 
@@ -361,7 +382,7 @@ impl StepCheck<'_> {
         } else {
             roots
         };
-        let found = keep_common(roots, |root| self.templates.inspect(&step.template, root));
+        let found = self.memo(&step.template, false, roots);
         self.report(found, &join_key(sp, inline_key), diags);
         for (key, t) in [
             ("channel", &step.channel),
@@ -370,7 +391,7 @@ impl StepCheck<'_> {
             ("for_each", &step.for_each),
         ] {
             let Some(t) = t else { continue };
-            let mut found = keep_common(roots, |root| self.templates.inspect_plain(t, root));
+            let mut found = self.memo(t, true, roots);
             // The only recipient of the step, rendered from a field no event has: every message
             // of this step would be a dead letter (`no channel or user_email`), so it is an error.
             let sole = match key {
@@ -404,8 +425,26 @@ impl StepCheck<'_> {
         if roots.roots.is_empty() {
             return;
         }
-        let found = keep_common(roots, |root| self.templates.inspect_plain(name, root));
+        let found = self.memo(name, true, roots);
         self.report(found, at, diags);
+    }
+
+    /// The findings of one template for these roots, computed once per (template, envelope).
+    fn memo(&mut self, template: &str, plain: bool, roots: &Roots) -> Vec<Finding> {
+        let key = (template.to_string(), plain, roots.key.clone());
+        if let Some(f) = self.memo.get(&key) {
+            return f.clone();
+        }
+        let templates = self.templates;
+        let found = keep_common(roots, |root| {
+            if plain {
+                templates.inspect_plain(template, root)
+            } else {
+                templates.inspect(template, root)
+            }
+        });
+        self.memo.insert(key, found.clone());
+        found
     }
 
     fn report(&mut self, found: Vec<Finding>, at: &str, diags: &mut Vec<Diagnostic>) {
