@@ -591,3 +591,38 @@ fn query_prints_what_a_path_selects_and_simulate_runs_a_schedule() {
     );
     assert!(String::from_utf8_lossy(&sim.stdout).contains("readiness-reminder"));
 }
+
+#[test]
+fn entities_link_to_ports_web_app_in_the_configured_region() {
+    let body = |app: &str| {
+        format!(
+            "rules:
+  - id: r
+    on: port/entity.updated
+    send: [{{ to: console, text: \"{{{{entity.url}}}}\" }}]
+tests:
+  - name: spike
+    event: {{ source: {app}, file: ../examples/cpu-spike.json }}
+    expect:
+      - rule: r
+        to: console
+        message: {{ text: \"{}/DeploymentConfigEntity?identifier=payments-deploy-prod\" }}
+",
+            if app == "port" {
+                "https://app.port.io"
+            } else {
+                "https://app.us.port.io"
+            }
+        )
+    };
+    let (valid, diags) = run(&dir_with(&body("port"), &[]));
+    assert!(valid, "{diags:#?}");
+    let d = dir_with(&body("us"), &[]);
+    std::fs::write(
+        d.path().join("rules/us.yaml"),
+        "sources:\n  us: { port: { client_secret: \"${SET_VAR}\", app_url: \"https://app.us.port.io\" } }\n",
+    )
+    .unwrap();
+    let (valid, diags) = run(&d);
+    assert!(valid, "{diags:#?}");
+}

@@ -178,12 +178,13 @@ fn link_entity(data: &mut Value, app_url: &str) {
     ) else {
         return;
     };
-    let id: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
-    let bp: String = form_urlencoded::byte_serialize(bp.as_bytes()).collect();
-    let url = format!(
-        "{}/{bp}Entity?identifier={id}",
-        app_url.trim_end_matches('/')
-    );
+    let app = app_url.trim_end_matches('/');
+    let mut url = String::with_capacity(app.len() + bp.len() + id.len() + 20);
+    url.push_str(app);
+    url.push('/');
+    url.extend(form_urlencoded::byte_serialize(bp.as_bytes()));
+    url.push_str("Entity?identifier=");
+    url.extend(form_urlencoded::byte_serialize(id.as_bytes()));
     e.insert("url".into(), Value::String(url));
 }
 
