@@ -324,7 +324,9 @@ fn probe_queries(
             .iter()
             .map(|q| {
                 let v = t.with.get(&q.name).cloned().unwrap_or_else(|| {
-                    if sample {
+                    if let (true, Some(b)) = (sample, rs.blueprints.get(&q.blueprint)) {
+                        serde_json::json!([b.sample_entity()])
+                    } else if sample {
                         serde_json::json!([{
                             "identifier": "sample-entity",
                             "title": "Sample entity",

@@ -183,6 +183,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
     }
     let mut rs = Ruleset::new(rules, sources, dests, templates, tests, loaded);
     rs.schedules = schedules;
+    rs.blueprints = blueprints;
     check_secret_routing(&rs, &parsed, &mut diags);
     let expansions: Vec<(String, String)> = parsed
         .iter()

@@ -49,6 +49,8 @@ pub struct Ruleset {
     pub files: Vec<LoadedFile>,
     /// Schedules by name.
     pub schedules: BTreeMap<String, Schedule>,
+    /// Port blueprints from `blueprints/*.json` (for `check`; empty when there are none).
+    pub blueprints: BTreeMap<String, blueprints::Blueprint>,
 }
 
 impl Ruleset {
@@ -72,6 +74,7 @@ impl Ruleset {
             tests,
             files,
             schedules: BTreeMap::new(),
+            blueprints: BTreeMap::new(),
         }
     }
 }
