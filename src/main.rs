@@ -15,10 +15,20 @@ use switchyard::sources::Request;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `0.1.0 (commit 1a2b3c4d5e6f, release)`: what `--version` prints.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SWITCHYARD_GIT_COMMIT"),
+    ", ",
+    env!("SWITCHYARD_BUILD_PROFILE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "switchyard",
-    version,
+    version = VERSION,
     about = "Port and Coder webhooks in, Slack Block Kit out, decided by YAML rules"
 )]
 struct Cli {
@@ -186,6 +196,14 @@ enum Command {
         path: String,
     },
     /// Run the engine: receive webhooks, route them, deliver the messages.
+    #[command(
+        after_help = "Environment (besides the flags' own variables above):\n  \
+        SWITCHYARD_ADMIN_TOKEN   bearer token of the admin API (/-/reload, /-/dead-letters); \
+        unset: the admin API answers 404. Environment only, never a flag, so it stays out of `ps`.\n  \
+        SWITCHYARD_LOG           log filter (default `info`; e.g. `switchyard=debug`)\n  \
+        SWITCHYARD_KAFKA_DEBUG   librdkafka debug contexts (e.g. `all`), logged under target `librdkafka`\n  \
+        and every `${VAR}` the rules files use."
+    )]
     Serve {
         #[arg(long, default_value = "rules", env = "SWITCHYARD_RULES")]
         rules: PathBuf,
@@ -200,11 +218,12 @@ enum Command {
         #[arg(long, default_value_t = 100_000, env = "SWITCHYARD_MAX_PENDING")]
         max_pending: usize,
         /// Seconds to let attempts in progress finish on SIGTERM/SIGINT.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, env = "SWITCHYARD_GRACE_SECONDS")]
         grace_seconds: u64,
         /// Do not watch the rules directory (reload with SIGHUP or POST /-/reload).
-        #[arg(long)]
+        #[arg(long, env = "SWITCHYARD_NO_WATCH")]
         no_watch: bool,
+
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -220,6 +239,11 @@ enum Command {
     },
     /// Print the JSON Schema of a rules file.
     Schema,
+    /// Print a shell completion script (e.g. `switchyard completions bash >
+    /// /etc/bash_completion.d/switchyard`).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff; e.g. `switchyard man > /usr/share/man/man1/switchyard.1`).
+    Man,
     /// Print the event envelope of every event type: the README's tables (`markdown`) or a
     /// JSON Schema (`schema`, as in schemas/envelope.schema.json).
     Envelope {
@@ -341,8 +365,8 @@ fn main() -> ExitCode {
             match rt.block_on(switchyard::server::serve(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // Logging is set up: one line, in the configured format.
                     tracing::error!("{e}");
-                    eprintln!("error: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -355,6 +379,22 @@ fn main() -> ExitCode {
         Command::Blueprints {
             action: BlueprintsAction::Pull { rules, port },
         } => cli::blueprints::pull(&rules, &port),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "switchyard", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = std::io::stdout().lock();
+            match clap_mangen::Man::new(cmd).render(&mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Envelope { format } => {
             match format {
                 EnvelopeFormat::Markdown => print!("{}", switchyard::envelope::markdown()),
@@ -647,8 +687,10 @@ fn cmd_sign(secret_env: String, timestamp: Option<String>, slack: bool, body: Pa
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: `kubectl logs` and journald show escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

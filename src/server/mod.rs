@@ -247,6 +247,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/hooks/{source}/{token}", post(hook_with_token))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        // The names Prometheus-ecosystem tools probe (Alertmanager's, Prometheus').
+        .route(
+            "/-/healthy",
+            get(|| async { Json(json!({"status": "ok"})) }),
+        )
+        .route("/-/ready", get(readyz))
         .route("/status", get(admin::status))
         .route("/metrics", get(admin::metrics))
         .merge(admin::routes(state.clone()))

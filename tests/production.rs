@@ -1,0 +1,84 @@
+//! What a server deployment relies on: `--version` names the commit, completions and the man
+//! page are generated, Prometheus-style probe paths answer, logs carry no terminal colours when
+//! they go to a file, and a failure to start is one line.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::Engine;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+#[test]
+fn version_names_the_commit_and_the_profile() {
+    let out = bin().arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(v.starts_with("switchyard 0."), "{v}");
+    assert!(v.contains("(commit ") && v.contains(", debug)"), "{v}");
+}
+
+#[test]
+fn completions_and_the_man_page_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = bin().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("switchyard") && text.contains("dead-letters"),
+            "{shell}"
+        );
+    }
+    let out = bin().arg("man").output().unwrap();
+    assert!(out.status.success());
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        man.contains(".TH switchyard 1") && man.contains("check"),
+        "{man}"
+    );
+}
+
+#[tokio::test]
+async fn probes_answer_and_logs_to_a_file_have_no_colours() {
+    let (tmp, rules) = Engine::workspace(&[], true);
+    let e = Engine::start(tmp, rules, &[("PORT_CLIENT_SECRET", "s3cret-value")]).await;
+    let client = reqwest::Client::new();
+    for path in ["/healthz", "/readyz", "/-/healthy", "/-/ready"] {
+        let r = client.get(e.url(path)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+    }
+    let logs = e.logs();
+    assert!(!logs.is_empty());
+    assert!(
+        !logs.contains('\u{1b}'),
+        "ANSI escapes in a log file: {logs}"
+    );
+}
+
+#[test]
+fn a_failure_to_start_is_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let (tmp, rules) = Engine::workspace(&[], true);
+    let out = bin()
+        .arg("serve")
+        .arg("--rules")
+        .arg(&rules)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .arg("--listen")
+        .arg(addr.to_string())
+        .env("PORT_CLIENT_SECRET", "s3cret-value")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let about: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(&addr.port().to_string()) && l.to_lowercase().contains("error"))
+        .collect();
+    assert_eq!(about.len(), 1, "{err}");
+}
