@@ -244,6 +244,11 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff; e.g. `switchyard man > /usr/share/man/man1/switchyard.1`).
     Man,
+    /// Exit 0 when `GET URL` answers 2xx within 3 s (a container HEALTHCHECK without curl).
+    Probe {
+        /// e.g. `http://127.0.0.1:8080/healthz`
+        url: String,
+    },
     /// Print the event envelope of every event type: the README's tables (`markdown`) or a
     /// JSON Schema (`schema`, as in schemas/envelope.schema.json).
     Envelope {
@@ -384,6 +389,13 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "switchyard", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
+        Command::Probe { url } => match probe(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("probe {url}: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Man => {
             let cmd = <Cli as clap::CommandFactory>::command();
             let mut out = std::io::stdout().lock();
@@ -484,6 +496,47 @@ fn parse_headers(headers: &[String]) -> Result<std::collections::BTreeMap<String
                 .ok_or_else(|| format!("header `{h}` is not `Name: value`"))
         })
         .collect()
+}
+
+/// `GET url` over plain HTTP/1.1 with std's blocking socket: the image has no curl, and a probe
+/// needs no runtime.
+fn probe(url: &str) -> Result<(), String> {
+    use std::io::Read;
+    use std::net::ToSocketAddrs;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are probed")?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = host
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let limit = std::time::Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, limit).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    let code = line.split_whitespace().nth(1).unwrap_or("");
+    if code.starts_with('2') {
+        Ok(())
+    } else {
+        Err(format!(
+            "answered {}",
+            if code.is_empty() { "nothing" } else { code }
+        ))
+    }
 }
 
 /// What `simulate` feeds in.
