@@ -82,3 +82,76 @@ fn a_failure_to_start_is_one_line() {
         .collect();
     assert_eq!(about.len(), 1, "{err}");
 }
+
+#[tokio::test]
+async fn metrics_are_described_and_present_from_start() {
+    let (tmp, rules) = Engine::workspace(&[], true);
+    let e = Engine::start(tmp, rules, &[("PORT_CLIENT_SECRET", "s3cret-value")]).await;
+    let text = e.get_text("/metrics").await;
+    for must in [
+        "# HELP switchyard_events_total",
+        "# TYPE switchyard_events_total counter",
+        "# TYPE switchyard_build_info gauge",
+        "switchyard_config_last_reload_successful 1",
+        "switchyard_config_last_reload_success_timestamp_seconds ",
+        "switchyard_reloads_total{outcome=\"error\"} 0",
+        "switchyard_throttled_total 0",
+    ] {
+        assert!(
+            text.contains(must),
+            "`{must}` missing from /metrics:\n{text}"
+        );
+    }
+    let info = text
+        .lines()
+        .find(|l| l.starts_with("switchyard_build_info{"))
+        .unwrap_or_default();
+    assert!(
+        info.contains("commit=\"") && info.contains("version=\"") && info.ends_with(" 1"),
+        "{info}"
+    );
+    // Every series has HELP and TYPE.
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = l.split(['{', ' ']).next().unwrap_or_default();
+        let base = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            text.contains(&format!("# HELP {base} ")) || text.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}"
+        );
+    }
+    // And an independent parser (Prometheus' Python client) reads it, where installed.
+    let py = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-py/bin/python");
+    if py.is_file() {
+        let mut child = std::process::Command::new(py)
+            .arg("-c")
+            .arg("import sys\nfrom prometheus_client.parser import text_string_to_metric_families as p\nn = len(list(p(sys.stdin.read())))\nprint(n)")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let n: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert!(n >= 10, "{n} families");
+    } else {
+        eprintln!("prometheus_client parse skipped: not installed (`.ci/run` installs it)");
+    }
+}

@@ -214,6 +214,7 @@ impl Deliverer {
                             // Retrying would hit the same bug after every restart.
                             let error = "internal error while delivering this message (a bug in switchyard; the log has the panic)".to_string();
                             tracing::error!(destination = %destination, job = id, "{error}; kept as a dead letter");
+                            metrics::counter!("switchyard_deliveries_total", "destination" => destination.clone(), "outcome" => "dead_letter").increment(1);
                             metrics::counter!("switchyard_dead_letters_total", "destination" => destination).increment(1);
                             Deliverer { inner }.bury(id, error).await;
                         }
@@ -221,6 +222,7 @@ impl Deliverer {
                     None => {
                         let error = format!("destination `{}` no longer exists in the rules", job.destination);
                         tracing::warn!(destination = %job.destination, rule = %job.rule, event_id = %job.event_id, "{error}; kept as a dead letter");
+                        metrics::counter!("switchyard_deliveries_total", "destination" => job.destination.clone(), "outcome" => "dead_letter").increment(1);
                         metrics::counter!("switchyard_dead_letters_total", "destination" => job.destination.clone()).increment(1);
                         Deliverer { inner }.bury(job.id, error).await;
                     }
@@ -274,6 +276,8 @@ async fn or_stop<T>(
 async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
     if let Some(reason) = &w.cfg.disabled {
         tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, "{reason}; kept as a dead letter");
+        // Every dead letter counts in both series, attempted or not, so that they agree.
+        w.metrics.dead.increment(1);
         w.metrics.dead_letters.increment(1);
         w.stats().dead_letters += 1;
         Deliverer { inner }.bury(job.id, reason.clone()).await;
@@ -360,7 +364,17 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
             }
             Outcome::Retry { error } => {
                 w.metrics.retry.increment(1);
-                tracing::info!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, reason = %error, "delivery failed; will retry");
+                // Close to giving up (the last attempt, or the last tenth of `max_age`): WARN, so
+                // an operator sees it coming before the dead letter.
+                let age = now_ms() - job.created_at;
+                let max_age = w.cfg.max_age.as_millis() as i64;
+                if attempts + 1 >= w.cfg.max_attempts
+                    || age.saturating_mul(10) >= max_age.saturating_mul(9)
+                {
+                    tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, age_ms = age, reason = %error, "delivery failed; retrying, close to giving up");
+                } else {
+                    tracing::info!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, attempts, reason = %error, "delivery failed; will retry");
+                }
             }
         }
         let retry_after = match &result {

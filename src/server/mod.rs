@@ -13,6 +13,7 @@ mod admin;
 pub mod body;
 mod listen;
 mod reload;
+mod series;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -128,6 +129,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     let rs = Arc::new(rs);
     // Before the deliverer: its workers take their metric handles when they are built.
     let metrics = install_metrics();
+    series::describe();
+    series::reloaded(true);
     if let Some(h) = metrics.clone() {
         // The exporter keeps every histogram observation until upkeep folds it into the
         // buckets; without this an engine nobody scrapes grows by ~60 KB/s at 5,000 events/s
@@ -180,6 +183,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         )),
     });
     for (name, s) in &rs.sources {
+        // Its series exist (at zero) from start, not from the first request.
+        state.source_metrics.get(name);
         match &s.disabled {
             None => tracing::info!(source = %name, kind = %s.kind, "accepting POST /hooks/{name}"),
             Some(why) => tracing::warn!(source = %name, "{why}; POST /hooks/{name} answers 503"),

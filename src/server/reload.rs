@@ -85,6 +85,7 @@ pub async fn reload(st: &Arc<AppState>, trigger: &str) -> Result<usize, Vec<Stri
             status.serving_since = status.at;
             status.reloads_ok += 1;
             metrics::counter!("switchyard_reloads_total", "outcome" => "ok").increment(1);
+            super::series::reloaded(true);
             tracing::info!(
                 trigger,
                 rules = rs.rules.len(),
@@ -100,6 +101,7 @@ pub async fn reload(st: &Arc<AppState>, trigger: &str) -> Result<usize, Vec<Stri
             status.ok = false;
             status.reloads_failed += 1;
             metrics::counter!("switchyard_reloads_total", "outcome" => "error").increment(1);
+            super::series::reloaded(false);
             tracing::error!(trigger, "reload rejected; the previous rules keep serving");
             for l in lines.iter().filter(|l| l.contains("error")) {
                 tracing::error!("{l}");

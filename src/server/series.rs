@@ -1,0 +1,171 @@
+//! The Prometheus series: their `# HELP` and `# TYPE`, and the ones that exist from start.
+//!
+//! A series that appears only after its first event cannot be alerted on (`absent()` and
+//! `rate()` both need it), so the label-free ones and the build and reload gauges are set at
+//! start; per-source and per-destination ones are created when the rules name them.
+
+/// Every documented series and its help text, in `/metrics` order.
+const SERIES: &[(&str, &str, Kind)] = &[
+    (
+        "switchyard_build_info",
+        "Always 1; the labels say which build this is.",
+        Kind::Gauge,
+    ),
+    (
+        "switchyard_config_last_reload_successful",
+        "1 when the last load of the rules succeeded, 0 when it was refused.",
+        Kind::Gauge,
+    ),
+    (
+        "switchyard_config_last_reload_success_timestamp_seconds",
+        "When the rules last loaded successfully (unix seconds).",
+        Kind::Gauge,
+    ),
+    (
+        "switchyard_events_total",
+        "Webhook requests and scheduled ticks, by source and outcome.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_rule_matches_total",
+        "Rule matches, by rule.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_throttled_total",
+        "Dispatches suppressed by a rule's throttle.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_refused_total",
+        "Dispatches refused by a safety rule (a One-Time Passcode off its owner's DM).",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_deliveries_total",
+        "Delivery attempts, by destination and outcome (delivered, retry, dead_letter).",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_dead_letters_total",
+        "Messages that became dead letters, by destination.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_queue_depth",
+        "Messages waiting for delivery, by destination.",
+        Kind::Gauge,
+    ),
+    (
+        "switchyard_delivery_duration_seconds",
+        "Time of one delivery attempt, by destination.",
+        Kind::Histogram,
+    ),
+    (
+        "switchyard_ingest_duration_seconds",
+        "Time from a request's arrival to its durable commit.",
+        Kind::Histogram,
+    ),
+    (
+        "switchyard_outbox_commits_total",
+        "Outbox transactions committed.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_outbox_commands_total",
+        "Outbox commands (enqueues, outcomes) processed.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_outbox_commit_failures_total",
+        "Outbox transactions that failed (their requests were answered 503).",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_reloads_total",
+        "Loads of the rules, by outcome (ok, error).",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_reload_duration_seconds",
+        "Time to load and swap the rules.",
+        Kind::Histogram,
+    ),
+    (
+        "switchyard_connections_open",
+        "HTTP connections open.",
+        Kind::Gauge,
+    ),
+    (
+        "switchyard_connections_refused_total",
+        "HTTP connections refused at the connection cap.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_kafka_messages_total",
+        "Kafka records consumed, by source and outcome.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_kafka_lag",
+        "Records behind the end of each partition, by source, topic and partition.",
+        Kind::Gauge,
+    ),
+    (
+        "switchyard_kafka_rebalances_total",
+        "Consumer-group rebalances, by source.",
+        Kind::Counter,
+    ),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Describes every series (their `# HELP`/`# TYPE` lines) and sets the ones that have a value
+/// from start. Call once, after the recorder is installed.
+pub fn describe() {
+    for (name, help, kind) in SERIES {
+        let (name, help) = (*name, *help);
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+    metrics::gauge!(
+        "switchyard_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => env!("SWITCHYARD_GIT_COMMIT"),
+        "profile" => env!("SWITCHYARD_BUILD_PROFILE")
+    )
+    .set(1.0);
+    for outcome in ["ok", "error"] {
+        metrics::counter!("switchyard_reloads_total", "outcome" => outcome).absolute(0);
+    }
+    for name in [
+        "switchyard_throttled_total",
+        "switchyard_refused_total",
+        "switchyard_outbox_commands_total",
+        "switchyard_outbox_commit_failures_total",
+        "switchyard_connections_refused_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::gauge!("switchyard_connections_open").set(0.0);
+}
+
+/// Records the outcome of a load of the rules (at start and at every reload).
+pub fn reloaded(ok: bool) {
+    metrics::gauge!("switchyard_config_last_reload_successful").set(if ok { 1.0 } else { 0.0 });
+    if ok {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        metrics::gauge!("switchyard_config_last_reload_success_timestamp_seconds").set(now);
+    }
+}
