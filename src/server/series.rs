@@ -37,7 +37,6 @@ const SERIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
-        "switchyard_refused_total",
         "Dispatches refused by a safety rule (a One-Time Passcode off its owner's DM).",
         Kind::Counter,
     ),
@@ -148,7 +147,6 @@ pub fn describe() {
     }
     for name in [
         "switchyard_throttled_total",
-        "switchyard_refused_total",
         "switchyard_outbox_commands_total",
         "switchyard_outbox_commit_failures_total",
         "switchyard_connections_refused_total",
