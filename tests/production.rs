@@ -49,6 +49,13 @@ async fn probes_answer_and_logs_to_a_file_have_no_colours() {
         let r = client.get(e.url(path)).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 200, "{path}");
     }
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_follow.get(e.url("/")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(r.headers()["location"], "/status");
     let logs = e.logs();
     assert!(!logs.is_empty());
     assert!(

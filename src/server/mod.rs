@@ -259,6 +259,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/-/ready", get(readyz))
         .route("/status", get(admin::status))
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::to("/status") }),
+        )
         .route("/metrics", get(admin::metrics))
         .merge(admin::routes(state.clone()))
         .fallback(not_found)
