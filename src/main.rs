@@ -550,6 +550,23 @@ fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         .ok_or_else(|| format!("`{s}` is not an RFC 3339 time (e.g. 2026-01-05T09:00:00Z)"))
 }
 
+/// The `-H` headers and the body file of an offline command's event, or the exit code after
+/// saying what is wrong with them.
+fn event_parts(
+    headers: &[String],
+    event: &std::path::Path,
+) -> Result<(std::collections::BTreeMap<String, String>, Vec<u8>), ExitCode> {
+    let headers = parse_headers(headers).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })?;
+    let body = switchyard::config::read_bounded(event, 4 * 1024 * 1024).map_err(|e| {
+        eprintln!("error: {}", e.message);
+        ExitCode::from(2)
+    })?;
+    Ok((headers, body))
+}
+
 /// Loads the rules for an offline command, printing why not when they do not load.
 fn load_for_offline(rules: &std::path::Path) -> Option<switchyard::config::Ruleset> {
     let (rs, diags) = switchyard::config::load_dir(rules, &LoadOptions::new(Mode::Check));
@@ -580,19 +597,9 @@ fn cmd_query(
     let Some(rs) = load_for_offline(&rules) else {
         return ExitCode::from(1);
     };
-    let headers = match parse_headers(&headers) {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let body = match switchyard::config::read_bounded(&event, 4 * 1024 * 1024) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {}", e.message);
-            return ExitCode::from(2);
-        }
+    let (headers, body) = match event_parts(&headers, &event) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let req = Request {
         headers: headers.into(),
@@ -657,25 +664,15 @@ fn cmd_simulate(
     let Some(rs) = load_for_offline(&rules) else {
         return ExitCode::from(1);
     };
-    let headers = match parse_headers(&headers) {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let (result, what) = match &input {
         SimInput::Tick(name, at) => (
             switchyard::simulate::simulate_schedule(&rs, name, *at, &stand_ins),
             format!("schedule {name}"),
         ),
         SimInput::Webhook(source, event) => {
-            let body = match switchyard::config::read_bounded(event, 4 * 1024 * 1024) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("error: {}", e.message);
-                    return ExitCode::from(2);
-                }
+            let (headers, body) = match event_parts(&headers, event) {
+                Ok(p) => p,
+                Err(code) => return code,
             };
             let req = Request {
                 headers: headers.into(),
