@@ -9,7 +9,8 @@
 //! ```
 //!
 //! `config` turns a rules directory into an immutable [`config::Ruleset`], whose
-//! [`routing::Router`] is all routing reads; `job` is the protocol between routing, the outbox
+//! [`routing::Router`] is all routing reads; `envelope` describes what each event type's
+//! envelope holds (what `config` checks rules against, and what the docs are generated from); `job` is the protocol between routing, the outbox
 //! and delivery; `check` and `simulate` are the offline commands, built on the same routing.
 //! A new source is a file in `sources/` implementing [`sources::Source`]; a new destination a
 //! file in `destinations/` implementing [`destinations::Destination`].
