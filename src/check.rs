@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::config::blueprints::sample_entity;
 use crate::config::diag::Diagnostic;
 use crate::config::yaml::Pos;
 use crate::config::{load_dir, DestinationKind, LoadOptions, RuleTest, Ruleset, TestInput};
@@ -175,12 +176,12 @@ fn run_test(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) {
                     .err()
                     .and_then(|e| e.line.zip(e.column));
                 diag = match (rs.templates.origin(&d.template), at) {
-                    (Some(o), Some((line, column))) if !o.inline => {
-                        let mut d = diag.in_file(&o.file);
-                        d.line = Some(line + o.line_offset - 1);
-                        d.column = Some(column);
-                        d
-                    }
+                    (Some(o), Some((line, column))) if !o.inline => diag.at_line(
+                        &o.file,
+                        &std::fs::read_to_string(&o.file).unwrap_or_default(),
+                        line + o.line_offset - 1,
+                        column,
+                    ),
                     (Some(o), _) if !o.inline => diag.in_file(&o.file),
                     _ => diag.at(&t.file, t.pos),
                 };
@@ -324,19 +325,11 @@ fn probe_queries(
             .iter()
             .map(|q| {
                 let v = t.with.get(&q.name).cloned().unwrap_or_else(|| {
-                    if let (true, Some(b)) = (sample, rs.blueprints.get(&q.blueprint)) {
-                        serde_json::json!([b.sample_entity()])
-                    } else if sample {
-                        serde_json::json!([{
-                            "identifier": "sample-entity",
-                            "title": "Sample entity",
-                            "blueprint": q.blueprint,
-                            "icon": null,
-                            "team": [],
-                            "properties": {},
-                            "relations": {},
-                            "scorecards": {},
-                        }])
+                    if sample {
+                        serde_json::json!([sample_entity(
+                            &q.blueprint,
+                            rs.blueprints.get(&q.blueprint)
+                        )])
                     } else {
                         Value::Array(Vec::new())
                     }
@@ -389,14 +382,11 @@ fn structured_in_strings(
             diag = diag.hint(h.clone());
         }
         diag = match rs.templates.origin(&f.template) {
-            Some(o) if !o.inline => diag.at(
+            Some(o) if !o.inline => diag.at_line(
                 &o.file,
-                Pos {
-                    line: f.line + o.line_offset - 1,
-                    column: f.column,
-                    offset: 0,
-                    len: 1,
-                },
+                &std::fs::read_to_string(&o.file).unwrap_or_default(),
+                f.line + o.line_offset - 1,
+                f.column,
             ),
             _ => diag.at(&t.file, t.pos),
         };

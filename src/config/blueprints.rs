@@ -42,38 +42,6 @@ impl Blueprint {
         )
     }
 
-    /// A made-up entity of this blueprint, one value of the right type per property: what
-    /// `check` renders a `with:` rule against when a test gives no results.
-    pub fn sample_entity(&self) -> Value {
-        let props: serde_json::Map<String, Value> = self
-            .properties
-            .iter()
-            .map(|(k, s)| {
-                let v = match s {
-                    Shape::Number => Value::from(0),
-                    Shape::Bool => Value::Bool(false),
-                    Shape::Enum(values) => values.first().cloned().unwrap_or(Value::Null),
-                    Shape::Time => Value::from("2026-01-01T00:00:00Z"),
-                    Shape::List(_) => Value::Array(Vec::new()),
-                    Shape::Map(_) | Shape::Object(_) => Value::Object(Default::default()),
-                    Shape::Text => Value::from(format!("sample {k}")),
-                    Shape::Any => Value::Null,
-                };
-                (k.clone(), v)
-            })
-            .collect();
-        serde_json::json!({
-            "identifier": "sample-entity",
-            "title": "Sample entity",
-            "blueprint": self.identifier,
-            "icon": null,
-            "team": [],
-            "properties": props,
-            "relations": self.relations.iter().map(|r| (r.clone(), Value::Null)).collect::<serde_json::Map<_, _>>(),
-            "scorecards": {},
-        })
-    }
-
     /// The shape of `relations`.
     pub fn relations_shape(&self) -> Shape {
         Shape::Object(
@@ -87,6 +55,44 @@ impl Blueprint {
                 .collect(),
         )
     }
+}
+
+/// A made-up entity of blueprint `id`: what `check` renders a `with:` rule against when a test
+/// gives no results. With the blueprint's file (`known`), one value of the right type per
+/// property and every relation; without it, no properties.
+pub fn sample_entity(id: &str, known: Option<&Blueprint>) -> Value {
+    let properties: serde_json::Map<String, Value> = known
+        .into_iter()
+        .flat_map(|b| &b.properties)
+        .map(|(k, s)| {
+            let v = match s {
+                Shape::Number => Value::from(0),
+                Shape::Bool => Value::Bool(false),
+                Shape::Enum(values) => values.first().cloned().unwrap_or(Value::Null),
+                Shape::Time => Value::from("2026-01-01T00:00:00Z"),
+                Shape::List(_) => Value::Array(Vec::new()),
+                Shape::Map(_) | Shape::Object(_) => Value::Object(Default::default()),
+                Shape::Text => Value::from(format!("sample {k}")),
+                Shape::Any => Value::Null,
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let relations: serde_json::Map<String, Value> = known
+        .into_iter()
+        .flat_map(|b| &b.relations)
+        .map(|r| (r.clone(), Value::Null))
+        .collect();
+    serde_json::json!({
+        "identifier": "sample-entity",
+        "title": "Sample entity",
+        "blueprint": id,
+        "icon": null,
+        "team": [],
+        "properties": properties,
+        "relations": relations,
+        "scorecards": {},
+    })
 }
 
 /// Reads `dir/blueprints/*.json`; a file that is not a blueprint is an error at its place.

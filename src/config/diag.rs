@@ -69,6 +69,25 @@ impl Diagnostic {
         }
         self
     }
+    /// Places the diagnostic at 1-based `line:column` of `file`, whose text is `text` (what
+    /// the caret is drawn under); for positions a parser reports by line, such as a template's.
+    pub fn at_line(self, file: &Path, text: &str, line: usize, column: usize) -> Self {
+        let offset = text
+            .lines()
+            .take(line.saturating_sub(1))
+            .map(|x| x.len() + 1)
+            .sum::<usize>()
+            + column.saturating_sub(1);
+        self.at(
+            file,
+            Pos {
+                line,
+                column,
+                offset: offset.min(text.len()),
+                len: 1,
+            },
+        )
+    }
     /// Names the file without a position.
     pub fn in_file(mut self, file: &Path) -> Self {
         self.file = Some(file.to_path_buf());

@@ -501,23 +501,7 @@ pub(crate) fn template_diag(
         format!("template `{}`: {}", e.template, e.message),
     );
     match (e.line, e.column) {
-        (Some(l), Some(c)) => {
-            let offset = text
-                .lines()
-                .take(l.saturating_sub(1))
-                .map(|x| x.len() + 1)
-                .sum::<usize>()
-                + c.saturating_sub(1);
-            d.at(
-                file,
-                Pos {
-                    line: l + line_offset - 1,
-                    column: c,
-                    offset: offset.min(text.len()),
-                    len: 1,
-                },
-            )
-        }
+        (Some(l), Some(c)) => d.at_line(file, text, l + line_offset - 1, c),
         _ => d.in_file(file),
     }
 }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use super::blueprints::Blueprint;
 use super::diag::{did_you_mean, Diagnostic};
 use super::parsed::Parsed;
-use super::yaml::{join_key, Pos};
+use super::yaml::join_key;
 use crate::envelope::{self, port_entity, resolve, Field, Resolved, Seg, Shape};
 use crate::render::inspect::FindingKind;
 use crate::render::{Finding, Templates};
@@ -479,22 +479,7 @@ impl StepCheck<'_> {
                         .files
                         .entry(o.file.clone())
                         .or_insert_with(|| std::fs::read_to_string(&o.file).unwrap_or_default());
-                    let line = f.line + o.line_offset - 1;
-                    let offset = text
-                        .lines()
-                        .take(line.saturating_sub(1))
-                        .map(|x| x.len() + 1)
-                        .sum::<usize>()
-                        + f.column.saturating_sub(1);
-                    d.at(
-                        &o.file,
-                        Pos {
-                            line,
-                            column: f.column,
-                            offset: offset.min(text.len()),
-                            len: 2,
-                        },
-                    )
+                    d.at_line(&o.file, text, f.line + o.line_offset - 1, f.column)
                 }
                 _ => self.p.at(d, at),
             };
