@@ -207,11 +207,35 @@ impl Walker<'_> {
         block: bool,
         stack: &[Shape],
     ) -> Option<Shape> {
-        let shapes: Vec<Option<Shape>> = params
+        let shapes = self.args(at, params, hash, stack);
+        self.call(at, name, params.len(), block, &shapes)
+    }
+
+    /// Checks a helper's parameters (positional first, then hash) and returns their shapes.
+    fn args(
+        &mut self,
+        at: &At,
+        params: &[Parameter],
+        hash: &HashMap<String, Parameter>,
+        stack: &[Shape],
+    ) -> Vec<Option<Shape>> {
+        params
             .iter()
             .chain(hash.values())
             .map(|p| self.param(at, p, stack))
-            .collect();
+            .collect()
+    }
+
+    /// Checks a call of helper `name` with `n` positional parameters of `shapes`, and returns
+    /// the shape it gives.
+    fn call(
+        &mut self,
+        at: &At,
+        name: &str,
+        n: usize,
+        block: bool,
+        shapes: &[Option<Shape>],
+    ) -> Option<Shape> {
         let Some(sig) = signature(name) else {
             self.push(
                 at,
@@ -237,7 +261,6 @@ impl Walker<'_> {
             );
             return None;
         }
-        let n = params.len();
         if n < sig.min || n > sig.max {
             let want = match (sig.min, sig.max) {
                 (a, b) if a == b => format!("{a}"),
@@ -298,9 +321,13 @@ impl Walker<'_> {
         let name = h.name.as_name().unwrap_or("");
         let inner_ctx: Shape = match name {
             "each" | "with" => {
-                let shape = self.helper(at, name, &h.params, &h.hash, true, stack);
-                let arg = h.params.first().and_then(|p| self.shape_quiet(p, stack));
-                let _ = shape;
+                let shapes = self.args(at, &h.params, &h.hash, stack);
+                self.call(at, name, h.params.len(), true, &shapes);
+                let arg = if h.params.is_empty() {
+                    None
+                } else {
+                    shapes.into_iter().next().flatten()
+                };
                 match (name, arg) {
                     (_, None) => Shape::Any,
                     ("each", Some(Shape::List(e))) => *e,
@@ -351,19 +378,6 @@ impl Walker<'_> {
             self.walk(at.tname, t, stack);
         }
         self.in_string = after_main;
-    }
-
-    /// The shape a parameter selects, without reporting anything (already reported).
-    fn shape_quiet(&mut self, p: &Parameter, stack: &[Shape]) -> Option<Shape> {
-        let saved = self.findings.len();
-        let at = At {
-            tname: "",
-            line: 0,
-            column: 0,
-        };
-        let s = self.param(&at, p, stack);
-        self.findings.truncate(saved);
-        s
     }
 
     /// Checks a path as written (`entity.title`, `../x`, `@root.entity`, `this`, `[a b].c`)
@@ -454,9 +468,6 @@ impl Walker<'_> {
         unknown: Option<(String, Vec<String>)>,
         hint: Option<String>,
     ) {
-        if at.tname.is_empty() {
-            return;
-        }
         let f = Finding {
             template: at.tname.to_string(),
             line: at.line,
