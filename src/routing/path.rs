@@ -97,21 +97,19 @@ impl JsonPathExpr {
     /// before its first wildcard, filter or slice): what `check` compares with the envelope.
     pub fn members(&self) -> Vec<crate::envelope::Seg> {
         use crate::envelope::Seg;
+        self.steps()
+            .iter()
+            .map(|s| match s {
+                Step::Name(n) => Seg::Name(n.clone()),
+                Step::Index(_) => Seg::Index,
+            })
+            .collect()
+    }
+
+    /// The member/index steps: all of a simple path, the leading ones of a general path.
+    fn steps(&self) -> &[Step] {
         match &self.kind {
-            Kind::Simple(steps) => steps
-                .iter()
-                .map(|s| match s {
-                    Step::Name(n) => Seg::Name(n.clone()),
-                    Step::Index(_) => Seg::Index,
-                })
-                .collect(),
-            Kind::General(_, prefix) => prefix
-                .iter()
-                .map(|s| match s {
-                    Step::Name(n) => Seg::Name(n.clone()),
-                    Step::Index(_) => Seg::Index,
-                })
-                .collect(),
+            Kind::Simple(steps) | Kind::General(_, steps) => steps,
         }
     }
 
@@ -122,21 +120,15 @@ impl JsonPathExpr {
 
     /// True when the path starts with `$.<name>` for the given name.
     pub fn starts_with_member(&self, name: &str) -> bool {
-        let steps = match &self.kind {
-            Kind::Simple(steps) | Kind::General(_, steps) => steps,
-        };
-        matches!(steps.first(), Some(Step::Name(n)) if n == name)
+        matches!(self.steps().first(), Some(Step::Name(n)) if n == name)
     }
 
     /// The same path with its first member replaced: `$.after.x` → `$.before.x`.
     pub fn with_first_member(&self, name: &str) -> Option<Self> {
-        let first = match &self.kind {
-            Kind::Simple(s) | Kind::General(_, s) => match s.first() {
-                Some(Step::Name(n)) => n.clone(),
-                _ => return None,
-            },
+        let Some(Step::Name(first)) = self.steps().first() else {
+            return None;
         };
-        let text = self.text.replacen(&first, name, 1);
+        let text = self.text.replacen(first.as_str(), name, 1);
         JsonPathExpr::compile(&text).ok()
     }
 
