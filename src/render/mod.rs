@@ -123,7 +123,13 @@ fn syntax_error(name: &str, text: &str, e: &handlebars::TemplateError) -> Templa
 /// The first block tag that is closed by the wrong name or never closed, with its 1-based line
 /// and column: `{{#if x}}` without `{{/if}}`.
 pub fn unbalanced_block(text: &str) -> Option<(String, usize, usize)> {
-    let mut open: Vec<(String, usize, usize)> = Vec::new();
+    // Byte offsets while scanning; turned into line:column only for the tag reported, so a
+    // large template costs one pass.
+    let at_tag = |msg: String, byte: usize| {
+        let (line, column) = line_col(text, byte);
+        Some((msg, line, column))
+    };
+    let mut open: Vec<(String, usize)> = Vec::new();
     let mut rest = text;
     let mut consumed = 0;
     while let Some(i) = rest.find("{{") {
@@ -145,43 +151,39 @@ pub fn unbalanced_block(text: &str) -> Option<(String, usize, usize)> {
             .trim_start_matches(['{', '~'])
             .trim_end_matches(['}', '~'])
             .trim();
-        let (line, column) = line_col(text, at);
         if let Some(b) = t.strip_prefix('#') {
             let b = b.trim_start_matches(['>', '*']).trim_start();
             let name = b.split_whitespace().next().unwrap_or("").to_string();
             if !name.is_empty() {
-                open.push((name, line, column));
+                open.push((name, at));
             }
         } else if let Some(b) = t.strip_prefix('/') {
             let name = b.trim();
             match open.pop() {
-                Some((o, _, _)) if o == name => {}
-                Some((o, ol, oc)) => {
-                    return Some((
+                Some((o, _)) if o == name => {}
+                Some((o, opened)) => {
+                    let (ol, oc) = line_col(text, opened);
+                    return at_tag(
                         format!("`{{{{/{name}}}}}` closes `{{{{#{o}}}}}`, opened at line {ol}, column {oc}: close `{o}` first"),
-                        line,
-                        column,
-                    ))
+                        at,
+                    );
                 }
                 None => {
-                    return Some((
+                    return at_tag(
                         format!("`{{{{/{name}}}}}` closes a block that was never opened"),
-                        line,
-                        column,
-                    ))
+                        at,
+                    )
                 }
             }
         }
         consumed = at + skip.min(rest.len() - i);
         rest = &text[consumed.min(text.len())..];
     }
-    open.pop().map(|(name, line, column)| {
-        (
-            format!("`{{{{#{name}}}}}` is never closed: add `{{{{/{name}}}}}` after its content"),
-            line,
-            column,
-        )
-    })
+    let (name, opened) = open.pop()?;
+    at_tag(
+        format!("`{{{{#{name}}}}}` is never closed: add `{{{{/{name}}}}}` after its content"),
+        opened,
+    )
 }
 
 fn line_col(text: &str, byte: usize) -> (usize, usize) {
