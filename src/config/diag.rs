@@ -72,18 +72,17 @@ impl Diagnostic {
     /// Places the diagnostic at 1-based `line:column` of `file`, whose text is `text` (what
     /// the caret is drawn under); for positions a parser reports by line, such as a template's.
     pub fn at_line(self, file: &Path, text: &str, line: usize, column: usize) -> Self {
-        let offset = text
-            .lines()
-            .take(line.saturating_sub(1))
-            .map(|x| x.len() + 1)
-            .sum::<usize>()
-            + column.saturating_sub(1);
+        self.at_line_in(file, &LineStarts::new(text), line, column)
+    }
+    /// [`Diagnostic::at_line`] with the file's line starts worked out once, for many
+    /// diagnostics in one file.
+    pub fn at_line_in(self, file: &Path, starts: &LineStarts, line: usize, column: usize) -> Self {
         self.at(
             file,
             Pos {
                 line,
                 column,
-                offset: offset.min(text.len()),
+                offset: starts.offset(line, column),
                 len: 1,
             },
         )
@@ -211,6 +210,35 @@ impl Diagnostic {
         } else {
             format!("{loc}: {sev}[{}]: {}", self.code, self.message)
         }
+    }
+}
+
+/// Where each line of a text starts (byte offsets), so that a `line:column` becomes an offset
+/// without scanning the text again.
+#[derive(Debug, Clone, Default)]
+pub struct LineStarts {
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl LineStarts {
+    pub fn new(text: &str) -> LineStarts {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineStarts {
+            starts,
+            len: text.len(),
+        }
+    }
+
+    /// The byte offset of 1-based `line:column` (columns counted as bytes), within the text.
+    pub fn offset(&self, line: usize, column: usize) -> usize {
+        let start = self
+            .starts
+            .get(line.saturating_sub(1))
+            .copied()
+            .unwrap_or(self.len);
+        (start + column.saturating_sub(1)).min(self.len)
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use super::blueprints::Blueprint;
-use super::diag::{did_you_mean, Diagnostic};
+use super::diag::{did_you_mean, Diagnostic, LineStarts};
 use super::parsed::Parsed;
 use super::yaml::join_key;
 use crate::envelope::{self, port_entity, resolve, Field, Resolved, Seg, Shape};
@@ -359,7 +359,7 @@ pub(super) struct StepCheck<'a> {
     pub templates: &'a Templates,
     pub seen: &'a mut HashSet<(String, usize, usize, String)>,
     pub memo: &'a mut HashMap<(String, bool, String), Vec<Finding>>,
-    pub files: &'a mut HashMap<PathBuf, String>,
+    pub files: &'a mut HashMap<PathBuf, LineStarts>,
 }
 
 impl StepCheck<'_> {
@@ -475,11 +475,10 @@ impl StepCheck<'_> {
             }
             d = match origin {
                 Some(o) if !o.inline => {
-                    let text = self
-                        .files
-                        .entry(o.file.clone())
-                        .or_insert_with(|| std::fs::read_to_string(&o.file).unwrap_or_default());
-                    d.at_line(&o.file, text, f.line + o.line_offset - 1, f.column)
+                    let starts = self.files.entry(o.file.clone()).or_insert_with(|| {
+                        LineStarts::new(&std::fs::read_to_string(&o.file).unwrap_or_default())
+                    });
+                    d.at_line_in(&o.file, starts, f.line + o.line_offset - 1, f.column)
                 }
                 _ => self.p.at(d, at),
             };
@@ -494,18 +493,13 @@ fn keep_common(roots: &Roots, mut run: impl FnMut(&Shape) -> Vec<Finding>) -> Ve
     let Some(first) = all.pop() else {
         return Vec::new();
     };
+    let others: Vec<HashSet<(&str, usize, usize, &str)>> = all
+        .iter()
+        .map(|found| found.iter().map(Finding::place).collect())
+        .collect();
     first
         .into_iter()
-        .filter(|f| {
-            all.iter().all(|other| {
-                other.iter().any(|o| {
-                    o.template == f.template
-                        && o.line == f.line
-                        && o.column == f.column
-                        && o.subject == f.subject
-                })
-            })
-        })
+        .filter(|f| others.iter().all(|places| places.contains(&f.place())))
         .collect()
 }
 

@@ -14,7 +14,7 @@
 //! reported. Paths are checked per event type by the caller, which keeps only what is wrong for
 //! all of a rule's types.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use handlebars::template::{HelperTemplate, Parameter, Template, TemplateElement};
 
@@ -25,7 +25,7 @@ use crate::envelope::{resolve, Field, Resolved, Seg, Shape};
 const MAX_DEPTH: usize = 16;
 
 /// What kind of problem a [`Finding`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FindingKind {
     /// A path names a field its object does not have.
     UnknownField,
@@ -37,6 +37,14 @@ pub enum FindingKind {
     Arity,
     /// An object or list written into a JSON string.
     StructuredInString,
+}
+
+impl Finding {
+    /// Where it is and what it is about: findings from several walks (one per event type) are
+    /// matched on this.
+    pub fn place(&self) -> (&str, usize, usize, &str) {
+        (&self.template, self.line, self.column, &self.subject)
+    }
 }
 
 impl FindingKind {
@@ -80,6 +88,7 @@ pub(super) fn inspect(
         json,
         in_string: false,
         findings: Vec::new(),
+        reported: HashSet::new(),
         depth: 0,
         labels: vec!["the envelope".into()],
     };
@@ -95,6 +104,8 @@ struct Walker<'a> {
     json: bool,
     in_string: bool,
     findings: Vec<Finding>,
+    /// What `findings` holds, so that a spot reached twice is reported once without a scan.
+    reported: HashSet<(String, usize, usize, String, FindingKind, String)>,
     depth: usize,
     /// What each scope of the stack is, for messages ("an element of `actions`").
     labels: Vec<String>,
@@ -479,7 +490,15 @@ impl Walker<'_> {
             unknown,
             hint,
         };
-        if !self.findings.contains(&f) {
+        let key = (
+            f.template.clone(),
+            f.line,
+            f.column,
+            f.subject.clone(),
+            f.kind,
+            f.message.clone(),
+        );
+        if self.reported.insert(key) {
             self.findings.push(f);
         }
     }
