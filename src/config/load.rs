@@ -127,9 +127,17 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
                 ));
                 continue;
             }
-            if let Some(rule) =
-                compile_rule(p, r, &path, &dests, &schedules, &mut templates, &mut diags)
-            {
+            let mut in_order = Vec::new();
+            if let Some(rule) = compile_rule(
+                p,
+                r,
+                &path,
+                &dests,
+                &schedules,
+                &mut templates,
+                &mut in_order,
+                &mut diags,
+            ) {
                 let mut sc = super::shapes::StepCheck {
                     p,
                     blueprints: &blueprints,
@@ -138,7 +146,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
                     memo: &mut findings_memo,
                     files: &mut template_files,
                 };
-                super::shapes::check_rule(p, &path, r, &rule, &mut sc, &mut diags);
+                super::shapes::check_rule(p, &path, r, &rule, &in_order, &mut sc, &mut diags);
                 rules.push(rule);
             }
         }

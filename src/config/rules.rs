@@ -17,6 +17,9 @@ use crate::routing::{Rule, SendStep};
 
 use super::parsed::*;
 
+/// Compiles one rule. `in_order` receives its conditions in `where` order (the rule itself keeps
+/// them split into those before and after its `with:` queries), for the envelope checks.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn compile_rule(
     p: &Parsed,
     r: &super::spec::RuleSpec,
@@ -24,6 +27,7 @@ pub(super) fn compile_rule(
     dests: &BTreeMap<String, DestinationConfig>,
     schedules: &BTreeMap<String, Schedule>,
     templates: &mut Templates,
+    in_order: &mut Vec<condition::Condition>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Rule> {
     let before = diags.len();
@@ -69,7 +73,11 @@ pub(super) fn compile_rule(
     let mut after = Vec::new();
     for (i, c) in r.conditions.iter().enumerate() {
         let cp = join_index(&join_key(path, "where"), i);
-        match condition::compile(c) {
+        let compiled = condition::compile(c);
+        if let Ok(c) = &compiled {
+            in_order.push(c.clone());
+        }
+        match compiled {
             Ok(c) if c.reads_member("with") => {
                 if r.queries.is_empty() {
                     diags.push(p.at(

@@ -503,23 +503,22 @@ fn keep_common(roots: &Roots, mut run: impl FnMut(&Shape) -> Vec<Finding>) -> Ve
         .collect()
 }
 
-/// Checks one compiled rule: its conditions (recompiled from the spec, which keeps their
-/// places), its send steps' templates and its throttle key.
+/// Checks one compiled rule: its conditions (`in_order`: as written in `where`, so that each is
+/// reported at its place), its send steps' templates and its throttle key.
 pub(super) fn check_rule(
     p: &Parsed,
     path: &str,
     spec: &super::spec::RuleSpec,
     rule: &crate::routing::Rule,
+    in_order: &[Condition],
     sc: &mut StepCheck<'_>,
     diags: &mut Vec<Diagnostic>,
 ) {
     let pinned = pinned_blueprints(&rule.conditions);
     let roots = Roots::new(&rule.on, &rule.queries, sc.blueprints, pinned.as_deref());
-    for (i, c) in spec.conditions.iter().enumerate() {
-        if let Ok(c) = crate::routing::condition::compile(c) {
-            let cp = super::yaml::join_index(&join_key(path, "where"), i);
-            check_condition(p, &cp, &c, &roots, diags);
-        }
+    for (i, c) in in_order.iter().enumerate() {
+        let cp = super::yaml::join_index(&join_key(path, "where"), i);
+        check_condition(p, &cp, c, &roots, diags);
     }
     for (i, (step, s)) in rule.sends.iter().zip(&spec.send).enumerate() {
         let sp = super::yaml::join_index(&join_key(path, "send"), i);
