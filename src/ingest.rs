@@ -44,8 +44,6 @@ pub struct Pipeline {
     deliverer: Deliverer,
     /// Messages suppressed by rule throttles since start.
     throttled: AtomicU64,
-    /// `switchyard_queue_depth`, set after every enqueue.
-    queue_depth: metrics::Gauge,
     throttled_total: metrics::Counter,
 }
 
@@ -57,7 +55,6 @@ impl Pipeline {
             outbox,
             deliverer,
             throttled: AtomicU64::new(0),
-            queue_depth: metrics::gauge!("switchyard_queue_depth"),
             throttled_total: metrics::counter!("switchyard_throttled_total"),
         }
     }
@@ -89,7 +86,6 @@ impl Pipeline {
             .outbox
             .enqueue(Some((ev.id.clone(), dedup)), jobs, tracker)
             .await;
-        self.queue_depth.set(self.outbox.pending() as f64);
         match result? {
             Enqueued::Committed(committed, throttled) => {
                 if throttled > 0 {

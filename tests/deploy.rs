@@ -110,12 +110,67 @@ fn the_kubernetes_manifests_validate() {
         );
         assert!(k.join("base").join(f).is_file(), "{f} missing");
     }
+    // Edits reach the pod in place (the engine reloads them; tests/live.rs has the kubelet's
+    // symlink swap), and every template is both in its ConfigMap and under templates/.
+    assert!(kustomization.matches("disableNameSuffixHash: true").count() == 2);
+    let sts = std::fs::read_to_string(k.join("base/statefulset.yaml")).unwrap();
+    for t in std::fs::read_dir(k.join("base/rules/templates")).unwrap() {
+        let name = t.unwrap().file_name().to_string_lossy().to_string();
+        assert!(
+            kustomization.contains(&format!("rules/templates/{name}")),
+            "{name}"
+        );
+        assert!(
+            sts.contains(&format!("key: {name}"))
+                && sts.contains(&format!("path: templates/{name}")),
+            "the StatefulSet does not mount {name} under templates/"
+        );
+    }
     // The example rules shipped with the manifests pass `check`.
     let (_, report) = switchyard::check::run(
         &k.join("base/rules"),
         &switchyard::config::LoadOptions::new(switchyard::config::Mode::Check),
     );
     assert!(report.valid, "{:#?}", report.diagnostics);
+}
+
+/// The example alerting rules load in Prometheus (`promtool check rules`) and fire as their
+/// unit tests say (`promtool test rules`): a stuck destination, dead letters, a failed reload,
+/// Kafka lag and the rest.
+#[test]
+fn the_alerting_rules_pass_promtool() {
+    let Some(promtool) = tool("promtool") else {
+        return skipped("promtool");
+    };
+    let dir = root().join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "switchyard-alerts.yaml"],
+        ["test", "rules", "switchyard-alerts.test.yaml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every series an alert reads is one the engine documents.
+    let rules = std::fs::read_to_string(dir.join("switchyard-alerts.yaml")).unwrap();
+    let series = std::fs::read_to_string(root().join("src/server/series.rs")).unwrap();
+    for name in rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("switchyard_"))
+    {
+        assert!(
+            series.contains(&format!("\"{name}\"")),
+            "{name} is not a documented series"
+        );
+    }
 }
 
 #[test]

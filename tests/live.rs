@@ -530,3 +530,131 @@ async fn sigterm_drains_gracefully() {
     );
     assert!(e.logs().contains("shutting down"));
 }
+
+/// Writes `files` into `dir` the way the kubelet updates a mounted ConfigMap (its
+/// `AtomicWriter`): the files go into a fresh hidden timestamped directory, `..data_tmp` is
+/// pointed at it and renamed over `..data` (one atomic step), each key is a symlink through
+/// `..data` (a key with a `/` in its path, from a volume's `items`, gets a symlink for its first
+/// directory), and the previous timestamped directory is deleted last.
+fn kubelet_update(dir: &std::path::Path, generation: u32, files: &[(&str, &str)]) {
+    use std::os::unix::fs::symlink;
+    let ts = format!("..2026_12_05_06_00_00.{generation:09}");
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    for (name, text) in files {
+        let p = dir.join(&ts).join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    symlink(&ts, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    let visible: std::collections::BTreeSet<&str> = files
+        .iter()
+        .map(|(n, _)| n.split('/').next().unwrap())
+        .collect();
+    for top in &visible {
+        let link = dir.join(top);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(format!("..data/{top}"), &link).unwrap();
+        }
+    }
+    // Keys that are gone lose their symlink.
+    for e in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with("..") && !visible.contains(name.as_str()) {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+/// Rules mounted from a Kubernetes ConfigMap are reloaded when the ConfigMap changes: the
+/// kubelet swaps the `..data` symlink instead of writing the visible files, and the engine must
+/// notice that, read the new generation whole (rules and templates from the same one), and cope
+/// with the old generation's directory disappearing under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_update_by_symlink_swap_is_reloaded() {
+    let slack = Fake::slack_ok().await;
+    let dests = webhook_dest("alerts", &slack.url(HOOK), "");
+    let rules_yaml = |tpl: &str| {
+        rules(
+            &dests,
+            &format!("  - id: r\n    on: port/entity.updated\n    send: [{{ to: alerts, template: {tpl} }}]\n"),
+        )
+    };
+    let tpl = |word: &str| format!("{{\"text\": \"{word} {{{{entity.identifier}}}}\"}}");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    let first_rules = rules_yaml("alert");
+    let first_tpl = tpl("first");
+    kubelet_update(
+        &dir,
+        1,
+        &[
+            ("rules.yaml", first_rules.as_str()),
+            ("templates/alert.hbs", first_tpl.as_str()),
+        ],
+    );
+    let e = Engine::start(
+        tmp,
+        dir.clone(),
+        &[
+            ("PORT_CLIENT_SECRET", SECRET),
+            ("SWITCHYARD_ADMIN_TOKEN", "admin-token"),
+        ],
+    )
+    .await;
+    let (status, _) = e.post_port("port", SECRET, &event(1, "svc-before")).await;
+    assert_eq!(status, 202);
+    slack.wait_for(HOOK, 1, 10).await;
+    assert_eq!(texts(&slack, HOOK), ["first svc-before"]);
+
+    // A new generation: the template changes and a rule in a new key is added.
+    let second_tpl = tpl("second");
+    let extra = format!("rules:\n{}", rule("extra", "alerts", ""));
+    kubelet_update(
+        &dir,
+        2,
+        &[
+            ("rules.yaml", first_rules.as_str()),
+            ("templates/alert.hbs", second_tpl.as_str()),
+            ("extra.yaml", extra.as_str()),
+        ],
+    );
+    eventually(15, "the swapped ConfigMap to be served", || {
+        let s = futures_block(e.get_json("/status"));
+        (s["rules"].as_array().map(Vec::len) == Some(2) && s["reload"]["ok"] == true).then_some(())
+    })
+    .await;
+    let n = texts(&slack, HOOK).len();
+    let (_, r) = e.post_port("port", SECRET, &event(1000, "svc-after")).await;
+    assert_eq!(r["dispatches"], 2, "{r}");
+    slack.wait_for(HOOK, n + 2, 10).await;
+    let sent = texts(&slack, HOOK);
+    assert!(
+        sent[n..].iter().any(|t| t == "second svc-after"),
+        "the template of the new generation: {sent:?}"
+    );
+
+    // The key is removed again: so is its rule.
+    kubelet_update(
+        &dir,
+        3,
+        &[
+            ("rules.yaml", first_rules.as_str()),
+            ("templates/alert.hbs", second_tpl.as_str()),
+        ],
+    );
+    eventually(15, "the removed key's rule to go", || {
+        let s = futures_block(e.get_json("/status"));
+        (s["rules"].as_array().map(Vec::len) == Some(1) && s["reload"]["ok"] == true).then_some(())
+    })
+    .await;
+    let status = e.get_json("/status").await;
+    assert!(
+        !status["reload"]["diagnostics"].to_string().contains("..20"),
+        "no file of a hidden generation is read or reported: {status}"
+    );
+}

@@ -103,6 +103,15 @@ async fn metrics_are_described_and_present_from_start() {
         "switchyard_config_last_reload_success_timestamp_seconds ",
         "switchyard_reloads_total{outcome=\"error\"} 0",
         "switchyard_throttled_total 0",
+        // Per destination, at zero before anything is queued.
+        "switchyard_queue_depth{destination=\"console\"} 0",
+        "switchyard_in_flight{destination=\"console\"} 0",
+        // The process_* series Prometheus' own clients export.
+        "# TYPE process_cpu_seconds_total counter",
+        "# TYPE process_resident_memory_bytes gauge",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
     ] {
         assert!(
             text.contains(must),
@@ -161,4 +170,27 @@ async fn metrics_are_described_and_present_from_start() {
     } else {
         eprintln!("prometheus_client parse skipped: not installed (`.ci/run` installs it)");
     }
+    // And Prometheus' own linter, where installed (Debian's `prometheus` package).
+    if let Some(out) = pipe("promtool", &["check", "metrics"], &text) {
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "promtool check metrics: {said}");
+        // Its advice on names (e.g. counters ending in _total) is printed even on success.
+        assert!(said.trim().is_empty(), "promtool check metrics: {said}");
+    } else {
+        eprintln!("promtool check metrics skipped: not installed (`.ci/run` installs it)");
+    }
+}
+
+/// Runs `tool args` with `input` on its stdin; `None` when the tool is not installed.
+fn pipe(tool: &str, args: &[&str], input: &str) -> Option<std::process::Output> {
+    let mut child = std::process::Command::new(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    use std::io::Write;
+    child.stdin.take()?.write_all(input.as_bytes()).ok()?;
+    child.wait_with_output().ok()
 }

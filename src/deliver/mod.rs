@@ -34,9 +34,15 @@ use crate::outbox::{now_ms, Job, Outbox, Outcome};
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct DestinationStats {
     pub kind: &'static str,
+    /// Messages this process holds for the destination and has not finished: waiting for
+    /// their pace, in an attempt, or waiting to retry.
+    pub queued: u64,
+    /// Of `queued`, those waiting for their next attempt after a failed one.
+    pub retrying: u64,
     pub delivered: u64,
     pub failed_attempts: u64,
     pub dead_letters: u64,
+    /// Of `queued`, those in an attempt now.
     pub in_flight: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -203,12 +209,17 @@ impl Deliverer {
                 .get(&job.destination)
                 .cloned();
             let inner = self.inner.clone();
+            if let Some(w) = &worker {
+                w.stats().queued += 1;
+            }
             self.inner.tracker.spawn(async move {
                 match worker {
                     Some(w) => {
                         let (id, destination) = (job.id, w.name.clone());
-                        let attempt = std::panic::AssertUnwindSafe(run(inner.clone(), w, job));
-                        if attempt.catch_unwind().await.is_err() {
+                        let attempt = std::panic::AssertUnwindSafe(run(inner.clone(), w.clone(), job));
+                        let panicked = attempt.catch_unwind().await.is_err();
+                        w.stats().queued -= 1;
+                        if panicked {
                             // A bug, not the job's fault or the destination's; the job alone
                             // pays for it, as a dead letter that can be replayed once fixed.
                             // Retrying would hit the same bug after every restart.
@@ -259,6 +270,23 @@ impl Deliverer {
     }
 }
 
+/// One attempt in progress, counted in its destination's `in_flight` until dropped (also when
+/// the attempt panics and unwinds).
+struct InFlight<'a>(&'a Worker);
+
+impl<'a> InFlight<'a> {
+    fn enter(w: &'a Worker) -> InFlight<'a> {
+        w.stats().in_flight += 1;
+        InFlight(w)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.stats().in_flight -= 1;
+    }
+}
+
 /// Waits for `fut` unless shutdown is requested first; `None` on shutdown.
 async fn or_stop<T>(
     stop: &mut watch::Receiver<bool>,
@@ -306,16 +334,16 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         let Some(Ok(permit)) = or_stop(&mut stop, w.permits.acquire()).await else {
             return;
         };
-        w.stats().in_flight += 1;
+        let attempt = InFlight::enter(&w);
         let started = Instant::now();
         let rules = inner.rules.load_full();
         let mut result = w.dest.deliver(&job, &rules).await;
         drop(permit);
+        drop(attempt);
         w.metrics.duration.record(started.elapsed().as_secs_f64());
         attempts += 1;
         let outcome = {
             let mut st = w.stats();
-            st.in_flight -= 1;
             match &mut result {
                 Ok(follow_ups) => {
                     st.delivered += 1;
@@ -396,10 +424,10 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         let step = schedule.next().unwrap_or(w.cfg.retry_max);
         let jittered = Duration::from_secs_f64(rand::rng().random_range(0.0..=step.as_secs_f64()));
         let delay = retry_after.map_or(jittered, |r| r.max(jittered));
-        if or_stop(&mut stop, tokio::time::sleep(delay))
-            .await
-            .is_none()
-        {
+        w.stats().retrying += 1;
+        let slept = or_stop(&mut stop, tokio::time::sleep(delay)).await;
+        w.stats().retrying -= 1;
+        if slept.is_none() {
             return;
         }
     }

@@ -106,11 +106,14 @@ pub(super) async fn status_json(st: &AppState) -> Value {
                 json!({
                     "kind": d.kind.name(),
                     "falls_back_to": if d.use_fallback { d.fallback.clone() } else { None },
+                    "disabled_reason": d.disabled,
+                    "rate_per_second": d.rate_per_second,
                     "queue_depth": pending.get(name).copied().unwrap_or(0),
-                    "dead_letters": dead.get(name).copied().unwrap_or(0),
+                    "in_flight": s.in_flight,
+                    "retrying": s.retrying,
                     "delivered": s.delivered,
                     "failed_attempts": s.failed_attempts,
-                    "in_flight": s.in_flight,
+                    "dead_letters": dead.get(name).copied().unwrap_or(0),
                     "last_error": s.last_error,
                     "last_error_at": s.last_error_at,
                 }),
@@ -120,7 +123,34 @@ pub(super) async fn status_json(st: &AppState) -> Value {
     let sources: serde_json::Map<String, Value> = rs
         .sources
         .iter()
-        .map(|(n, s)| (n.clone(), json!({"kind": s.kind, "path": format!("/hooks/{n}"), "enabled": s.disabled.is_none(), "disabled_reason": s.disabled})))
+        .map(|(n, s)| {
+            let path = if s.kafka.is_some() {
+                Value::Null
+            } else {
+                json!(format!("/hooks/{n}"))
+            };
+            (
+                n.clone(),
+                json!({"kind": s.kind, "path": path, "enabled": s.disabled.is_none(), "disabled_reason": s.disabled}),
+            )
+        })
+        .collect();
+    let now = chrono::Utc::now();
+    let schedules: serde_json::Map<String, Value> = rs
+        .schedules
+        .iter()
+        .map(|(n, s)| {
+            let next = s.next_after(now);
+            (
+                n.clone(),
+                json!({
+                    "cron": s.pattern,
+                    "timezone": s.tz.name(),
+                    "next_run": next.map(|t| t.timestamp_millis()),
+                    "next_run_local": next.map(|t| t.with_timezone(&s.tz).format("%a %Y-%m-%d %H:%M:%S %Z").to_string()),
+                }),
+            )
+        })
         .collect();
     let rules: Vec<Value> = rs
         .rules
@@ -128,14 +158,19 @@ pub(super) async fn status_json(st: &AppState) -> Value {
         .map(|r| json!({"id": r.id, "on": r.on, "file": r.file, "destinations": r.sends.iter().map(|s| s.to.clone()).collect::<Vec<_>>()}))
         .collect();
     let reload = st.reload.lock().map(|r| r.clone()).ok();
+    let uptime = st.started.elapsed();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "commit": env!("SWITCHYARD_GIT_COMMIT"),
         "ready": st.ready.load(Ordering::Relaxed),
-        "uptime_seconds": st.started.elapsed().as_secs(),
+        "now": now.timestamp_millis(),
+        "started_at": now.timestamp_millis() - uptime.as_millis() as i64,
+        "uptime_seconds": uptime.as_secs(),
         "rules_dir": st.cfg.rules_dir,
         "rules": rules,
         "sources": sources,
         "destinations": destinations,
+        "schedules": schedules,
         "queue_depth": st.outbox.pending(),
         "throttle": {
             "suppressed_since_start": st.pipeline.throttled(),
@@ -156,65 +191,33 @@ fn kafka_status(_: &AppState) -> Value {
     Value::Null
 }
 
-pub(super) async fn status(State(st): St, headers: HeaderMap) -> Response {
+/// `GET /status`: the JSON, or the page rendered from it for a browser (`Accept: text/html`);
+/// `?format=json` gives the JSON to a browser too.
+pub(super) async fn status(State(st): St, uri: axum::http::Uri, headers: HeaderMap) -> Response {
     let v = status_json(&st).await;
-    let wants_html = headers
-        .get(header::ACCEPT)
-        .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"));
-    if !wants_html {
-        return Json(v).into_response();
+    let json_asked = uri.query().is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "format" && v == "json")
+    });
+    let wants_html = !json_asked
+        && headers
+            .get(header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"));
+    if wants_html {
+        Html(super::status_page::render(&v)).into_response()
+    } else {
+        Json(v).into_response()
     }
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
-    let mut h = String::from("<!doctype html><meta charset=utf-8><title>switchyard status</title><style>body{font:14px system-ui;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.bad{color:#b00}</style><h1>switchyard</h1>");
-    let reload = &v["reload"];
-    h.push_str(&format!(
-        "<p>{} rules · queue depth {} · last reload: <b class='{}'>{}</b> ({})</p>",
-        v["rules"].as_array().map(Vec::len).unwrap_or(0),
-        v["queue_depth"],
-        if reload["ok"] == true { "" } else { "bad" },
-        if reload["ok"] == true { "ok" } else { "failed" },
-        esc(reload["trigger"].as_str().unwrap_or(""))
-    ));
-    if let Some(d) = reload["diagnostics"].as_array().filter(|d| !d.is_empty()) {
-        h.push_str("<pre>");
-        for l in d {
-            h.push_str(&esc(l.as_str().unwrap_or("")));
-            h.push('\n');
-        }
-        h.push_str("</pre>");
-    }
-    h.push_str("<h2>Destinations</h2><table><tr><th>name</th><th>kind</th><th>queued</th><th>delivered</th><th>dead letters</th><th>last error</th></tr>");
-    for (n, d) in v["destinations"].as_object().into_iter().flatten() {
-        h.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(n),
-            d["kind"].as_str().unwrap_or(""),
-            d["queue_depth"],
-            d["delivered"],
-            d["dead_letters"],
-            esc(d["last_error"].as_str().unwrap_or(""))
-        ));
-    }
-    h.push_str("</table><h2>Rules</h2><table><tr><th>id</th><th>on</th><th>file</th></tr>");
-    for r in v["rules"].as_array().into_iter().flatten() {
-        h.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(r["id"].as_str().unwrap_or("")),
-            esc(&r["on"].to_string()),
-            esc(&r["file"].to_string())
-        ));
-    }
-    h.push_str("</table>");
-    Html(h).into_response()
 }
 
 pub(super) async fn metrics(State(st): St) -> Response {
-    metrics::gauge!("switchyard_queue_depth").set(st.outbox.pending() as f64);
+    // Gauges read at scrape time rather than kept up to date on the request path.
+    for (name, s) in st.deliverer.stats() {
+        metrics::gauge!("switchyard_queue_depth", "destination" => name.clone())
+            .set(s.queued as f64);
+        metrics::gauge!("switchyard_in_flight", "destination" => name).set(s.in_flight as f64);
+    }
+    st.process_metrics.collect();
     match &st.metrics {
         Some(h) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

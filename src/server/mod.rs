@@ -14,6 +14,7 @@ pub mod body;
 mod listen;
 mod reload;
 mod series;
+mod status_page;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,6 +81,8 @@ pub struct AppState {
     source_metrics: MetricHandles,
     /// Request-body bytes the engine may hold at once ([`ConnLimits::max_body_bytes_in_flight`]).
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// `process_*` series, read at each scrape.
+    process_metrics: metrics_process::Collector,
 }
 
 type St = State<Arc<AppState>>;
@@ -181,6 +184,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
                 .max_body_bytes_in_flight
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         )),
+        process_metrics: series::process_collector(),
     });
     for (name, s) in &rs.sources {
         // Its series exist (at zero) from start, not from the first request.

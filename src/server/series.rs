@@ -53,7 +53,12 @@ const SERIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "switchyard_queue_depth",
-        "Messages waiting for delivery, by destination.",
+        "Messages not yet finished, by destination: waiting for their pace, in an attempt, or waiting to retry.",
+        Kind::Gauge,
+    ),
+    (
+        "switchyard_in_flight",
+        "Delivery attempts in progress, by destination.",
         Kind::Gauge,
     ),
     (
@@ -155,6 +160,16 @@ pub fn describe() {
         metrics::counter!(name).absolute(0);
     }
     metrics::gauge!("switchyard_connections_open").set(0.0);
+}
+
+/// The `process_*` series (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_open_fds`, `process_max_fds`, `process_start_time_seconds`, `process_threads`, ...)
+/// as Prometheus' own client libraries name them; described now, read at each scrape.
+pub fn process_collector() -> metrics_process::Collector {
+    let c = metrics_process::Collector::default();
+    c.describe();
+    c.collect();
+    c
 }
 
 /// Records the outcome of a load of the rules (at start and at every reload).

@@ -204,8 +204,8 @@ impl Consumers {
     }
 }
 
-fn count(topic: &str, outcome: &'static str) {
-    metrics::counter!("switchyard_kafka_messages_total", "topic" => topic.to_string(), "outcome" => outcome).increment(1);
+fn count(source: &str, topic: &str, outcome: &'static str) {
+    metrics::counter!("switchyard_kafka_messages_total", "source" => source.to_string(), "topic" => topic.to_string(), "outcome" => outcome).increment(1);
 }
 
 async fn consume(
@@ -467,7 +467,7 @@ async fn watch_progress(consumer: Arc<StreamConsumer<Ctx>>, name: String, status
                     }
                     if let Some(l) = lag {
                         x.lag.insert(key, l);
-                        metrics::gauge!("switchyard_kafka_lag", "topic" => topic, "partition" => partition.to_string()).set(l as f64);
+                        metrics::gauge!("switchyard_kafka_lag", "source" => name.clone(), "topic" => topic, "partition" => partition.to_string()).set(l as f64);
                     }
                 }
             }
@@ -512,7 +512,7 @@ async fn handle(
     let raw = payload.unwrap_or_default();
     let poison = |reason: String| {
         tracing::warn!(source = %src.name, at = %where_, %reason, "poison message: kept as a dead letter and skipped");
-        count(topic, "poison");
+        count(&src.name, topic, "poison");
         NewJob {
             destination: format!("kafka:{}", src.name),
             rule: "-".into(),
@@ -538,7 +538,7 @@ async fn handle(
             .as_str()
             .unwrap_or("");
         if backend != "KAFKA" {
-            count(topic, "skipped");
+            count(&src.name, topic, "skipped");
             tracing::debug!(source = %src.name, at = %where_, backend, "run for another backend: skipped");
             return Ok(());
         }
@@ -559,10 +559,12 @@ async fn handle(
     };
     let rs = st.rules();
     match st.accept(&rs, Some(src), &mut ev, src.dedup_window).await? {
-        Accepted::Committed { matched, .. } => {
-            count(topic, if matched { "accepted" } else { "unmatched" })
-        }
-        Accepted::Duplicate => count(topic, "duplicate"),
+        Accepted::Committed { matched, .. } => count(
+            &src.name,
+            topic,
+            if matched { "accepted" } else { "unmatched" },
+        ),
+        Accepted::Duplicate => count(&src.name, topic, "duplicate"),
     }
     Ok(())
 }
