@@ -425,6 +425,31 @@ async fn dead_letters_can_be_listed_and_replayed() {
         );
     }
 
+    // Replayed while the channel is still missing: it fails for good again and is the same dead
+    // letter again (same id), with the attempts of both lives.
+    let again = Command::new(bin)
+        .args(["dead-letters", "replay", "--server", &e.url("")])
+        .arg(id.to_string())
+        .arg("999999")
+        .env("SWITCHYARD_ADMIN_TOKEN", "admin-token")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        said.contains(&format!("dead letter {id} -> job "))
+            && said.contains("dead letter 999999 skipped: no dead letter 999999"),
+        "{said}{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let back = eventually(10, "the replay dead again under its id", || {
+        dead_letters(&e.data)
+            .into_iter()
+            .find(|d| d.id == id && d.attempts.len() == 2)
+    })
+    .await;
+    assert!(back.last_error.contains("channel_not_found"));
+    assert_eq!(dead_letters(&e.data).len(), 2);
+
     // The channel is fixed; replay one through the running server's admin API.
     slack.set_script(|_, _| (200, vec![], "ok".into()));
     let replay = Command::new(bin)
@@ -439,7 +464,7 @@ async fn dead_letters_can_be_listed_and_replayed() {
         String::from_utf8_lossy(&replay.stderr)
     );
     eventually(10, "the replayed message", || {
-        (slack.on_path(HOOK).len() == 3).then_some(())
+        (slack.on_path(HOOK).len() == 4).then_some(())
     })
     .await;
     assert_eq!(dead_letters(&e.data).len(), 1);
@@ -462,7 +487,7 @@ async fn dead_letters_can_be_listed_and_replayed() {
     );
     e.spawn().await;
     eventually(10, "the offline replay delivered", || {
-        (slack.on_path(HOOK).len() == 4).then_some(())
+        (slack.on_path(HOOK).len() == 5).then_some(())
     })
     .await;
     assert!(dead_letters(&e.data).is_empty());

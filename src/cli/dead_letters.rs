@@ -156,7 +156,25 @@ fn go(action: DeadLetterAction) -> Result<(), String> {
                     serde_json::json!({"ids": ids})
                 };
                 let v = server_call(&args, s, "POST", "/-/dead-letters/replay", Some(body))?;
-                println!("replayed {}", v["replayed"]);
+                let pairs = |k: &str, b: &str| -> Vec<(i64, String)> {
+                    v[k].as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            let d = p["dead_letter"].as_i64().unwrap_or(0);
+                            let other = match &p[b] {
+                                serde_json::Value::String(s) => s.clone(),
+                                x => x.to_string(),
+                            };
+                            (d, other)
+                        })
+                        .collect()
+                };
+                print_replay(
+                    &pairs("requeued", "job"),
+                    &pairs("skipped", "reason"),
+                    "they are being sent now",
+                );
             }
             None => {
                 let path = db(&args)?;
@@ -170,10 +188,16 @@ fn go(action: DeadLetterAction) -> Result<(), String> {
                 };
                 let outbox = Outbox::open(&args.data_dir, usize::MAX)?;
                 let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-                let jobs = rt.block_on(outbox.replay(ids))?;
-                println!(
-                    "queued {} message(s) again; they go out when the engine starts",
-                    jobs.len()
+                let done = rt.block_on(outbox.replay(ids))?;
+                let requeued: Vec<(i64, String)> = done
+                    .requeued
+                    .iter()
+                    .map(|(d, j)| (*d, j.to_string()))
+                    .collect();
+                print_replay(
+                    &requeued,
+                    &done.skipped,
+                    "they go out when the engine starts",
                 );
             }
         },
@@ -195,6 +219,20 @@ fn go(action: DeadLetterAction) -> Result<(), String> {
         },
     }
     Ok(())
+}
+
+/// Prints what a replay did: each dead letter and the job it became, and what was skipped.
+fn print_replay(requeued: &[(i64, String)], skipped: &[(i64, String)], when: &str) {
+    for (d, job) in requeued {
+        println!("dead letter {d} -> job {job}");
+    }
+    for (d, why) in skipped {
+        println!("dead letter {d} skipped: {why}");
+    }
+    println!(
+        "queued {} message(s) again; {when}; one that fails for good again is a dead letter under its old id",
+        requeued.len()
+    );
 }
 
 fn filter_body(a: &DlArgs) -> Result<serde_json::Value, String> {

@@ -102,6 +102,33 @@ pub struct DeadLetter {
     pub last_error: String,
 }
 
+/// What a replay of dead letters did.
+///
+/// A replayed message is queued again as a new job; should it fail for good again, it becomes
+/// a dead letter under its **old id**, with the attempts of both lives in its log, so the id an
+/// operator noted (or a ticket quotes) keeps naming the same message.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// The jobs queued again, to start delivering.
+    pub jobs: Vec<Job>,
+    /// `(dead letter id, job id)` for each of `jobs`.
+    pub requeued: Vec<(i64, i64)>,
+    /// Dead letters not replayed, and why (no such id; a passcode message, which is never kept).
+    pub skipped: Vec<(i64, String)>,
+}
+
+impl Replayed {
+    /// The JSON the admin API answers: `{replayed, requeued: [{dead_letter, job}], skipped:
+    /// [{dead_letter, reason}]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "replayed": self.requeued.len(),
+            "requeued": self.requeued.iter().map(|(d, j)| serde_json::json!({"dead_letter": d, "job": j})).collect::<Vec<_>>(),
+            "skipped": self.skipped.iter().map(|(d, r)| serde_json::json!({"dead_letter": d, "reason": r})).collect::<Vec<_>>(),
+        })
+    }
+}
+
 /// Filters for listing dead letters.
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetterFilter {
@@ -212,7 +239,7 @@ pub trait Store: Send + Sync + 'static {
     /// One dead letter.
     fn dead_letter(&self, id: i64) -> BoxFut<'_, Result<Option<DeadLetter>, StoreError>>;
     /// Moves dead letters back into the queue; returns the new jobs.
-    fn replay(&self, ids: Vec<i64>) -> BoxFut<'_, Result<Vec<Job>, StoreError>>;
+    fn replay(&self, ids: Vec<i64>) -> BoxFut<'_, Result<Replayed, StoreError>>;
     /// Deletes the dead letters matching `f`; returns how many.
     fn purge(&self, f: DeadLetterFilter) -> BoxFut<'_, Result<usize, StoreError>>;
 }
@@ -297,7 +324,7 @@ impl Outbox {
     }
 
     /// Moves dead letters back into the outbox; returns the new jobs to hand to the workers.
-    pub async fn replay(&self, ids: Vec<i64>) -> Result<Vec<Job>, StoreError> {
+    pub async fn replay(&self, ids: Vec<i64>) -> Result<Replayed, StoreError> {
         self.store.replay(ids).await
     }
 

@@ -309,17 +309,14 @@ async fn replay(State(st): St, body: Body) -> Response {
     } else {
         q.ids.clone()
     };
-    match replay_ids(&st, ids).await {
-        Ok(n) => Json(json!({"replayed": n})).into_response(),
-        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+    match st.outbox.replay(ids).await {
+        Ok(done) => {
+            let answer = done.to_json();
+            st.deliverer.submit(done.jobs);
+            Json(answer).into_response()
+        }
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
-}
-
-async fn replay_ids(st: &Arc<AppState>, ids: Vec<i64>) -> Result<usize, String> {
-    let jobs = st.outbox.replay(ids).await?;
-    let n = jobs.len();
-    st.deliverer.submit(jobs);
-    Ok(n)
 }
 
 async fn purge(State(st): St, body: Body) -> Response {

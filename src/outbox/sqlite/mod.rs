@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use super::{
     now_ms, BoxFut, DeadLetter, DeadLetterFilter, EnqueueError, Enqueued, Job, NewJob, NewTracker,
-    Outcome, Store, StoreError, Summary,
+    Outcome, Replayed, Store, StoreError, Summary,
 };
 use crate::job::Payload;
 use writer::{writer, Cmd};
@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS outbox (
   target TEXT NOT NULL, message TEXT NOT NULL, secret INTEGER NOT NULL,
   created_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
   attempt_log TEXT NOT NULL DEFAULT '[]', last_error TEXT,
-  kind TEXT
+  kind TEXT, replay_of INTEGER
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -112,22 +112,36 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
 ///    were operations for the `port` destination when their JSON has an `op` of `expand` (with
 ///    `rule` and `event`) or `report` (with `run_id` and `context`), and messages otherwise.
 ///
+/// 2. Replays keep their dead letter's id: `outbox` gets `replay_of`, the id of the dead letter a
+///    job was replayed from; if it dies again, it is that dead letter again.
+///
 /// A message's kind is stored as NULL (it is nearly every row, and NULL costs the insert
 /// nothing); readers see `message`.
 fn migrate(c: &Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version >= 1 {
-        return Ok(());
+    if version < 1 {
+        migrate_kinds(c)?;
     }
+    if version < 2 {
+        if !has_column(c, "outbox", "replay_of")? {
+            c.execute_batch("ALTER TABLE outbox ADD COLUMN replay_of INTEGER")?;
+        }
+        c.execute_batch("PRAGMA user_version = 2")?;
+    }
+    Ok(())
+}
+
+fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+        [table, column],
+        |r| r.get(0),
+    )
+}
+
+fn migrate_kinds(c: &Connection) -> rusqlite::Result<()> {
     for table in ["outbox", "dead_letters"] {
-        let has_kind: bool = c.query_row(
-            &format!(
-                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = 'kind')"
-            ),
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_kind {
+        if !has_column(c, table, "kind")? {
             c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN kind TEXT"))?;
         }
         c.execute_batch(&format!(
@@ -411,7 +425,7 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn replay(&self, ids: Vec<i64>) -> BoxFut<'_, Result<Vec<Job>, StoreError>> {
+    fn replay(&self, ids: Vec<i64>) -> BoxFut<'_, Result<Replayed, StoreError>> {
         Box::pin(self.ask(|reply| Cmd::Replay { ids, reply }))
     }
 

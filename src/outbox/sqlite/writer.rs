@@ -21,7 +21,7 @@ pub(super) enum Cmd {
     },
     Replay {
         ids: Vec<i64>,
-        reply: oneshot::Sender<Result<Vec<Job>, String>>,
+        reply: oneshot::Sender<Result<Replayed, String>>,
     },
     Purge {
         filter: DeadLetterFilter,
@@ -150,7 +150,7 @@ enum Reply {
         oneshot::Sender<Result<Enqueued, EnqueueError>>,
         Result<Enqueued, EnqueueError>,
     ),
-    Replay(oneshot::Sender<Result<Vec<Job>, String>>, Vec<Job>),
+    Replay(oneshot::Sender<Result<Replayed, String>>, Replayed),
     Purge(oneshot::Sender<Result<usize, String>>, usize),
 }
 
@@ -261,8 +261,10 @@ fn apply_tx(
                     let log = append_log(&tx, id, now, error)?;
                     let n = tx
                             .exec_c(
-                                "INSERT INTO dead_letters (destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind)
-                                 SELECT destination, rule, event_id, target, CASE WHEN secret = 1 THEN ? ELSE message END, created_at, ?, ?, ?, kind FROM outbox WHERE id = ?",
+                                // A replayed message that dies again is its dead letter again
+                                // (NULL: a new id).
+                                "INSERT INTO dead_letters (id, destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind)
+                                 SELECT replay_of, destination, rule, event_id, target, CASE WHEN secret = 1 THEN ? ELSE message END, created_at, ?, ?, ?, kind FROM outbox WHERE id = ?",
                                 params![redacted_json(), now, log, error, id],
                             )
                             .map_err(|e| e.to_string())?;
@@ -352,31 +354,40 @@ fn apply_tx(
             // Applied above, from `finishes`.
             Cmd::Finish { .. } => {}
             Cmd::Replay { ids, reply } => {
-                let mut jobs = Vec::new();
+                let mut done = Replayed::default();
                 for id in ids {
-                    let row: Option<(String, String, String, String, String, String)> = tx
+                    let row: Option<(String, String, String, String, String, String, String)> = tx
                         .row_c(
-                            "SELECT destination, rule, event_id, target, message, COALESCE(kind, 'message') FROM dead_letters WHERE id = ?",
+                            "SELECT destination, rule, event_id, target, message, COALESCE(kind, 'message'), attempt_log FROM dead_letters WHERE id = ?",
                             [id],
-                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
                         )
                         .optional()
                         .map_err(|e| e.to_string())?;
-                    let Some((destination, rule, event_id, target, message, kind)) = row else {
+                    let Some((destination, rule, event_id, target, message, kind, log)) = row
+                    else {
+                        done.skipped.push((id, format!("no dead letter {id}")));
                         continue;
                     };
                     if message == redacted_json() {
+                        done.skipped.push((
+                            id,
+                            "a One-Time Passcode message is never kept, so it cannot be sent again"
+                                .into(),
+                        ));
                         continue;
                     }
+                    // The attempts of its first life stay in its log; `max_age` counts anew.
                     tx.exec_c(
-                        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
-                        params![destination, rule, event_id, target, message, now, (kind != "message").then_some(kind.as_str())],
+                        "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind, attempt_log, replay_of) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+                        params![destination, rule, event_id, target, message, now, (kind != "message").then_some(kind.as_str()), log, id],
                     )
                     .map_err(|e| e.to_string())?;
                     let new_id = tx.last_insert_rowid();
                     tx.exec_c("DELETE FROM dead_letters WHERE id = ?", [id])
                         .map_err(|e| e.to_string())?;
-                    jobs.push(Job {
+                    done.requeued.push((id, new_id));
+                    done.jobs.push(Job {
                         id: new_id,
                         destination,
                         payload: Payload::from_stored(&kind, &message, &rule),
@@ -389,8 +400,8 @@ fn apply_tx(
                         attempts: 0,
                     });
                 }
-                added += jobs.len() as isize;
-                replies.push(Reply::Replay(reply, jobs));
+                added += done.jobs.len() as isize;
+                replies.push(Reply::Replay(reply, done));
             }
             Cmd::Purge { filter, reply } => {
                 let (w, args) = where_clause(&filter);
@@ -422,8 +433,8 @@ fn apply_tx(
                     Reply::Enqueue(tx, v) => {
                         let _ = tx.send(v);
                     }
-                    Reply::Replay(tx, jobs) => {
-                        let _ = tx.send(Ok(jobs));
+                    Reply::Replay(tx, done) => {
+                        let _ = tx.send(Ok(done));
                     }
                     Reply::Purge(tx, n) => {
                         let _ = tx.send(Ok(n));
