@@ -270,20 +270,34 @@ impl Deliverer {
     }
 }
 
-/// One attempt in progress, counted in its destination's `in_flight` until dropped (also when
-/// the attempt panics and unwinds).
-struct InFlight<'a>(&'a Worker);
+/// A job counted in one of its destination's gauges (`in_flight`, `retrying`) until dropped,
+/// also when the attempt panics and unwinds.
+struct Counted<'a> {
+    w: &'a Worker,
+    field: fn(&mut DestinationStats) -> &mut u64,
+}
 
-impl<'a> InFlight<'a> {
-    fn enter(w: &'a Worker) -> InFlight<'a> {
-        w.stats().in_flight += 1;
-        InFlight(w)
+impl<'a> Counted<'a> {
+    fn enter(w: &'a Worker, field: fn(&mut DestinationStats) -> &mut u64) -> Counted<'a> {
+        *field(&mut w.stats()) += 1;
+        Counted { w, field }
+    }
+
+    /// An attempt in progress.
+    fn in_flight(w: &'a Worker) -> Counted<'a> {
+        Counted::enter(w, |s| &mut s.in_flight)
+    }
+
+    /// A job that has failed at least once and is not finished: waiting for its backoff, its
+    /// pace or a permit, or in its next attempt.
+    fn retrying(w: &'a Worker) -> Counted<'a> {
+        Counted::enter(w, |s| &mut s.retrying)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.stats().in_flight -= 1;
+        *(self.field)(&mut self.w.stats()) -= 1;
     }
 }
 
@@ -319,6 +333,8 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         .without_max_times()
         .build();
     let mut attempts = job.attempts;
+    // Resumed after a restart with attempts behind it: retrying from the start.
+    let mut retrying = (attempts > 0).then(|| Counted::retrying(&w));
     let pace = w.dest.pace_key(&job);
     loop {
         if let Some(l) = &w.limiter {
@@ -334,7 +350,7 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         let Some(Ok(permit)) = or_stop(&mut stop, w.permits.acquire()).await else {
             return;
         };
-        let attempt = InFlight::enter(&w);
+        let attempt = Counted::in_flight(&w);
         let started = Instant::now();
         let rules = inner.rules.load_full();
         let mut result = w.dest.deliver(&job, &rules).await;
@@ -424,10 +440,13 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         let step = schedule.next().unwrap_or(w.cfg.retry_max);
         let jittered = Duration::from_secs_f64(rand::rng().random_range(0.0..=step.as_secs_f64()));
         let delay = retry_after.map_or(jittered, |r| r.max(jittered));
-        w.stats().retrying += 1;
-        let slept = or_stop(&mut stop, tokio::time::sleep(delay)).await;
-        w.stats().retrying -= 1;
-        if slept.is_none() {
+        if retrying.is_none() {
+            retrying = Some(Counted::retrying(&w));
+        }
+        if or_stop(&mut stop, tokio::time::sleep(delay))
+            .await
+            .is_none()
+        {
             return;
         }
     }
