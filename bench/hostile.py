@@ -9,7 +9,7 @@ status and latency; the engine's RSS is sampled every second. Prints one Markdow
 
     bench/hostile.py [--seconds 30] [--idle 2000] [--slow 200] [--rate 200] [--skip-build]
 
-The engine runs with its default limits (README, Operations: connection limits).
+The engine runs with its default limits (docs/operations.md: limits).
 """
 
 import argparse

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Instructions per event of the engine, under callgrind: a measure that repeats to 0.1% on a
-shared VM whose wall-clock speed drifts by 10% (used for the README's round-2 table).
+shared VM whose wall-clock speed drifts by 10% (used for the round-2 table in docs/performance.md).
 
 Starts `switchyard serve` (100 bench rules, a fake Slack) under `valgrind --tool=callgrind`,
 warms it up, zeroes the counters, sends EVENTS events at 300/s, waits for delivery, dumps, and

@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the pipeline stages: verify, decode, route (100 and 1,000 rules), render.
 //!
-//! Run: `cargo bench --bench route`. Figures are in the README.
+//! Run: `cargo bench --bench route`. Figures are in docs/performance.md.
 
 use std::collections::BTreeMap;
 use std::path::Path;

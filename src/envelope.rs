@@ -3,7 +3,7 @@
 //! Sources build envelopes as plain JSON (fast, and what templates and JSONPath read); this
 //! module says what those envelopes hold, so that `check` can tell a misspelt field
 //! (`entity.identifer`) from a field that is merely absent in one event, and so that the
-//! README's envelope tables and `schemas/envelope.schema.json` are generated from the same
+//! docs/rules.md's envelope tables and `schemas/envelope.schema.json` are generated from the same
 //! description instead of being kept in step by hand (a test compares them).
 //!
 //! A shape is closed where the envelope is (`entity`, `user`, `run`: switchyard or Port defines
@@ -42,7 +42,7 @@ pub enum Shape {
 pub struct Field {
     pub name: Cow<'static, str>,
     pub shape: Shape,
-    /// One line for the README table.
+    /// One line for the docs/rules.md table.
     pub doc: &'static str,
 }
 
@@ -507,7 +507,7 @@ pub struct Family {
     pub shape: fn() -> Shape,
 }
 
-/// Every event type, grouped as the README documents them.
+/// Every event type, grouped as docs/rules.md documents them.
 pub const FAMILIES: &[Family] = &[
     Family {
         title: "Port entity changes",
@@ -579,7 +579,7 @@ pub fn types_for(pattern: &str) -> Vec<&'static str> {
     }
 }
 
-/// The README's envelope tables.
+/// The envelope tables of docs/rules.md.
 pub fn markdown() -> String {
     let mut out = String::new();
     let shared: Vec<Field> = common();

@@ -2,7 +2,7 @@
 //!
 //! Rules and templates only ever see this shape (as JSON), whatever transport or payload family
 //! brought the event: Port's legacy changelog and its automation bodies produce the same fields,
-//! so one rule serves both. The field table is in the README ("The event envelope").
+//! so one rule serves both. The field table is in docs/rules.md ("The event envelope").
 
 use serde_json::Value;
 

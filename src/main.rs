@@ -249,7 +249,7 @@ enum Command {
         /// e.g. `http://127.0.0.1:8080/healthz`
         url: String,
     },
-    /// Print the event envelope of every event type: the README's tables (`markdown`) or a
+    /// Print the event envelope of every event type: docs/rules.md's tables (`markdown`) or a
     /// JSON Schema (`schema`, as in schemas/envelope.schema.json).
     Envelope {
         #[arg(long, value_enum, default_value_t = EnvelopeFormat::Markdown)]

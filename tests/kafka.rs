@@ -506,7 +506,7 @@ async fn the_kafka_destination_produces_keyed_messages() {
     assert_eq!(got.len(), 6);
 }
 
-/// Throughput of the Kafka path (not a pass/fail test: run it for the README's figure with
+/// Throughput of the Kafka path (not a pass/fail test: run it for the figure in docs/performance.md with
 /// `scripts/kafka-test.sh kafka_path_throughput -- --ignored --nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]

@@ -1,6 +1,6 @@
 //! Rule conditions: parsing the one-line and structured forms, and evaluating them.
 //!
-//! Semantics, in one place (the README repeats them):
+//! Semantics, in one place (docs/rules.md repeats them):
 //! - A path may select several nodes; a comparison holds when **any** selected node satisfies it.
 //! - A path that selects nothing makes the comparison **false** (so `not` of it is true), and
 //!   `simulate` reports "selected nothing".
