@@ -234,11 +234,13 @@ fn run_test(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) {
             ("channel", &e.channel),
             ("user_email", &e.user_email),
             ("thread_ts", &e.thread_ts),
+            ("key", &e.key),
         ] {
             let Some(want) = want else { continue };
             let have = |d: &Dispatch| match key {
                 "channel" => d.target.channel.clone(),
                 "user_email" => d.target.user_email.clone(),
+                "key" => d.target.identity.as_ref().map(|i| i.key.clone()),
                 _ => d.target.thread_ts.clone(),
             };
             if !candidates

@@ -29,6 +29,47 @@ pub struct Target {
     /// Kafka destinations: the record key.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub key: Option<String>,
+    /// A keyed message (Slack bot destinations): which message this send acts on, and how.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub identity: Option<Identity>,
+}
+
+/// A message's identity: the key that names it, and what this send does to the message the key
+/// names now. The engine remembers, durably, which Slack message (channel, `ts`) a key last
+/// posted; jobs with the same key are delivered in the order they were accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The rendered key (e.g. `health:payments-api`), unique per destination.
+    pub key: String,
+    /// What to do.
+    #[serde(rename = "as")]
+    pub action: KeyAction,
+    /// How long an opened key is remembered after its last use, in seconds.
+    pub ttl_secs: u64,
+}
+
+/// What a keyed send does. Every action posts a new message (and opens the key, except the
+/// closing ones) when the key names no message, or the message it named is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyAction {
+    /// Post a new message and make it the key's message.
+    Post,
+    /// Replace the key's message (`chat.update`).
+    Update,
+    /// Reply in the key's message's thread.
+    Reply,
+    /// Replace the key's message, then close the key: the next match starts a new message.
+    Resolve,
+    /// Reply in the key's message's thread, then close the key (the reply of a `resolve`).
+    ReplyClose,
+}
+
+impl KeyAction {
+    /// Whether a successful send closes the key.
+    pub fn closes(self) -> bool {
+        matches!(self, KeyAction::Resolve | KeyAction::ReplyClose)
+    }
 }
 
 /// Template names of the run fields a report writes.

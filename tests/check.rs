@@ -472,3 +472,78 @@ fn a_kafka_session_timeout_out_of_the_brokers_range_is_an_error_at_its_value() {
     let e = assert_one(d.path(), "bad-value", "rules.yaml", 7, 24);
     assert!(e.message.contains("between 6s and 5m"), "{e:?}");
 }
+
+/// Keyed messages: a key needs a Slack bot destination (an incoming webhook returns no message
+/// `ts`), `as`/`reply`/`key_ttl` need a key, `reply` follows only an update or a resolve, a
+/// keyed step does not also take `thread_ts`, and the key's template is checked against the
+/// envelope like any other.
+#[test]
+fn keyed_messages_are_checked() {
+    let body =
+        "  hook: { slack_webhook: { url: \"https://hooks.slack.com/services/T/B/${SET_VAR}\" } }
+  bot: { slack: { token: \"${SET_VAR}\" } }
+rules:
+  - id: a
+    on: port/entity.updated
+    send:
+      - { to: hook, key: \"k:{{entity.identifier}}\", text: hi }
+      - { to: bot, channel: \"#c\", as: resolve, text: hi }
+      - { to: bot, channel: \"#c\", key: \"k\", as: reply, reply: \"x\", text: hi }
+      - { to: bot, channel: \"#c\", key: \"k\", key_ttl: 5s, text: hi }
+      - { to: bot, channel: \"#c\", key: \"k\", thread_ts: \"1.2\", text: hi }
+";
+    let d = dir_with(body, &[]);
+    let errs = errors(d.path());
+    let at = |line: usize| -> Vec<String> {
+        errs.iter()
+            .filter(|e| e.line == Some(line + 5))
+            .map(|e| format!("{}: {}", e.code, e.message))
+            .collect()
+    };
+    assert!(
+        at(7)[0].contains("`key` needs a `slack` (bot) destination; `hook` is `slack_webhook`"),
+        "{errs:#?}"
+    );
+    assert!(
+        at(8)[0].contains("`as` acts on a keyed message"),
+        "{errs:#?}"
+    );
+    assert!(at(9)[0].contains("`reply` follows an update"), "{errs:#?}");
+    assert!(
+        at(10)[0].contains("`5s` is not a duration of a minute or more"),
+        "{errs:#?}"
+    );
+    assert!(
+        at(11)[0].contains("`thread_ts` and `key` both say where"),
+        "{errs:#?}"
+    );
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+
+    // A key that reads a field the envelope lacks is found before any event.
+    let body = "  bot: { slack: { token: \"${SET_VAR}\" } }
+rules:
+  - id: a
+    on: port/entity.updated
+    send:
+      - { to: bot, channel: \"#c\", key: \"health:{{entity.identifer}}\", as: resolve, reply: \"ok {{entity.titel}}\", text: hi }
+";
+    let d = dir_with(body, &[]);
+    let (_, report) = check::run(d.path(), &opts());
+    let text: Vec<String> = report
+        .diagnostics
+        .iter()
+        .map(|d| {
+            format!(
+                "{}:{}: {}",
+                d.line.unwrap_or(0),
+                d.column.unwrap_or(0),
+                d.message
+            )
+        })
+        .collect();
+    assert!(
+        text.iter().any(|t| t.contains("`entity.identifer`")),
+        "{text:#?}"
+    );
+    assert!(text.iter().any(|t| t.contains("titel")), "{text:#?}");
+}

@@ -7,13 +7,14 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::diag::{did_you_mean, Diagnostic};
-use super::spec::SendSpec;
+use super::spec::{KeyAs, SendSpec};
 use super::yaml::{join_index, join_key};
 use super::{parse_duration, DestinationConfig, DestinationKind, Schedule};
 use crate::event::EVENT_TYPES;
+use crate::job::KeyAction;
 use crate::render::{TemplateOrigin, Templates};
 use crate::routing::condition;
-use crate::routing::{Rule, SendStep};
+use crate::routing::{Keyed, Rule, SendStep};
 
 use super::parsed::*;
 
@@ -425,13 +426,156 @@ pub(super) fn compile_send(
             }
         }
     };
+    let channel = small("channel", &s.channel);
+    let user_email = small("user_email", &s.user_email);
+    let thread_ts = small("thread_ts", &s.thread_ts);
+    let for_each = small("for_each", &s.for_each);
+    let key = small("key", &s.key);
+    let identity = keyed(p, s, sp, is_bot, &dest.kind, diags);
+    let reply = match (&s.reply, identity.is_some()) {
+        (Some(text), true) => {
+            let name = format!("rule:{rule_id}:{sp}:reply");
+            let body =
+                serde_json::to_string(&serde_json::json!({ "text": text })).unwrap_or_default();
+            let origin = TemplateOrigin {
+                file: p.path.clone(),
+                line_offset: p.spans.value(&join_key(sp, "reply")).line,
+                inline: true,
+            };
+            match templates.add(&name, &body, origin) {
+                Ok(()) => Some(name),
+                Err(e) => {
+                    diags.push(p.at(
+                        Diagnostic::error("template", format!("`reply`: {}", e.message)),
+                        &join_key(sp, "reply"),
+                    ));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     Some(SendStep {
         to: s.to.clone(),
         template,
-        channel: small("channel", &s.channel),
-        user_email: small("user_email", &s.user_email),
-        thread_ts: small("thread_ts", &s.thread_ts),
+        channel,
+        user_email,
+        thread_ts,
         reply_broadcast: s.reply_broadcast,
-        for_each: small("for_each", &s.for_each),
+        for_each,
+        keyed: match (identity, key) {
+            (Some((action, ttl)), Some(key)) => Some(Keyed {
+                key,
+                action,
+                ttl,
+                reply,
+            }),
+            _ => None,
+        },
     })
 }
+
+/// A send step's message identity settings (`key`, `as`, `reply`, `key_ttl`), checked: a key
+/// needs a `slack` bot destination (an incoming webhook returns no message `ts`, so its
+/// messages can be neither updated nor threaded), and the others need a key.
+fn keyed(
+    p: &Parsed,
+    s: &SendSpec,
+    sp: &str,
+    is_bot: bool,
+    kind: &DestinationKind,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(KeyAction, Duration)> {
+    if s.key.is_none() {
+        for (field, present) in [
+            ("as", s.key_as.is_some()),
+            ("reply", s.reply.is_some()),
+            ("key_ttl", s.key_ttl.is_some()),
+        ] {
+            if present {
+                diags.push(
+                    p.at_key(
+                        Diagnostic::error(
+                            "bad-send",
+                            format!(
+                                "`{field}` acts on a keyed message, and this step has no `key`"
+                            ),
+                        ),
+                        &join_key(sp, field),
+                    )
+                    .hint("name the message with `key: \"health:{{entity.identifier}}\"`"),
+                );
+            }
+        }
+        return None;
+    }
+    if !is_bot {
+        diags.push(
+            p.at_key(
+                Diagnostic::error(
+                    "bad-send",
+                    format!(
+                        "`key` needs a `slack` (bot) destination; `{}` is `{}`",
+                        s.to,
+                        kind.name()
+                    ),
+                ),
+                &join_key(sp, "key"),
+            )
+            .hint("an incoming webhook does not say which message it posted, so that message can be neither updated nor threaded; send through a destination with `slack: {token: ...}`"),
+        );
+        return None;
+    }
+    let action = match s.key_as.unwrap_or(KeyAs::Update) {
+        KeyAs::Post => KeyAction::Post,
+        KeyAs::Update => KeyAction::Update,
+        KeyAs::Reply => KeyAction::Reply,
+        KeyAs::Resolve => KeyAction::Resolve,
+    };
+    if s.reply.is_some() && !matches!(action, KeyAction::Update | KeyAction::Resolve) {
+        diags.push(
+            p.at_key(
+                Diagnostic::error(
+                    "bad-send",
+                    "`reply` follows an update (`as: update` or `as: resolve`); this step already posts or replies",
+                ),
+                &join_key(sp, "reply"),
+            )
+            .hint("write the reply as the step's message, or use `as: update` / `as: resolve`"),
+        );
+    }
+    if s.thread_ts.is_some() {
+        diags.push(
+            p.at_key(
+                Diagnostic::error(
+                    "bad-send",
+                    "`thread_ts` and `key` both say where the message goes; a keyed step threads under its key's message with `as: reply`",
+                ),
+                &join_key(sp, "thread_ts"),
+            ),
+        );
+    }
+    let ttl = match &s.key_ttl {
+        None => DEFAULT_KEY_TTL,
+        Some(t) => match parse_duration(t) {
+            Some(d) if d >= Duration::from_secs(60) => d,
+            _ => {
+                diags.push(
+                    p.at(
+                        Diagnostic::error(
+                            "bad-value",
+                            format!("`{t}` is not a duration of a minute or more"),
+                        ),
+                        &join_key(sp, "key_ttl"),
+                    )
+                    .hint("e.g. `7d`, `12h`"),
+                );
+                DEFAULT_KEY_TTL
+            }
+        },
+    };
+    Some((action, ttl))
+}
+
+/// How long a key is remembered after its last use, unless `key_ttl` says otherwise.
+const DEFAULT_KEY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -384,11 +384,17 @@ impl StepCheck<'_> {
         };
         let found = self.memo(&step.template, false, roots);
         self.report(found, &join_key(sp, inline_key), diags);
+        if let Some(reply) = step.keyed.as_ref().and_then(|k| k.reply.as_ref()) {
+            let found = self.memo(reply, false, roots);
+            self.report(found, &join_key(sp, "reply"), diags);
+        }
+        let key = step.keyed.as_ref().map(|k| k.key.clone());
         for (key, t) in [
             ("channel", &step.channel),
             ("user_email", &step.user_email),
             ("thread_ts", &step.thread_ts),
             ("for_each", &step.for_each),
+            ("key", &key),
         ] {
             let Some(t) = t else { continue };
             let mut found = self.memo(t, true, roots);

@@ -490,6 +490,37 @@ pub struct SendSpec {
     /// `item` in the other templates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub for_each: Option<String>,
+    /// Slack bot only: this message's identity, Handlebars (e.g.
+    /// `health:{{entity.identifier}}`). The engine remembers which message a key last posted,
+    /// so a later match can update it, reply in its thread, or resolve it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// With `key`: what this send does to the key's message. `update` (the default) replaces
+    /// it, `reply` answers in its thread, `resolve` replaces it and closes the key, `post`
+    /// always starts a new one. With no message for the key, each of them posts.
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub key_as: Option<KeyAs>,
+    /// With `key` and `as: update` or `resolve`: a thread reply to post after the update, as
+    /// text (Handlebars), e.g. `Recovered: {{entity.title}} is healthy again`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    /// With `key`: how long the key is remembered after its last use (default `7d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ttl: Option<String>,
+}
+
+/// What a keyed send does to its key's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyAs {
+    /// Post a new message; it becomes the key's message.
+    Post,
+    /// Replace the key's message (`chat.update`).
+    Update,
+    /// Reply in the key's message's thread (`reply_broadcast` also shows it in the channel).
+    Reply,
+    /// Replace the key's message and close the key, so the next match starts a new message.
+    Resolve,
 }
 
 /// A rule test: one event in, the expected dispatches out.
@@ -567,6 +598,9 @@ pub struct Expectation {
     /// The thread it must reply in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_ts: Option<String>,
+    /// The message key it must carry (keyed messages), e.g. `health:payments-api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A condition in `where` (schema only; conditions are parsed by the rule compiler).
@@ -656,6 +690,7 @@ const DURATION_KEYS: &[&str] = &[
     "max_age",
     "dedup_window",
     "session_timeout",
+    "key_ttl",
 ];
 
 /// What the generated schema cannot say from the types alone, added so that it agrees with

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::DestinationConfig;
 use crate::config::Ruleset;
 use crate::destinations::{self, DeliveryError, Destination};
-use crate::outbox::{now_ms, Job, Outbox, Outcome};
+use crate::outbox::{now_ms, Job, KeyChange, Outbox, Outcome};
 
 /// Counters of one destination, for `/status`.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -141,6 +141,8 @@ struct Inner {
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     tracker: TaskTracker,
+    /// The order of keyed jobs.
+    turns: KeyTurns,
 }
 
 impl Deliverer {
@@ -173,6 +175,7 @@ impl Deliverer {
                 stop_tx,
                 stop_rx,
                 tracker: TaskTracker::new(),
+                turns: KeyTurns::default(),
             }),
         })
     }
@@ -212,7 +215,13 @@ impl Deliverer {
             if let Some(w) = &worker {
                 w.stats().queued += 1;
             }
+            let turn = KeyTurns::name(&job);
+            if let Some(k) = &turn {
+                self.inner.turns.join(k, job.id);
+            }
+            let id = job.id;
             self.inner.tracker.spawn(async move {
+                let turns = inner.clone();
                 match worker {
                     Some(w) => {
                         let (id, destination) = (job.id, w.name.clone());
@@ -237,6 +246,10 @@ impl Deliverer {
                         metrics::counter!("switchyard_dead_letters_total", "destination" => job.destination.clone()).increment(1);
                         Deliverer { inner }.bury(job.id, error).await;
                     }
+                }
+                // Finished (its outcome committed): the next job of its key may go.
+                if let Some(k) = &turn {
+                    turns.turns.leave(k, id);
                 }
             });
         }
@@ -267,6 +280,88 @@ impl Deliverer {
         tokio::time::timeout(grace, self.inner.tracker.wait())
             .await
             .is_ok()
+    }
+}
+
+/// One attempt at a keyed message: the message its key names now, read from the outbox, and
+/// the destination acting on it. What became of the key is committed with the job's outcome.
+async fn deliver_keyed(
+    inner: &Inner,
+    w: &Worker,
+    job: &Job,
+    id: &crate::job::Identity,
+) -> Result<(Vec<crate::outbox::NewJob>, Option<KeyChange>), DeliveryError> {
+    let current = inner
+        .outbox
+        .message_key(&w.name, &id.key)
+        .await
+        .map_err(|e| DeliveryError::Transient {
+            reason: format!("cannot read the message of key `{}`: {e}", id.key),
+            retry_after: None,
+        })?;
+    let effect = w.dest.deliver_keyed(job, current.as_ref()).await?;
+    Ok((
+        Vec::new(),
+        effect.map(|change| KeyChange {
+            destination: w.name.clone(),
+            key: id.key.clone(),
+            change,
+        }),
+    ))
+}
+
+/// The order of keyed jobs: the ids of the jobs this process holds for each key (destination and
+/// key), so that one runs only when it is the oldest of its key. Without it a resolve retried
+/// after a failed post, or two updates racing, would leave the key naming the wrong message.
+#[derive(Default)]
+struct KeyTurns {
+    queues: Mutex<HashMap<String, std::collections::BTreeSet<i64>>>,
+    turn: tokio::sync::Notify,
+}
+
+impl KeyTurns {
+    fn name(job: &Job) -> Option<String> {
+        job.target
+            .identity
+            .as_ref()
+            .map(|id| format!("{}\u{1f}{}", job.destination, id.key))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, std::collections::BTreeSet<i64>>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a job (in submit order, which is commit order).
+    fn join(&self, key: &str, id: i64) {
+        self.lock().entry(key.to_string()).or_default().insert(id);
+    }
+
+    /// Waits until `id` is the oldest job of `key`.
+    async fn wait(&self, key: &str, id: i64) {
+        loop {
+            let notified = self.turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let first = self.lock().get(key).and_then(|q| q.first().copied());
+            if first.is_none_or(|f| f >= id) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The job is finished (delivered, dead, or given back at shutdown): the next may go.
+    fn leave(&self, key: &str, id: i64) {
+        {
+            let mut q = self.lock();
+            if let Some(set) = q.get_mut(key) {
+                set.remove(&id);
+                if set.is_empty() {
+                    q.remove(key);
+                }
+            }
+        }
+        self.turn.notify_waiters();
     }
 }
 
@@ -332,6 +427,15 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         .with_factor(2.0)
         .without_max_times()
         .build();
+    // A keyed job waits for the jobs of its key accepted before it.
+    if let Some(k) = KeyTurns::name(&job) {
+        if or_stop(&mut stop, inner.turns.wait(&k, job.id))
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
     let mut attempts = job.attempts;
     // Resumed after a restart with attempts behind it: retrying from the start.
     let mut retrying = (attempts > 0).then(|| Counted::retrying(&w));
@@ -352,8 +456,13 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         };
         let attempt = Counted::in_flight(&w);
         let started = Instant::now();
-        let rules = inner.rules.load_full();
-        let mut result = w.dest.deliver(&job, &rules).await;
+        let mut result = match &job.target.identity {
+            None => {
+                let rules = inner.rules.load_full();
+                w.dest.deliver(&job, &rules).await.map(|f| (f, None))
+            }
+            Some(id) => deliver_keyed(&inner, &w, &job, id).await,
+        };
         drop(permit);
         drop(attempt);
         w.metrics.duration.record(started.elapsed().as_secs_f64());
@@ -361,11 +470,12 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         let outcome = {
             let mut st = w.stats();
             match &mut result {
-                Ok(follow_ups) => {
+                Ok((follow_ups, key)) => {
                     st.delivered += 1;
                     Outcome::Delivered {
                         follow_ups: std::mem::take(follow_ups),
                         message: matches!(job.payload, crate::job::Payload::Message(_)),
+                        key: key.take(),
                     }
                 }
                 Err(e) => {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{DestinationConfig, DestinationKind};
-use crate::outbox::{Job, NewJob};
+use crate::outbox::{Job, KeyEffect, KeyState, NewJob};
 use crate::routing::Router;
 
 pub use slack::SlackBot;
@@ -46,6 +46,21 @@ pub trait Destination: Send + Sync {
         job: &'a Job,
         rules: &'a Router,
     ) -> BoxFut<'a, Result<Vec<NewJob>, DeliveryError>>;
+    /// Delivers a keyed message ([`crate::job::Identity`]): `current` is the message its key
+    /// names now, if any. Returns what became of the key's message (`None`: unchanged). Only a
+    /// destination that can edit and thread its messages implements it (the Slack bot);
+    /// routing gives a key to no other kind.
+    fn deliver_keyed<'a>(
+        &'a self,
+        _job: &'a Job,
+        _current: Option<&'a KeyState>,
+    ) -> BoxFut<'a, Result<Option<KeyEffect>, DeliveryError>> {
+        Box::pin(async {
+            Err(DeliveryError::Permanent(
+                "this destination cannot update or thread messages; a keyed send needs a `slack` bot destination".into(),
+            ))
+        })
+    }
     /// True when the destination's rate limit holds per target ([`Destination::pace_key`])
     /// rather than for the destination as a whole (the Slack Web API: 1 message/s per channel).
     fn paced_per_target(&self) -> bool {

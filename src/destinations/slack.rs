@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 
 use super::{classify_transport, prepare_message, retry_after, BoxFut, DeliveryError, Destination};
 use crate::config::secret::Secret;
-use crate::outbox::Job;
+use crate::job::KeyAction;
+use crate::outbox::{Job, KeyEffect, KeyState};
 use crate::routing::Router;
 
 /// Web API errors that retrying cannot fix.
@@ -200,6 +201,107 @@ impl SlackBot {
     }
 }
 
+/// Names the Web API method in an error.
+fn in_method(method: &str, e: DeliveryError) -> DeliveryError {
+    match e {
+        DeliveryError::Permanent(r) => DeliveryError::Permanent(format!("{method}: {r}")),
+        DeliveryError::Transient {
+            reason,
+            retry_after,
+        } => DeliveryError::Transient {
+            reason: format!("{method}: {reason}"),
+            retry_after,
+        },
+    }
+}
+
+/// `chat.update` / threaded-reply errors that mean the key's message cannot be used any more
+/// (deleted, not the app's, too old to edit, its channel gone): the keyed send posts anew.
+const MESSAGE_GONE: &[&str] = &[
+    "message_not_found",
+    "cant_update_message",
+    "edit_window_closed",
+    "thread_not_found",
+    "channel_not_found",
+    "is_archived",
+    "not_in_channel",
+];
+
+fn message_gone(e: &DeliveryError) -> bool {
+    let DeliveryError::Permanent(r) = e else {
+        return false;
+    };
+    // `chat.update: message_not_found (detail)`: the code follows the method.
+    let code = r.split_once(": ").map_or(r.as_str(), |(_, c)| c);
+    let code = code.split([' ', '(']).next().unwrap_or_default();
+    MESSAGE_GONE.contains(&code)
+}
+
+impl SlackBot {
+    /// The channel a job goes to: its channel, or the DM of its `user_email`.
+    async fn channel_of(&self, job: &Job) -> Result<String, DeliveryError> {
+        match (&job.target.channel, &job.target.user_email) {
+            (Some(c), _) => Ok(c.clone()),
+            (None, Some(email)) => self.user_id(email).await,
+            (None, None) => Err(DeliveryError::Permanent(
+                "no channel or user_email for a Slack bot message".into(),
+            )),
+        }
+    }
+
+    /// `chat.postMessage` of the job's message to `channel` (in `thread_ts`'s thread when
+    /// given); returns the channel id and `ts` Slack answered.
+    async fn post(
+        &self,
+        job: &Job,
+        channel: &str,
+        thread_ts: Option<&str>,
+    ) -> Result<(String, String), DeliveryError> {
+        // The bot adds `channel`, so it always works on its own copy.
+        let mut msg = prepare_message(job)?.into_owned();
+        if let Some(obj) = msg.as_object_mut() {
+            obj.insert("channel".into(), json!(channel));
+            if let Some(ts) = thread_ts {
+                obj.insert("thread_ts".into(), json!(ts));
+                if job.target.reply_broadcast {
+                    obj.insert("reply_broadcast".into(), json!(true));
+                }
+            }
+        }
+        let req = self
+            .client
+            .post(format!("{}chat.postMessage", self.api_url))
+            .json(&msg);
+        let v = self
+            .call(req)
+            .await
+            .map_err(|e| in_method("chat.postMessage", e))?;
+        Ok((
+            v["channel"].as_str().unwrap_or(channel).to_string(),
+            v["ts"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
+    /// `chat.update` of the message at (`channel`, `ts`) with the job's message.
+    async fn update(&self, job: &Job, channel: &str, ts: &str) -> Result<(), DeliveryError> {
+        let mut msg = prepare_message(job)?.into_owned();
+        if let Some(obj) = msg.as_object_mut() {
+            obj.insert("channel".into(), json!(channel));
+            obj.insert("ts".into(), json!(ts));
+            // Without blocks in the update, Slack keeps the old ones under the new text.
+            obj.entry("blocks").or_insert_with(|| json!([]));
+        }
+        let req = self
+            .client
+            .post(format!("{}chat.update", self.api_url))
+            .json(&msg);
+        self.call(req)
+            .await
+            .map(|_| ())
+            .map_err(|e| in_method("chat.update", e))
+    }
+}
+
 impl Destination for SlackBot {
     fn deliver<'a>(
         &'a self,
@@ -207,39 +309,66 @@ impl Destination for SlackBot {
         _rules: &'a Router,
     ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
-            let channel = match (&job.target.channel, &job.target.user_email) {
-                (Some(c), _) => c.clone(),
-                (None, Some(email)) => self.user_id(email).await?,
-                (None, None) => {
-                    return Err(DeliveryError::Permanent(
-                        "no channel or user_email for a Slack bot message".into(),
-                    ))
-                }
-            };
-            // The bot adds `channel`, so it always works on its own copy.
-            let mut msg = prepare_message(job)?.into_owned();
-            if let Some(obj) = msg.as_object_mut() {
-                obj.insert("channel".into(), json!(channel));
-            }
-            let req = self
-                .client
-                .post(format!("{}chat.postMessage", self.api_url))
-                .json(&msg);
-            self.call(req)
+            let channel = self.channel_of(job).await?;
+            self.post(job, &channel, job.target.thread_ts.as_deref())
                 .await
                 .map(|_| Vec::new())
-                .map_err(|e| match e {
-                    DeliveryError::Permanent(r) => {
-                        DeliveryError::Permanent(format!("chat.postMessage: {r}"))
+        })
+    }
+
+    fn deliver_keyed<'a>(
+        &'a self,
+        job: &'a Job,
+        current: Option<&'a KeyState>,
+    ) -> BoxFut<'a, Result<Option<KeyEffect>, DeliveryError>> {
+        Box::pin(async move {
+            let Some(id) = &job.target.identity else {
+                return Err(DeliveryError::Permanent(
+                    "a keyed delivery without a key".into(),
+                ));
+            };
+            let ttl_ms = i64::try_from(id.ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let closes = id.action.closes();
+            // What to do when there is no message to act on: post one, and make it the key's
+            // message unless this send closes the key anyway.
+            let fresh = |(channel, ts): (String, String)| {
+                if closes {
+                    KeyEffect::Close
+                } else {
+                    KeyEffect::Open {
+                        channel,
+                        ts,
+                        ttl_ms,
                     }
-                    DeliveryError::Transient {
-                        reason,
-                        retry_after,
-                    } => DeliveryError::Transient {
-                        reason: format!("chat.postMessage: {reason}"),
-                        retry_after,
-                    },
-                })
+                }
+            };
+            let current = match (id.action, current) {
+                (KeyAction::Post, _) | (_, None) => None,
+                (_, Some(c)) => Some(c),
+            };
+            let Some(cur) = current else {
+                let channel = self.channel_of(job).await?;
+                return self.post(job, &channel, None).await.map(|p| Some(fresh(p)));
+            };
+            let done = match id.action {
+                KeyAction::Update | KeyAction::Resolve => {
+                    self.update(job, &cur.channel, &cur.ts).await
+                }
+                _ => self
+                    .post(job, &cur.channel, Some(&cur.ts))
+                    .await
+                    .map(|_| ()),
+            };
+            match done {
+                Ok(()) if closes => Ok(Some(KeyEffect::Close)),
+                Ok(()) => Ok(Some(KeyEffect::Touch { ttl_ms })),
+                Err(e) if message_gone(&e) => {
+                    tracing::info!(key = %id.key, reason = %e.reason(), "the key's message cannot be used any more; posting a new one");
+                    let channel = self.channel_of(job).await?;
+                    self.post(job, &channel, None).await.map(|p| Some(fresh(p)))
+                }
+                Err(e) => Err(e),
+            }
         })
     }
 

@@ -180,6 +180,8 @@ pub struct Summary {
     pub dead_letters: Vec<(String, i64)>,
     /// Throttle keys currently suppressing repeats.
     pub active_throttles: i64,
+    /// Keys that name a message (keyed messages), not expired.
+    pub open_keys: i64,
 }
 
 /// The result of an enqueue.
@@ -199,6 +201,9 @@ pub enum Outcome {
     Delivered {
         follow_ups: Vec<NewJob>,
         message: bool,
+        /// What the delivery did to its key's message record (keyed messages), committed with
+        /// the job's completion.
+        key: Option<KeyChange>,
     },
     Retry {
         error: String,
@@ -206,6 +211,40 @@ pub enum Outcome {
     Dead {
         error: String,
     },
+}
+
+/// The message a key names now (keyed messages): where it is in Slack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// The channel id Slack answered (a `D…` id for a DM), as `chat.update` wants it.
+    pub channel: String,
+    /// The message's `ts`.
+    pub ts: String,
+    /// Unix ms when the message was posted.
+    pub opened_at: i64,
+}
+
+/// A change to a key's record, made by a delivered keyed job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    pub destination: String,
+    pub key: String,
+    pub change: KeyEffect,
+}
+
+/// What happened to the key's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyEffect {
+    /// A new message is the key's message from now on (remembered for `ttl_ms`).
+    Open {
+        channel: String,
+        ts: String,
+        ttl_ms: i64,
+    },
+    /// The key's message was used (updated, replied to): remembered for `ttl_ms` from now.
+    Touch { ttl_ms: i64 },
+    /// The key is closed: the next send starts a new message.
+    Close,
 }
 
 /// A boxed future (stores are trait objects).
@@ -234,6 +273,12 @@ pub trait Store: Send + Sync + 'static {
     fn load_pending(&self) -> BoxFut<'_, Result<Vec<Job>, StoreError>>;
     /// Counts for `/status`.
     fn summary(&self) -> BoxFut<'_, Result<Summary, StoreError>>;
+    /// The message `key` names at `destination` now, unless it expired or was closed.
+    fn message_key(
+        &self,
+        destination: &str,
+        key: &str,
+    ) -> BoxFut<'_, Result<Option<KeyState>, StoreError>>;
     /// Dead letters matching `f`, newest first.
     fn dead_letters(&self, f: DeadLetterFilter) -> BoxFut<'_, Result<Vec<DeadLetter>, StoreError>>;
     /// One dead letter.
@@ -311,6 +356,15 @@ impl Outbox {
     /// Counts for `/status`.
     pub async fn summary(&self) -> Result<Summary, StoreError> {
         self.store.summary().await
+    }
+
+    /// The message `key` names at `destination` now (keyed messages).
+    pub async fn message_key(
+        &self,
+        destination: &str,
+        key: &str,
+    ) -> Result<Option<KeyState>, StoreError> {
+        self.store.message_key(destination, key).await
     }
 
     /// Lists dead letters, newest first.

@@ -60,6 +60,19 @@ pub struct SendStep {
     pub reply_broadcast: bool,
     /// A (plain) template rendering a JSON list: one message per element, as `item`.
     pub for_each: Option<String>,
+    /// The message identity of a keyed step.
+    pub keyed: Option<Keyed>,
+}
+
+/// A keyed send step: the message it acts on and how.
+#[derive(Debug, Clone)]
+pub struct Keyed {
+    /// The (plain) template of the key.
+    pub key: String,
+    pub action: crate::job::KeyAction,
+    pub ttl: std::time::Duration,
+    /// The message template of the thread reply that follows an update or resolve.
+    pub reply: Option<String>,
 }
 
 /// A compiled `with:` query.
@@ -445,7 +458,7 @@ fn dispatch(
     out: &mut Vec<Dispatch>,
 ) {
     let Some(each) = &step.for_each else {
-        out.push(dispatch_one(rs, ev, rule, step, ctx));
+        push_keyed(rs, step, ctx, dispatch_one(rs, ev, rule, step, ctx), out);
         return;
     };
     let items = rs
@@ -471,7 +484,8 @@ fn dispatch(
                 if let Value::Object(m) = &mut data {
                     m.insert("item".into(), item);
                 }
-                out.push(dispatch_one(rs, ev, rule, step, &Context::from(data)));
+                let ctx = Context::from(data);
+                push_keyed(rs, step, &ctx, dispatch_one(rs, ev, rule, step, &ctx), out);
             }
         }
         Err(e) => {
@@ -480,6 +494,44 @@ fn dispatch(
             out.push(d);
         }
     }
+}
+
+/// Adds `d`, and for a keyed step with a `reply`, the thread reply that follows it: the update
+/// first, then the reply in its thread (which closes the key when the step resolves). Both
+/// carry the key, so they are delivered in this order.
+fn push_keyed(
+    rs: &Router,
+    step: &SendStep,
+    ctx: &Context,
+    mut d: Dispatch,
+    out: &mut Vec<Dispatch>,
+) {
+    let reply = step.keyed.as_ref().and_then(|k| k.reply.as_ref());
+    let (Some(reply), Some(identity), Ok(_)) = (reply, d.target.identity.clone(), &d.message)
+    else {
+        out.push(d);
+        return;
+    };
+    let mut r = d.clone();
+    r.template = reply.clone();
+    r.message = rs
+        .templates
+        .render_message(reply, ctx)
+        .map(Payload::Message)
+        .map_err(render_error);
+    r.target.identity = Some(crate::job::Identity {
+        action: if identity.action.closes() {
+            crate::job::KeyAction::ReplyClose
+        } else {
+            crate::job::KeyAction::Reply
+        },
+        ..identity.clone()
+    });
+    if let Some(id) = d.target.identity.as_mut() {
+        id.action = crate::job::KeyAction::Update;
+    }
+    out.push(d);
+    out.push(r);
 }
 
 fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Context) -> Dispatch {
@@ -514,6 +566,17 @@ fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Con
             key: match rs.outputs.get(&destination) {
                 Some(o) => plain(&o.key)?,
                 None => None,
+            },
+            // A key acts on a Slack message; while the step falls back to another kind of
+            // destination (its token unset), the message is simply sent there.
+            identity: match (&step.keyed, rs.outputs.get(&destination)) {
+                (Some(k), Some(o)) if o.direct_messages => Some(crate::job::Identity {
+                    key: plain(&Some(k.key.clone()))?
+                        .ok_or_else(|| DispatchError::Render("`key` rendered empty".into()))?,
+                    action: k.action,
+                    ttl_secs: k.ttl.as_secs(),
+                }),
+                _ => None,
             },
         })
     })();

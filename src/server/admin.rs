@@ -176,6 +176,9 @@ pub(super) async fn status_json(st: &AppState) -> Value {
             "suppressed_since_start": st.pipeline.throttled(),
             "active_keys": summary.active_throttles,
         },
+        "keys": {
+            "open": summary.open_keys,
+        },
         "reload": reload,
         "kafka": kafka_status(st),
     })

@@ -162,6 +162,7 @@ fn cards(h: &mut String, v: &Value) {
         "active throttle keys",
         "",
     );
+    card(h, num(&v["keys"]["open"]), "open message keys", "");
     h.push_str("</div>");
 }
 

@@ -15,6 +15,8 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+pub mod slack;
+
 /// One request the fake server received.
 #[derive(Debug, Clone)]
 pub struct Received {

@@ -24,8 +24,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::{
-    now_ms, BoxFut, DeadLetter, DeadLetterFilter, EnqueueError, Enqueued, Job, NewJob, NewTracker,
-    Outcome, Replayed, Store, StoreError, Summary,
+    now_ms, BoxFut, DeadLetter, DeadLetterFilter, EnqueueError, Enqueued, Job, KeyState, NewJob,
+    NewTracker, Outcome, Replayed, Store, StoreError, Summary,
 };
 use crate::job::Payload;
 use writer::{writer, Cmd};
@@ -64,6 +64,11 @@ CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_a
 CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expires ON dedup(expires_at);
 CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, until INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_keys (
+  destination TEXT NOT NULL, key TEXT NOT NULL, channel TEXT NOT NULL, ts TEXT NOT NULL,
+  opened_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+  PRIMARY KEY (destination, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run_trackers (
   event_id TEXT PRIMARY KEY, destination TEXT NOT NULL, run_id TEXT NOT NULL,
   pending INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
@@ -410,7 +415,33 @@ impl Store for SqliteStore {
                     [now_ms()],
                     |r| r.get(0),
                 )?,
+                open_keys: c.query_row(
+                    "SELECT count(*) FROM message_keys WHERE expires_at > ?",
+                    [now_ms()],
+                    |r| r.get(0),
+                )?,
             })
+        }))
+    }
+
+    fn message_key(
+        &self,
+        destination: &str,
+        key: &str,
+    ) -> BoxFut<'_, Result<Option<KeyState>, StoreError>> {
+        let (destination, key) = (destination.to_string(), key.to_string());
+        Box::pin(self.reads.read(move |c| {
+            c.prepare_cached(
+                "SELECT channel, ts, opened_at FROM message_keys WHERE destination = ? AND key = ? AND expires_at > ?",
+            )?
+            .query_row(params![destination, key, now_ms()], |r| {
+                Ok(KeyState {
+                    channel: r.get(0)?,
+                    ts: r.get(1)?,
+                    opened_at: r.get(2)?,
+                })
+            })
+            .optional()
         }))
     }
 
@@ -664,6 +695,7 @@ mod tests {
         let delivered = Outcome::Delivered {
             follow_ups: vec![],
             message: true,
+            key: None,
         };
         assert!(ob.finish(jobs[0].id, delivered).await.is_empty());
         assert_eq!(ob.pending(), 1);

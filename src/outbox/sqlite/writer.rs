@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::job::{ReportSpec, RunReport, Tally, Target};
-use crate::outbox::Attempt;
+use crate::outbox::{Attempt, KeyChange, KeyEffect};
 
 // One command per message passes through the channel; `Enqueue` is the usual one, so boxing
 // it would cost an allocation per event to save a few bytes on the rarer ones.
@@ -219,8 +219,12 @@ fn apply_tx(
                 Outcome::Delivered {
                     follow_ups,
                     message,
+                    key,
                 } => {
                     let message = *message;
+                    if let Some(k) = key {
+                        change_key(&tx, k, now)?;
+                    }
                     let n = tx
                         .exec_c("DELETE FROM outbox WHERE id = ?", [id])
                         .map_err(|e| e.to_string())?;
@@ -420,6 +424,8 @@ fn apply_tx(
     if now % 64 == 0 {
         tx.exec_c("DELETE FROM dedup WHERE expires_at < ?", [now])
             .map_err(|e| e.to_string())?;
+        tx.exec_c("DELETE FROM message_keys WHERE expires_at < ?", [now])
+            .map_err(|e| e.to_string())?;
     }
     match tx.commit() {
         Ok(()) => {
@@ -482,6 +488,28 @@ fn insert_job(tx: &rusqlite::Transaction<'_>, j: NewJob, now: i64) -> Result<Job
         created_at: now,
         attempts: 0,
     })
+}
+
+/// Records what a delivered keyed job did to its key, in the job's own transaction: the key's
+/// message and the job's completion are stored together, so after a crash a key never names a
+/// message its job does not know it sent, nor the other way round.
+fn change_key(tx: &rusqlite::Transaction<'_>, k: &KeyChange, now: i64) -> Result<(), String> {
+    let r = match &k.change {
+        KeyEffect::Open { channel, ts, ttl_ms } => tx.exec_c(
+            "INSERT INTO message_keys (destination, key, channel, ts, opened_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (destination, key) DO UPDATE SET channel = excluded.channel, ts = excluded.ts, opened_at = excluded.opened_at, expires_at = excluded.expires_at",
+            params![k.destination, k.key, channel, ts, now, now.saturating_add(*ttl_ms)],
+        ),
+        KeyEffect::Touch { ttl_ms } => tx.exec_c(
+            "UPDATE message_keys SET expires_at = ? WHERE destination = ? AND key = ?",
+            params![now.saturating_add(*ttl_ms), k.destination, k.key],
+        ),
+        KeyEffect::Close => tx.exec_c(
+            "DELETE FROM message_keys WHERE destination = ? AND key = ?",
+            params![k.destination, k.key],
+        ),
+    };
+    r.map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn insert_dead(

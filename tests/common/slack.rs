@@ -1,0 +1,193 @@
+//! A fake Slack Web API that keeps its messages: `chat.postMessage` posts (in a thread with
+//! `thread_ts`, which must be a top-level message's), `chat.update` edits (only a message it
+//! posted), `users.lookupByEmail` finds `U_<local part>`. Channel names (`#platform`) become ids
+//! (`C_PLATFORM`), a DM to a user id opens `D_<id>`. Errors are Slack's: `message_not_found`,
+//! `channel_not_found`, `thread_not_found`; `fail_next(method, error)` makes the next call of a
+//! method fail with any other (`ratelimited` answers HTTP 429 with `Retry-After: 1`).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::{Fake, Received};
+
+/// One message as Slack holds it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub channel: String,
+    pub ts: String,
+    /// The parent's `ts` for a thread reply.
+    pub thread_ts: Option<String>,
+    pub reply_broadcast: bool,
+    pub text: String,
+    pub blocks: Value,
+    /// How many times `chat.update` changed it.
+    pub edits: usize,
+    pub deleted: bool,
+}
+
+#[derive(Default)]
+struct State {
+    messages: Vec<Message>,
+    next_ts: u64,
+    fail: VecDeque<(String, String)>,
+}
+
+/// The fake Slack.
+#[derive(Clone)]
+pub struct FakeSlack {
+    pub fake: Fake,
+    state: Arc<Mutex<State>>,
+}
+
+fn channel_id(c: &str) -> String {
+    if let Some(name) = c.strip_prefix('#') {
+        format!("C_{}", name.to_ascii_uppercase())
+    } else if c.starts_with('U') {
+        format!("D_{c}")
+    } else {
+        c.to_string()
+    }
+}
+
+fn ok(v: Value) -> (u16, Vec<(String, String)>, String) {
+    let mut v = v;
+    v["ok"] = json!(true);
+    (200, vec![], v.to_string())
+}
+
+fn err(e: &str) -> (u16, Vec<(String, String)>, String) {
+    if e == "ratelimited" {
+        return (
+            429,
+            vec![("retry-after".into(), "1".into())],
+            json!({"ok": false, "error": "ratelimited"}).to_string(),
+        );
+    }
+    (200, vec![], json!({"ok": false, "error": e}).to_string())
+}
+
+impl FakeSlack {
+    pub async fn start() -> FakeSlack {
+        let state: Arc<Mutex<State>> = Arc::default();
+        let s = state.clone();
+        let fake = Fake::start(move |r: &Received, _| answer(&s, r)).await;
+        FakeSlack { fake, state }
+    }
+
+    /// The `api_url` of a `slack` destination.
+    pub fn api_url(&self) -> String {
+        self.fake.url("/api/")
+    }
+
+    /// Every message, in the order they were posted.
+    pub fn messages(&self) -> Vec<Message> {
+        self.state.lock().unwrap().messages.clone()
+    }
+
+    /// Top-level messages (not thread replies) of `channel` (an id such as `C_PLATFORM`).
+    pub fn top_level(&self, channel: &str) -> Vec<Message> {
+        self.messages()
+            .into_iter()
+            .filter(|m| m.channel == channel && m.thread_ts.is_none())
+            .collect()
+    }
+
+    /// The replies in the thread of `ts`.
+    pub fn replies(&self, ts: &str) -> Vec<Message> {
+        self.messages()
+            .into_iter()
+            .filter(|m| m.thread_ts.as_deref() == Some(ts))
+            .collect()
+    }
+
+    /// Deletes a message, as a person in Slack could.
+    pub fn delete(&self, ts: &str) {
+        for m in self.state.lock().unwrap().messages.iter_mut() {
+            if m.ts == ts {
+                m.deleted = true;
+            }
+        }
+    }
+
+    /// The next call of `method` (e.g. `chat.update`) fails with `error`.
+    pub fn fail_next(&self, method: &str, error: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .fail
+            .push_back((method.to_string(), error.to_string()));
+    }
+
+    /// Calls of `method` so far.
+    pub fn calls(&self, method: &str) -> usize {
+        self.fake.on_path(&format!("/api/{method}")).len()
+    }
+}
+
+fn answer(state: &Mutex<State>, r: &Received) -> (u16, Vec<(String, String)>, String) {
+    let method = r.path.trim_start_matches("/api/").to_string();
+    let mut st = state.lock().unwrap();
+    if let Some(i) = st.fail.iter().position(|(m, _)| *m == method) {
+        let (_, e) = st.fail.remove(i).unwrap();
+        return err(&e);
+    }
+    let body = r.json();
+    match method.as_str() {
+        "users.lookupByEmail" => {
+            let email = r
+                .query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("email="))
+                .unwrap_or("")
+                .replace("%40", "@");
+            let local = email.split('@').next().unwrap_or("").to_ascii_uppercase();
+            ok(json!({"user": {"id": format!("U_{local}")}}))
+        }
+        "chat.postMessage" => {
+            let channel = channel_id(body["channel"].as_str().unwrap_or(""));
+            if channel.is_empty() || channel.contains("MISSING") {
+                return err("channel_not_found");
+            }
+            let thread_ts = body["thread_ts"].as_str().map(str::to_string);
+            if let Some(t) = &thread_ts {
+                let parent_ok = st.messages.iter().any(|m| {
+                    m.ts == *t && m.channel == channel && m.thread_ts.is_none() && !m.deleted
+                });
+                if !parent_ok {
+                    return err("thread_not_found");
+                }
+            }
+            st.next_ts += 1;
+            let ts = format!("1790000000.{:06}", st.next_ts);
+            st.messages.push(Message {
+                channel: channel.clone(),
+                ts: ts.clone(),
+                thread_ts,
+                reply_broadcast: body["reply_broadcast"] == true,
+                text: body["text"].as_str().unwrap_or("").to_string(),
+                blocks: body["blocks"].clone(),
+                edits: 0,
+                deleted: false,
+            });
+            ok(json!({"channel": channel, "ts": ts, "message": {"text": body["text"]}}))
+        }
+        "chat.update" => {
+            let channel = body["channel"].as_str().unwrap_or("").to_string();
+            let ts = body["ts"].as_str().unwrap_or("").to_string();
+            let Some(m) = st
+                .messages
+                .iter_mut()
+                .find(|m| m.ts == ts && m.channel == channel && !m.deleted)
+            else {
+                return err("message_not_found");
+            };
+            m.text = body["text"].as_str().unwrap_or("").to_string();
+            m.blocks = body["blocks"].clone();
+            m.edits += 1;
+            ok(json!({"channel": channel, "ts": ts}))
+        }
+        _ => err("unknown_method"),
+    }
+}

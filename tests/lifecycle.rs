@@ -1,0 +1,210 @@
+//! Keyed messages end to end, against a fake Slack that keeps its messages: a Degraded alert is
+//! posted, the recovery updates that same message and replies in its thread, and the key then
+//! starts over; a message deleted in Slack is posted anew; a rate-limited update keeps its order;
+//! and a key survives `kill -9`.
+
+mod common;
+
+use common::slack::FakeSlack;
+use common::{eventually, fixture, Engine};
+use serde_json::{json, Value};
+
+const SECRET: &str = "lifecycle-secret";
+
+fn rules(api: &str) -> String {
+    format!(
+        r##"sources:
+  port: {{ port: {{ client_secret: "${{PORT_CLIENT_SECRET}}" }} }}
+destinations:
+  slack-bot:
+    slack: {{ token: "xoxb-test-token", api_url: "{api}" }}
+    rate_per_second: 1000
+    retry_initial: 50ms
+    retry_max: 500ms
+rules:
+  - id: degraded
+    on: port/entity.updated
+    where: [ '$.after.properties.healthStatus changed_to "Degraded"' ]
+    send:
+      - to: slack-bot
+        channel: "#platform"
+        key: "health:{{{{entity.identifier}}}}"
+        text: ":red_circle: {{{{entity.identifier}}}} is Degraded"
+  - id: recovered
+    on: port/entity.updated
+    where: [ '$.after.properties.healthStatus changed_to "Healthy"' ]
+    send:
+      - to: slack-bot
+        channel: "#platform"
+        key: "health:{{{{entity.identifier}}}}"
+        as: resolve
+        text: ":large_green_circle: {{{{entity.identifier}}}} is Healthy"
+        reply: "Recovered: {{{{entity.identifier}}}} is healthy again"
+"##
+    )
+}
+
+/// A changelog update of `entity` from health `from` to `to` (`seq` keeps bodies distinct).
+fn change(entity: &str, from: &str, to: &str, seq: u32) -> Vec<u8> {
+    let mut v: Value =
+        serde_json::from_slice(&fixture("port/changelog-update-cpu-spike.json")).unwrap();
+    v["context"]["entity"] = json!(entity);
+    v["diff"]["before"]["identifier"] = json!(entity);
+    v["diff"]["after"]["identifier"] = json!(entity);
+    v["diff"]["before"]["properties"]["healthStatus"] = json!(from);
+    v["diff"]["after"]["properties"]["healthStatus"] = json!(to);
+    v["diff"]["after"]["properties"]["seq"] = json!(seq);
+    serde_json::to_vec(&v).unwrap()
+}
+
+async fn start(slack: &FakeSlack) -> Engine {
+    let text = rules(&slack.api_url());
+    let (tmp, dir) = Engine::workspace(&[("rules.yaml", text.as_str())], false);
+    Engine::start(tmp, dir, &[("PORT_CLIENT_SECRET", SECRET)]).await
+}
+
+async fn send(e: &Engine, body: &[u8]) {
+    let (status, r) = e.post_port("port", SECRET, body).await;
+    assert_eq!(status, 202, "{r}");
+}
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degrade_then_recover_updates_the_alert_and_replies_in_its_thread() {
+    let slack = FakeSlack::start().await;
+    let e = start(&slack).await;
+
+    send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
+    let first = eventually(10, "the Degraded alert", || {
+        slack.top_level("C_PLATFORM").into_iter().next()
+    })
+    .await;
+    assert!(first.text.contains("is Degraded"), "{first:?}");
+
+    // Recovery: the same message turns green, and its thread says so; nothing new at the top.
+    send(&e, &change("payments-api", "Degraded", "Healthy", 2)).await;
+    eventually(10, "the thread reply", || {
+        (!slack.replies(&first.ts).is_empty()).then_some(())
+    })
+    .await;
+    let top = slack.top_level("C_PLATFORM");
+    assert_eq!(top.len(), 1, "{top:?}");
+    assert!(
+        top[0].text.contains("is Healthy") && top[0].edits == 1,
+        "{top:?}"
+    );
+    let replies = slack.replies(&first.ts);
+    assert_eq!(replies.len(), 1);
+    assert!(replies[0].text.contains("Recovered: payments-api"));
+    // The update went out before the reply.
+    let calls: Vec<String> = slack
+        .fake
+        .requests()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "/api/chat.postMessage",
+            "/api/chat.update",
+            "/api/chat.postMessage"
+        ]
+    );
+
+    // Resolved closes the key: the next Degraded is a new message.
+    send(&e, &change("payments-api", "Healthy", "Degraded", 3)).await;
+    eventually(10, "a second alert", || {
+        (slack.top_level("C_PLATFORM").len() == 2).then_some(())
+    })
+    .await;
+    // A different entity has its own key.
+    send(&e, &change("orders-api", "Healthy", "Degraded", 4)).await;
+    eventually(10, "a third alert", || {
+        (slack.top_level("C_PLATFORM").len() == 3).then_some(())
+    })
+    .await;
+    let status = e.get_json("/status").await;
+    assert_eq!(status["keys"]["open"], 2, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_deleted_in_slack_is_posted_again_and_a_rate_limit_keeps_the_order() {
+    let slack = FakeSlack::start().await;
+    let e = start(&slack).await;
+    send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
+    let first = eventually(10, "the alert", || {
+        slack.top_level("C_PLATFORM").into_iter().next()
+    })
+    .await;
+
+    // Someone deletes the alert; the recovery cannot update it (message_not_found), so it posts
+    // the recovered message instead, and its reply goes into the new message's thread.
+    slack.delete(&first.ts);
+    send(&e, &change("payments-api", "Degraded", "Healthy", 2)).await;
+    eventually(10, "the recovery posted anew", || {
+        let top: Vec<_> = slack
+            .top_level("C_PLATFORM")
+            .into_iter()
+            .filter(|m| !m.deleted)
+            .collect();
+        (top.len() == 1 && top[0].text.contains("Healthy") && slack.replies(&top[0].ts).len() == 1)
+            .then_some(())
+    })
+    .await;
+
+    // A rate-limited update is retried after Retry-After, and the reply still follows it.
+    send(&e, &change("billing-api", "Healthy", "Degraded", 3)).await;
+    let alert = eventually(10, "the billing alert", || {
+        slack
+            .top_level("C_PLATFORM")
+            .into_iter()
+            .find(|m| m.text.contains("billing-api"))
+    })
+    .await;
+    slack.fail_next("chat.update", "ratelimited");
+    send(&e, &change("billing-api", "Degraded", "Healthy", 4)).await;
+    eventually(
+        15,
+        "the update after the rate limit, then the reply",
+        || {
+            let m = slack.messages().into_iter().find(|m| m.ts == alert.ts)?;
+            (m.edits == 1 && m.text.contains("Healthy") && slack.replies(&alert.ts).len() == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        slack.calls("chat.update"),
+        3,
+        "one update failed, one retried, one for payments-api"
+    );
+    let _ = block(async { e.get_json("/status").await });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_survives_kill_9() {
+    let slack = FakeSlack::start().await;
+    let mut e = start(&slack).await;
+    send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
+    let first = eventually(10, "the alert", || {
+        slack.top_level("C_PLATFORM").into_iter().next()
+    })
+    .await;
+    eventually(10, "the alert recorded", || {
+        (block(e.get_json("/status"))["queue_depth"] == 0).then_some(())
+    })
+    .await;
+    e.kill();
+    e.spawn().await;
+    send(&e, &change("payments-api", "Degraded", "Healthy", 2)).await;
+    eventually(10, "the original message updated after the restart", || {
+        let m = slack.messages().into_iter().find(|m| m.ts == first.ts)?;
+        (m.edits == 1 && slack.replies(&first.ts).len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(slack.top_level("C_PLATFORM").len(), 1);
+}
