@@ -44,6 +44,8 @@ pub struct Pipeline {
     deliverer: Deliverer,
     /// Messages suppressed by rule throttles since start.
     throttled: AtomicU64,
+    /// The silences in force, held in memory.
+    silences: crate::silence::Silences,
     throttled_total: metrics::Counter,
 }
 
@@ -55,6 +57,7 @@ impl Pipeline {
             outbox,
             deliverer,
             throttled: AtomicU64::new(0),
+            silences: Default::default(),
             throttled_total: metrics::counter!("switchyard_throttled_total"),
         }
     }
@@ -71,6 +74,24 @@ impl Pipeline {
         self.throttled.load(Ordering::Relaxed)
     }
 
+    /// Reads the silences from the outbox again (at start, and after one is added or expired),
+    /// keeping the counts of those already held.
+    pub async fn load_silences(&self) -> Result<(), crate::outbox::StoreError> {
+        let all = self.outbox.silences(0).await?;
+        let previous = self.silences.load();
+        self.silences
+            .store(Arc::new(crate::silence::SilenceSet::new(
+                all,
+                Some(&previous),
+            )));
+        Ok(())
+    }
+
+    /// The silences not over yet, with their counts, for `/status`.
+    pub fn silence_status(&self) -> Vec<serde_json::Value> {
+        self.silences.load().status(crate::outbox::now_ms())
+    }
+
     /// Routes `ev` with `rs`, commits its jobs (deduplicated by the event id for `dedup`), and
     /// starts their delivery. `src` is the source it came from (`None` for schedule ticks).
     pub async fn accept(
@@ -80,7 +101,7 @@ impl Pipeline {
         ev: &mut Event,
         dedup: Duration,
     ) -> Result<Accepted, EnqueueError> {
-        let (jobs, tracker) = plan(rs, src, ev);
+        let (jobs, tracker) = plan(rs, src, ev, &self.silences.load());
         let matched = !jobs.is_empty();
         let result = self
             .outbox
@@ -129,14 +150,24 @@ fn plan(
     rs: &Ruleset,
     src: Option<&SourceEntry>,
     ev: &mut Event,
+    silences: &crate::silence::SilenceSet,
 ) -> (Vec<NewJob>, Option<(String, NewTracker)>) {
     let dispatches = route_in_place(rs, ev);
     let mut jobs = Vec::new();
     let mut matched: Vec<String> = Vec::new();
+    let now = crate::outbox::now_ms();
     for d in dispatches {
         metrics::counter!("switchyard_rule_matches_total", "rule" => d.rule.clone()).increment(1);
         if !matched.contains(&d.rule) {
             matched.push(d.rule.clone());
+        }
+        if !silences.is_empty() {
+            if let Some(id) = silences.silenced(&d.rule, &ev.data, now) {
+                metrics::counter!("switchyard_silenced_total", "rule" => d.rule.clone())
+                    .increment(1);
+                tracing::info!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, silence = id, "silenced");
+                continue;
+            }
         }
         let error = match &d.message {
             Ok(_) => None,

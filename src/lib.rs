@@ -32,6 +32,7 @@ pub mod render;
 pub mod routing;
 pub mod runs;
 pub mod server;
+pub mod silence;
 pub mod simulate;
 pub mod sources;
 pub mod upstream;

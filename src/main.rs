@@ -133,6 +133,66 @@ enum DeadLetterAction {
     },
 }
 
+/// Where `switchyard silence` acts: a running server's admin API, or a stopped engine's data
+/// directory.
+#[derive(clap::Args, Clone)]
+struct SilenceWhere {
+    #[arg(long, default_value = "data", env = "SWITCHYARD_DATA_DIR")]
+    data_dir: PathBuf,
+    /// A running server's base URL (e.g. http://127.0.0.1:8080); uses its admin API
+    /// (`SWITCHYARD_ADMIN_TOKEN`).
+    #[arg(long, env = "SWITCHYARD_SERVER")]
+    server: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SilenceAction {
+    /// Silence a rule (or every rule) for events the matchers select, for a while.
+    Add {
+        #[command(flatten)]
+        at: SilenceWhere,
+        /// The rule to silence; without it, every rule (then give at least one --match).
+        #[arg(long)]
+        rule: Option<String>,
+        /// A condition on the event envelope, in the rule language (repeatable; all must hold),
+        /// e.g. `$.entity.identifier == "payments-api"`.
+        #[arg(long = "match")]
+        matchers: Vec<String>,
+        /// How long it lasts from its start (e.g. `2h`).
+        #[arg(long = "for")]
+        duration: Option<String>,
+        /// When it ends (RFC 3339), instead of --for.
+        #[arg(long)]
+        until: Option<String>,
+        /// When it starts (RFC 3339; default now).
+        #[arg(long)]
+        start: Option<String>,
+        /// Who silenced it (default: $USER).
+        #[arg(long, env = "USER")]
+        author: Option<String>,
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// Offline, the rules directory the rule must exist in.
+        #[arg(long, default_value = "rules", env = "SWITCHYARD_RULES")]
+        rules: PathBuf,
+    },
+    /// List the silences not over yet (with --all, also those that ended in the last day).
+    List {
+        #[command(flatten)]
+        at: SilenceWhere,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// End a silence now.
+    Expire {
+        #[command(flatten)]
+        at: SilenceWhere,
+        id: i64,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate a rules directory and run its rule tests (exit 0 valid, 1 invalid, 2 usage).
@@ -231,6 +291,11 @@ enum Command {
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
+    },
+    /// Create, list and expire silences (in the data directory, or via a running server).
+    Silence {
+        #[command(subcommand)]
+        action: SilenceAction,
     },
     /// Port blueprint definitions for `check` (`blueprints/*.json` in the rules directory).
     Blueprints {
@@ -377,6 +442,7 @@ fn main() -> ExitCode {
             }
         }
         Command::DeadLetters { action } => cli::dead_letters::run(action),
+        Command::Silence { action } => cli::silence::run(action),
         Command::Schema => {
             print!("{}", switchyard::config::spec::json_schema());
             ExitCode::SUCCESS
@@ -752,4 +818,5 @@ fn init_logging(format: LogFormat) {
 mod cli {
     pub mod blueprints;
     pub mod dead_letters;
+    pub mod silence;
 }

@@ -208,3 +208,153 @@ async fn a_key_survives_kill_9() {
     .await;
     assert_eq!(slack.top_level("C_PLATFORM").len(), 1);
 }
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("SWITCHYARD_ADMIN_TOKEN", "admin-token")
+        .output()
+        .unwrap()
+}
+
+fn said(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A silence from the CLI suppresses the matching alert (counted on /status and in /metrics),
+/// lets others through, survives a restart, and once expired lets the alert through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silence_suppresses_matching_sends_until_it_is_expired() {
+    let slack = FakeSlack::start().await;
+    let text = rules(&slack.api_url());
+    let (tmp, dir) = Engine::workspace(&[("rules.yaml", text.as_str())], false);
+    let mut e = Engine::start(
+        tmp,
+        dir,
+        &[
+            ("PORT_CLIENT_SECRET", SECRET),
+            ("SWITCHYARD_ADMIN_TOKEN", "admin-token"),
+        ],
+    )
+    .await;
+    let server = e.url("");
+
+    // Refused: an unknown rule, a bad matcher, no end. Each says why, exit 1.
+    for (args, why) in [
+        (vec!["--rule", "nope", "--for", "2h"], "no rule `nope`"),
+        (
+            vec!["--rule", "degraded", "--match", "$.x ===", "--for", "2h"],
+            "matcher `$.x ===`",
+        ),
+        (vec!["--rule", "degraded"], "needs an end"),
+    ] {
+        let mut a = vec!["silence", "add", "--server", &server, "--author", "ana"];
+        a.extend(args);
+        let o = cli(&a);
+        assert_eq!(o.status.code(), Some(1), "{}", said(&o));
+        assert!(said(&o).contains(why), "{}", said(&o));
+    }
+
+    let o = cli(&[
+        "silence",
+        "add",
+        "--server",
+        &server,
+        "--rule",
+        "degraded",
+        "--match",
+        "$.entity.identifier == \"payments-api\"",
+        "--for",
+        "2h",
+        "--author",
+        "ana",
+        "--comment",
+        "maintenance window",
+    ]);
+    assert!(
+        o.status.success() && said(&o).contains("silence 1 added"),
+        "{}",
+        said(&o)
+    );
+
+    send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
+    send(&e, &change("orders-api", "Healthy", "Degraded", 2)).await;
+    let posted = eventually(10, "the alert that is not silenced", || {
+        let top = slack.top_level("C_PLATFORM");
+        (top.len() == 1).then_some(top)
+    })
+    .await;
+    assert!(posted[0].text.contains("orders-api"), "{posted:?}");
+    let status = e.get_json("/status").await;
+    assert_eq!(status["silences"][0]["suppressed"], 1, "{status}");
+    assert_eq!(status["silences"][0]["author"], "ana");
+    assert_eq!(status["silences"][0]["active"], true);
+    assert!(e
+        .get_text("/metrics")
+        .await
+        .contains("switchyard_silenced_total{rule=\"degraded\"} 1"));
+    let html = reqwest::Client::new()
+        .get(e.url("/status"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("maintenance window") && html.contains("Silences"));
+
+    // A running engine holds its data directory: offline commands point to --server.
+    let o = cli(&["silence", "list", "--data-dir", e.data.to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", said(&o));
+
+    // It survives a restart.
+    e.kill();
+    e.spawn().await;
+    send(&e, &change("payments-api", "Healthy", "Degraded", 3)).await;
+    let o = cli(&["silence", "list", "--server", &server]);
+    assert!(
+        said(&o).contains("maintenance window") && said(&o).contains("degraded"),
+        "{}",
+        said(&o)
+    );
+    eventually(10, "the silence counting after the restart", || {
+        (block(e.get_json("/status"))["silences"][0]["suppressed"] == 1).then_some(())
+    })
+    .await;
+    assert_eq!(slack.top_level("C_PLATFORM").len(), 1);
+
+    // Expired: the next alert goes out.
+    let o = cli(&["silence", "expire", "--server", &server, "1"]);
+    assert!(o.status.success(), "{}", said(&o));
+    let o = cli(&["silence", "expire", "--server", &server, "99"]);
+    assert!(
+        !o.status.success() && said(&o).contains("no silence 99"),
+        "{}",
+        said(&o)
+    );
+    send(&e, &change("payments-api", "Healthy", "Degraded", 4)).await;
+    eventually(10, "the alert after the silence", || {
+        (slack.top_level("C_PLATFORM").len() == 2).then_some(())
+    })
+    .await;
+
+    // Offline, with the engine stopped: the ended silence is listed with --all.
+    e.terminate();
+    let o = cli(&[
+        "silence",
+        "list",
+        "--all",
+        "--data-dir",
+        e.data.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success() && said(&o).contains("maintenance window"),
+        "{}",
+        said(&o)
+    );
+}

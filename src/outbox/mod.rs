@@ -27,6 +27,7 @@ use serde_json::Value;
 
 pub use crate::job::{Job, NewJob};
 use crate::job::{ReportSpec, Target};
+use crate::silence::{NewSilence, Silence};
 pub use sqlite::{list_dead, purge_dead, read_dead};
 
 /// Follow-up tracking for an action run: when every job of the event has finished, a report
@@ -273,6 +274,18 @@ pub trait Store: Send + Sync + 'static {
     fn load_pending(&self) -> BoxFut<'_, Result<Vec<Job>, StoreError>>;
     /// Counts for `/status`.
     fn summary(&self) -> BoxFut<'_, Result<Summary, StoreError>>;
+    /// Silences: every one not over yet, or also those that ended in the last `ended_within`
+    /// ms.
+    fn silences(&self, ended_within: i64) -> BoxFut<'_, Result<Vec<Silence>, StoreError>>;
+    /// Stores a silence (already validated: `starts`/`ends` in unix ms) and returns it.
+    fn add_silence(
+        &self,
+        s: NewSilence,
+        starts: i64,
+        ends: i64,
+    ) -> BoxFut<'_, Result<Silence, StoreError>>;
+    /// Ends silence `id` now (if it has not ended); `None` when there is no such silence.
+    fn expire_silence(&self, id: i64) -> BoxFut<'_, Result<Option<Silence>, StoreError>>;
     /// The message `key` names at `destination` now, unless it expired or was closed.
     fn message_key(
         &self,
@@ -356,6 +369,26 @@ impl Outbox {
     /// Counts for `/status`.
     pub async fn summary(&self) -> Result<Summary, StoreError> {
         self.store.summary().await
+    }
+
+    /// Silences not over yet (and those that ended within `ended_within` ms).
+    pub async fn silences(&self, ended_within: i64) -> Result<Vec<Silence>, StoreError> {
+        self.store.silences(ended_within).await
+    }
+
+    /// Stores a validated silence.
+    pub async fn add_silence(
+        &self,
+        s: NewSilence,
+        starts: i64,
+        ends: i64,
+    ) -> Result<Silence, StoreError> {
+        self.store.add_silence(s, starts, ends).await
+    }
+
+    /// Ends silence `id` now.
+    pub async fn expire_silence(&self, id: i64) -> Result<Option<Silence>, StoreError> {
+        self.store.expire_silence(id).await
     }
 
     /// The message `key` names at `destination` now (keyed messages).

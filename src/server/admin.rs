@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use super::{reject, AppState, St};
 use crate::outbox::DeadLetterFilter;
+use crate::silence::NewSilence;
 
 /// The most an admin request's body may hold: a dead-letter filter or a list of ids.
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
@@ -32,6 +33,8 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/-/dead-letters/{id}", get(dead_letter))
         .route("/-/dead-letters/replay", post(replay))
         .route("/-/dead-letters/purge", post(purge))
+        .route("/-/silences", get(silences).post(add_silence))
+        .route("/-/silences/{id}/expire", post(expire_silence))
         .route_layer(axum::middleware::from_fn_with_state(state, require_token))
 }
 
@@ -179,6 +182,7 @@ pub(super) async fn status_json(st: &AppState) -> Value {
         "keys": {
             "open": summary.open_keys,
         },
+        "silences": st.pipeline.silence_status(),
         "reload": reload,
         "kafka": kafka_status(st),
     })
@@ -330,5 +334,71 @@ async fn purge(State(st): St, body: Body) -> Response {
     match st.outbox.purge(q.filter()).await {
         Ok(n) => Json(json!({"purged": n})).into_response(),
         Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `GET /-/silences[?ended_within=MS]`: the silences not over yet (and recently ended ones).
+async fn silences(State(st): St, uri: axum::http::Uri) -> Response {
+    let within = uri
+        .query()
+        .and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "ended_within")
+                .and_then(|(_, v)| v.parse::<i64>().ok())
+        })
+        .unwrap_or(0)
+        .max(0);
+    match st.outbox.silences(within).await {
+        Ok(v) => Json(json!({"silences": v})).into_response(),
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /-/silences` with a [`NewSilence`]: checked against the rules in force, stored, and in
+/// force at once.
+async fn add_silence(State(st): St, body: Body) -> Response {
+    let bytes = match axum::body::to_bytes(body, ADMIN_BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(_) => {
+            return reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("an admin request's body is at most {ADMIN_BODY_LIMIT} bytes"),
+            )
+        }
+    };
+    let new: NewSilence = match serde_json::from_slice(&bytes) {
+        Ok(n) => n,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, format!("not a silence: {e}")),
+    };
+    let rs = st.rules.load_full();
+    let (starts, ends) = match new.validate(crate::outbox::now_ms(), |r| {
+        rs.rules.iter().any(|x| x.id == r)
+    }) {
+        Ok(t) => t,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, e),
+    };
+    match st.outbox.add_silence(new, starts, ends).await {
+        Ok(s) => {
+            let _ = st.pipeline.load_silences().await;
+            tracing::info!(silence = s.id, rule = ?s.rule, author = %s.author, "silence added");
+            (StatusCode::CREATED, Json(json!({"silence": s}))).into_response()
+        }
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `POST /-/silences/{id}/expire`: ends a silence now.
+async fn expire_silence(State(st): St, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return reject(StatusCode::BAD_REQUEST, "a silence id is a number");
+    };
+    match st.outbox.expire_silence(id).await {
+        Ok(Some(s)) => {
+            let _ = st.pipeline.load_silences().await;
+            tracing::info!(silence = id, "silence expired");
+            Json(json!({"silence": s})).into_response()
+        }
+        Ok(None) => reject(StatusCode::NOT_FOUND, format!("no silence {id}")),
+        Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -186,6 +186,9 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         )),
         process_metrics: series::process_collector(),
     });
+    if let Err(e) = state.pipeline.load_silences().await {
+        tracing::error!(error = %e, "cannot read the silences; none is in force until one is added");
+    }
     for (name, s) in &rs.sources {
         // Its series exist (at zero) from start, not from the first request.
         state.source_metrics.get(name);

@@ -37,6 +37,11 @@ const SERIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "switchyard_silenced_total",
+        "Dispatches suppressed by a silence, by rule.",
+        Kind::Counter,
+    ),
+    (
         "switchyard_refused_total",
         "Dispatches refused by a safety rule (a One-Time Passcode off its owner's DM).",
         Kind::Counter,

@@ -121,6 +121,7 @@ pub fn render(v: &Value) -> String {
     reload(&mut h, &v["reload"]);
     destinations(&mut h, &v["destinations"]);
     sources(&mut h, &v["sources"]);
+    silences(&mut h, &v["silences"]);
     schedules(&mut h, &v["schedules"]);
     kafka(&mut h, &v["kafka"]);
     rules(&mut h, &v["rules"]);
@@ -254,6 +255,35 @@ fn sources(h: &mut String, s: &Value) {
             "<tr><td><b>{}</b></td><td>{}</td><td>{takes}</td><td>{state}</td></tr>",
             esc(n),
             text(&s["kind"]),
+        );
+    }
+    h.push_str("</table>");
+}
+
+fn silences(h: &mut String, s: &Value) {
+    let Some(s) = s.as_array().filter(|s| !s.is_empty()) else {
+        return;
+    };
+    h.push_str("<h2 id=silences>Silences</h2><table><tr><th>id</th><th>state</th><th>rule</th><th>matchers</th><th>from</th><th>until</th><th>by</th><th>comment</th><th class=n>suppressed</th></tr>");
+    for x in s {
+        let matchers: Vec<String> = x["matchers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!("<code>{}</code>", text(m)))
+            .collect();
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=n>{}</td></tr>",
+            num(&x["id"]),
+            if x["active"] == true { badge("warn", "active") } else { badge("ok", "pending") },
+            if x["rule"].is_null() { "<span class=muted>every rule</span>".to_string() } else { text(&x["rule"]) },
+            matchers.join("<br>"),
+            time(&x["starts_at"]),
+            time(&x["ends_at"]),
+            text(&x["author"]),
+            text(&x["comment"]),
+            num(&x["suppressed"]),
         );
     }
     h.push_str("</table>");

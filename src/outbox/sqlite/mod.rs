@@ -28,6 +28,7 @@ use super::{
     NewTracker, Outcome, Replayed, Store, StoreError, Summary,
 };
 use crate::job::Payload;
+use crate::silence::{NewSilence, Silence};
 use writer::{writer, Cmd};
 
 /// The SQLite outbox.
@@ -64,6 +65,11 @@ CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_a
 CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expires ON dedup(expires_at);
 CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, until INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS silences (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT, matchers TEXT NOT NULL,
+  starts_at INTEGER NOT NULL, ends_at INTEGER NOT NULL, author TEXT NOT NULL,
+  comment TEXT NOT NULL, created_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS message_keys (
   destination TEXT NOT NULL, key TEXT NOT NULL, channel TEXT NOT NULL, ts TEXT NOT NULL,
   opened_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
@@ -424,6 +430,69 @@ impl Store for SqliteStore {
         }))
     }
 
+    fn silences(&self, ended_within: i64) -> BoxFut<'_, Result<Vec<Silence>, StoreError>> {
+        Box::pin(self.reads.read(move |c| {
+            let mut st =
+                c.prepare_cached(&format!("{SILENCE_COLUMNS} WHERE ends_at > ? ORDER BY id"))?;
+            let rows = st.query_map([now_ms().saturating_sub(ended_within)], silence_row)?;
+            rows.collect()
+        }))
+    }
+
+    fn add_silence(
+        &self,
+        s: NewSilence,
+        starts: i64,
+        ends: i64,
+    ) -> BoxFut<'_, Result<Silence, StoreError>> {
+        let op: writer::AdminOp = Box::new(move |tx, now| {
+            let matchers = serde_json::to_string(&s.matchers).unwrap_or_else(|_| "[]".into());
+            tx.execute(
+                "INSERT INTO silences (rule, matchers, starts_at, ends_at, author, comment, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                params![s.rule, matchers, starts, ends, s.author, s.comment, now],
+            )
+            .map_err(|e| e.to_string())?;
+            let made = Silence {
+                id: tx.last_insert_rowid(),
+                rule: s.rule,
+                matchers: s.matchers,
+                starts_at: starts,
+                ends_at: ends,
+                author: s.author,
+                comment: s.comment,
+                created_at: now,
+            };
+            Ok(serde_json::to_value(made).unwrap_or_default())
+        });
+        Box::pin(async move {
+            let v = self.ask(|reply| Cmd::Admin { op, reply }).await?;
+            serde_json::from_value(v).map_err(|e| StoreError::Database(e.to_string()))
+        })
+    }
+
+    fn expire_silence(&self, id: i64) -> BoxFut<'_, Result<Option<Silence>, StoreError>> {
+        let op: writer::AdminOp = Box::new(move |tx, now| {
+            tx.execute(
+                "UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?",
+                params![now, id, now],
+            )
+            .map_err(|e| e.to_string())?;
+            let s = tx
+                .query_row(
+                    &format!("{SILENCE_COLUMNS} WHERE id = ?"),
+                    [id],
+                    silence_row,
+                )
+                .optional()
+                .map_err(|e| e.to_string())?;
+            Ok(serde_json::to_value(s).unwrap_or_default())
+        });
+        Box::pin(async move {
+            let v = self.ask(|reply| Cmd::Admin { op, reply }).await?;
+            serde_json::from_value(v).map_err(|e| StoreError::Database(e.to_string()))
+        })
+    }
+
     fn message_key(
         &self,
         destination: &str,
@@ -500,6 +569,22 @@ pub fn purge_dead(path: &Path, f: &DeadLetterFilter) -> Result<usize, StoreError
         rusqlite::params_from_iter(args),
     )
     .map_err(db)
+}
+
+const SILENCE_COLUMNS: &str =
+    "SELECT id, rule, matchers, starts_at, ends_at, author, comment, created_at FROM silences";
+
+fn silence_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Silence> {
+    Ok(Silence {
+        id: r.get(0)?,
+        rule: r.get(1)?,
+        matchers: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
+        starts_at: r.get(3)?,
+        ends_at: r.get(4)?,
+        author: r.get(5)?,
+        comment: r.get(6)?,
+        created_at: r.get(7)?,
+    })
 }
 
 /// A database error as a store error.

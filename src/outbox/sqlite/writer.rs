@@ -27,7 +27,17 @@ pub(super) enum Cmd {
         filter: DeadLetterFilter,
         reply: oneshot::Sender<Result<usize, String>>,
     },
+    /// A rare change of the engine's own state (silences), made in the writer's transaction
+    /// like every other change; its answer is sent after the commit.
+    Admin {
+        op: AdminOp,
+        reply: oneshot::Sender<Result<Value, String>>,
+    },
 }
+
+/// An administrative change, run inside a transaction.
+pub(super) type AdminOp =
+    Box<dyn FnOnce(&rusqlite::Transaction<'_>, i64) -> Result<Value, String> + Send>;
 
 pub(super) fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsize>) {
     let mut full = true; // the schema opens the connection with synchronous=FULL
@@ -152,6 +162,7 @@ enum Reply {
     ),
     Replay(oneshot::Sender<Result<Replayed, String>>, Replayed),
     Purge(oneshot::Sender<Result<usize, String>>, usize),
+    Admin(oneshot::Sender<Result<Value, String>>, Value),
 }
 
 /// Applies a batch in one transaction. `tracked`: some run tracker exists as the batch starts
@@ -417,6 +428,10 @@ fn apply_tx(
                     .map_err(|e| e.to_string())?;
                 replies.push(Reply::Purge(reply, n));
             }
+            Cmd::Admin { op, reply } => {
+                let v = op(&tx, now)?;
+                replies.push(Reply::Admin(reply, v));
+            }
         }
     }
     // Expired dedup keys are dropped now and then, inside the same transaction; the index on
@@ -445,6 +460,9 @@ fn apply_tx(
                     Reply::Purge(tx, n) => {
                         let _ = tx.send(Ok(n));
                     }
+                    Reply::Admin(tx, v) => {
+                        let _ = tx.send(Ok(v));
+                    }
                 }
             }
             Ok(finished)
@@ -460,6 +478,9 @@ fn apply_tx(
                         let _ = tx.send(Err(msg.clone()));
                     }
                     Reply::Purge(tx, _) => {
+                        let _ = tx.send(Err(msg.clone()));
+                    }
+                    Reply::Admin(tx, _) => {
                         let _ = tx.send(Err(msg.clone()));
                     }
                 }
