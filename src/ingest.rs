@@ -74,6 +74,36 @@ impl Pipeline {
         self.throttled.load(Ordering::Relaxed)
     }
 
+    /// The groups of grouped rules that hold items.
+    pub async fn pending_groups(
+        &self,
+    ) -> Result<Vec<crate::outbox::PendingGroup>, crate::outbox::StoreError> {
+        self.outbox.pending_groups().await
+    }
+
+    /// One group's items, oldest first.
+    pub async fn group_items(
+        &self,
+        rule: &str,
+        group: &str,
+    ) -> Result<Vec<(i64, serde_json::Value)>, crate::outbox::StoreError> {
+        self.outbox.group_items(rule, group).await
+    }
+
+    /// Replaces a group's items by its digest jobs (one transaction) and starts delivering them.
+    pub async fn commit_digest(
+        &self,
+        rule: String,
+        group: String,
+        ids: Vec<i64>,
+        jobs: Vec<NewJob>,
+    ) -> Result<usize, crate::outbox::StoreError> {
+        let created = self.outbox.flush_group(rule, group, ids, jobs).await?;
+        let n = created.len();
+        self.deliverer.submit(created);
+        Ok(n)
+    }
+
     /// Reads the silences from the outbox again (at start, and after one is added or expired),
     /// keeping the counts of those already held.
     pub async fn load_silences(&self) -> Result<(), crate::outbox::StoreError> {
@@ -146,6 +176,71 @@ impl Pipeline {
 /// Turns an event into jobs: routes it, logs refusals and render failures (which become dead
 /// letters on commit), and, for an action run, plans the tracker that reports it to Port
 /// ([`runs::plan`]).
+/// What the time windows of a send's rule and destination say now.
+enum Gate {
+    Open,
+    /// Held until then (unix ms).
+    Hold(i64),
+    Drop,
+}
+
+/// The windows of `rule` and `destination` at `now`: dropped when a closed one says so, else
+/// held until both are open (the later of their openings).
+fn windows(rs: &Ruleset, rule: &str, destination: &str, now: i64) -> Gate {
+    let rule_w = rs
+        .rules
+        .iter()
+        .find(|r| r.id == rule)
+        .and_then(|r| r.window.as_ref());
+    let dest_w = rs
+        .destinations
+        .get(destination)
+        .and_then(|d| d.window.as_ref());
+    let t = crate::window::at_ms(now);
+    let mut until = now;
+    for w in [rule_w, dest_w].into_iter().flatten() {
+        if w.open_at(t) {
+            continue;
+        }
+        if w.outside == crate::window::Outside::Drop {
+            return Gate::Drop;
+        }
+        // A window that never opens holds for a week, then the message goes (rather than never).
+        let open = w
+            .next_open(t)
+            .map(crate::window::ms)
+            .unwrap_or(now + 7 * 24 * 3600 * 1000);
+        until = until.max(open);
+    }
+    if until > now {
+        Gate::Hold(until)
+    } else {
+        Gate::Open
+    }
+}
+
+/// The job of a dispatch: its rendered message, or a dead letter when it failed to render;
+/// `None` when a safety rule refused it.
+pub fn job_of(d: crate::routing::Dispatch) -> Option<NewJob> {
+    let error = match &d.message {
+        Ok(_) => None,
+        Err(DispatchError::Render(e)) => Some(e.clone()),
+        Err(DispatchError::Refused(_)) => return None,
+    };
+    Some(NewJob {
+        destination: d.destination,
+        rule: d.rule,
+        event_id: d.event_id,
+        target: d.target,
+        payload: d
+            .message
+            .unwrap_or(Payload::Message(serde_json::Value::Null)),
+        secret: d.secret,
+        throttle: d.throttle,
+        error,
+    })
+}
+
 fn plan(
     rs: &Ruleset,
     src: Option<&SourceEntry>,
@@ -167,6 +262,19 @@ fn plan(
                     .increment(1);
                 tracing::info!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, silence = id, "silenced");
                 continue;
+            }
+        }
+        let mut d = d;
+        if rs.any_window {
+            match windows(rs, &d.rule, &d.destination, now) {
+                Gate::Open => {}
+                Gate::Hold(until) => d.target.hold_until = Some(until),
+                Gate::Drop => {
+                    metrics::counter!("switchyard_muted_total", "rule" => d.rule.clone())
+                        .increment(1);
+                    tracing::info!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, "outside its time window; dropped");
+                    continue;
+                }
             }
         }
         let error = match &d.message {

@@ -32,6 +32,9 @@ pub struct Target {
     /// A keyed message (Slack bot destinations): which message this send acts on, and how.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub identity: Option<Identity>,
+    /// Held until this time (unix ms): sent outside its rule's or destination's window.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hold_until: Option<i64>,
 }
 
 /// A message's identity: the key that names it, and what this send does to the message the key
@@ -111,6 +114,16 @@ pub struct Expand {
     pub event: Value,
 }
 
+/// One match of a grouped rule, waiting in its group for the digest (`group:` on the rule).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupItem {
+    pub rule: String,
+    /// The rendered `group.by` (e.g. the team), naming the group within the rule.
+    pub group: String,
+    /// The event envelope: one of the digest's `items`.
+    pub event: Value,
+}
+
 /// A closed run tracker: report the run to Port with what happened to its messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunReport {
@@ -130,6 +143,8 @@ pub enum Payload {
     Expand(Box<Expand>),
     /// An action run to report (the `port` destination).
     Report(Box<RunReport>),
+    /// A grouped rule's match, held until its group's digest is sent (never delivered itself).
+    Group(Box<GroupItem>),
 }
 
 /// The operations as written, tagged by `op` (borrowed: serialising copies nothing).
@@ -138,6 +153,7 @@ pub enum Payload {
 enum Op<'a> {
     Expand(&'a Expand),
     Report(&'a RunReport),
+    Group(&'a GroupItem),
 }
 
 impl Payload {
@@ -147,6 +163,7 @@ impl Payload {
             Payload::Message(_) => "message",
             Payload::Expand(_) => "expand",
             Payload::Report(_) => "report",
+            Payload::Group(_) => "group",
         }
     }
 
@@ -193,6 +210,10 @@ impl Payload {
                 Ok(r) => Payload::Report(Box::new(r)),
                 Err(_) => legacy_report(&v, rule).unwrap_or(Payload::Message(v)),
             },
+            "group" => match serde_json::from_value::<GroupItem>(v.clone()) {
+                Ok(g) => Payload::Group(Box::new(g)),
+                Err(_) => Payload::Message(v),
+            },
             _ => Payload::Message(v),
         }
     }
@@ -204,6 +225,7 @@ impl Serialize for Payload {
             Payload::Message(m) => m.serialize(s),
             Payload::Expand(e) => Op::Expand(e).serialize(s),
             Payload::Report(r) => Op::Report(r).serialize(s),
+            Payload::Group(g) => Op::Group(g).serialize(s),
         }
     }
 }

@@ -131,7 +131,9 @@ pub fn simulate(
     Ok(simulate_event(rs, &ev, with))
 }
 
-/// Replaces expansion dispatches by what the rule sends, when every query has a stand-in.
+/// Replaces expansion dispatches by what the rule sends, when every query has a stand-in; and
+/// a grouped rule's item by the digest this event alone would make (one item), so that rule
+/// tests and `simulate` show the message a group sends.
 pub fn expand_offline(
     rs: &Ruleset,
     ev: &Event,
@@ -140,6 +142,18 @@ pub fn expand_offline(
 ) -> Vec<Dispatch> {
     let mut out = Vec::new();
     for d in dispatches {
+        if let Ok(Payload::Group(g)) = &d.message {
+            if let Some(rule) = rs.rules.iter().find(|r| r.id == d.rule) {
+                out.extend(crate::routing::digest(
+                    rs,
+                    rule,
+                    &g.group,
+                    vec![g.event.clone()],
+                    &d.event_id,
+                ));
+                continue;
+            }
+        }
         let is_expand = matches!(d.message, Ok(Payload::Expand(_)));
         let rule = rs.rules.iter().find(|r| r.id == d.rule);
         let all_given = rule.is_some_and(|r| {

@@ -547,3 +547,88 @@ rules:
     );
     assert!(text.iter().any(|t| t.contains("titel")), "{text:#?}");
 }
+
+/// Grouped rules (digests): the settings are checked, the group key is checked against the
+/// event's envelope and the send templates against the digest's (`items`, `count`, `group`,
+/// `rule`), a template that lists nothing of the group is an error, and a rule test sees the
+/// digest the event alone would make.
+#[test]
+fn grouped_rules_are_checked() {
+    let bad = "rules:
+  - id: g
+    on: port/entity.updated
+    group: { wait: 2d, max: 0 }
+    throttle: { key: x, window: 1m }
+    send: [{ to: console, text: \"{{count}}\" }]
+  - id: h
+    on: port/entity.updated
+    group: { by: \"{{blueprint}}\" }
+    send: [{ to: console, text: \"{{entity.identifier}} changed\" }]
+";
+    let d = dir_with(bad, &[]);
+    let msgs: Vec<String> = errors(d.path()).iter().map(|e| e.message.clone()).collect();
+    for want in [
+        "a grouped rule takes no `throttle`",
+        "`2d` is not a duration of at most a day",
+        "`max: 0`: a digest lists 1 to 1000 items",
+        "uses neither `items` nor `count`",
+    ] {
+        assert!(msgs.iter().any(|m| m.contains(want)), "{want}: {msgs:#?}");
+    }
+
+    let good = "rules:
+  - id: bulk
+    on: port/entity.updated
+    group: { by: \"{{blueprnt}}\" }
+    send: [{ to: console, text: \"{{count}} changes: {{#each items}}{{entity.identifier}} {{/each}}{{entity.title}}\" }]
+tests:
+  - name: a change joins its group's digest
+    event: { source: port, file: spike.json }
+    expect: [{ rule: bulk, to: console, message: { text: \"1 changes: payments-deploy-prod \" } }]
+";
+    let d = dir_with(good, &[]);
+    let (_, report) = check::run(d.path(), &opts());
+    assert!(report.valid, "{:#?}", report.diagnostics);
+    let warnings: Vec<&str> = report
+        .diagnostics
+        .iter()
+        .map(|d| d.message.as_str())
+        .collect();
+    assert!(
+        warnings.iter().any(|w| w.contains("`blueprnt`")),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("`entity.title`")),
+        "a digest has no `entity`: {warnings:#?}"
+    );
+}
+
+/// Time windows on rules and destinations are checked where they are written.
+#[test]
+fn bad_time_windows_are_errors_at_their_place() {
+    let body = "  quiet: { stdout: {}, window: { muted: [\"sat-sun\"], timezone: Mars/Olympus } }
+rules:
+  - id: w
+    on: port/entity.updated
+    window: { active: [\"mon-fry 09:00-18:00\"] }
+    send: [{ to: console, text: hi }]
+";
+    let d = dir_with(body, &[]);
+    let errs = errors(d.path());
+    let msgs: Vec<String> = errs
+        .iter()
+        .map(|e| format!("{}:{} {}", e.line.unwrap_or(0), e.code, e.message))
+        .collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("6:bad-window")
+                && m.contains("`Mars/Olympus` is not a time zone")),
+        "{msgs:#?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("10:bad-window") && m.contains("`fry` is not a day")),
+        "{msgs:#?}"
+    );
+}

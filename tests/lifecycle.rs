@@ -358,3 +358,169 @@ async fn a_silence_suppresses_matching_sends_until_it_is_expired() {
         said(&o)
     );
 }
+
+fn digest_rules(api: &str) -> String {
+    format!(
+        r##"sources:
+  port: {{ port: {{ client_secret: "${{PORT_CLIENT_SECRET}}" }} }}
+destinations:
+  slack-bot:
+    slack: {{ token: "xoxb-test-token", api_url: "{api}" }}
+    rate_per_second: 1000
+rules:
+  - id: bulk-changes
+    on: port/entity.updated
+    group: {{ by: "{{{{join entity.team \",\"}}}}", wait: 1500ms, interval: 2s, max: 5 }}
+    send:
+      - to: slack-bot
+        channel: "#changes"
+        key: "digest:{{{{group}}}}"
+        text: "{{{{count}}}} changes for team {{{{group}}}}: {{{{#each items}}}}{{{{entity.identifier}}}} {{{{/each}}}}"
+"##
+    )
+}
+
+/// A change of `entity` owned by `team` (`seq` keeps bodies distinct).
+fn team_change(entity: &str, team: &str, seq: u32) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&change(entity, "Healthy", "Healthy", seq)).unwrap();
+    v["diff"]["after"]["team"] = json!([team]);
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// A bulk change arrives as one digest per team (listing at most `max` items, counting all),
+/// a later change updates the team's digest in place (a keyed digest), and a pending group
+/// survives `kill -9`: its digest is sent once after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_change_becomes_one_digest_per_team() {
+    let slack = FakeSlack::start().await;
+    let text = digest_rules(&slack.api_url());
+    let (tmp, dir) = Engine::workspace(&[("rules.yaml", text.as_str())], false);
+    let mut e = Engine::start(tmp, dir, &[("PORT_CLIENT_SECRET", SECRET)]).await;
+
+    for i in 0..12 {
+        send(&e, &team_change(&format!("svc-{i}"), "payments", i)).await;
+    }
+    for i in 0..3 {
+        send(&e, &team_change(&format!("web-{i}"), "frontend", 100 + i)).await;
+    }
+    let status = e.get_json("/status").await;
+    assert_eq!(
+        status["groups"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+    let digests = eventually(10, "one digest per team", || {
+        let top = slack.top_level("C_CHANGES");
+        (top.len() == 2).then_some(top)
+    })
+    .await;
+    let payments = digests
+        .iter()
+        .find(|m| m.text.contains("team payments"))
+        .unwrap();
+    assert!(
+        payments
+            .text
+            .starts_with("12 changes for team payments: svc-0 svc-1 svc-2 svc-3 svc-4 "),
+        "{payments:?}"
+    );
+    assert!(
+        !payments.text.contains("svc-5"),
+        "at most `max` items are listed"
+    );
+    let frontend = digests
+        .iter()
+        .find(|m| m.text.contains("team frontend"))
+        .unwrap();
+    assert!(
+        frontend.text.starts_with("3 changes for team frontend"),
+        "{frontend:?}"
+    );
+
+    // More changes: the next digest of the team updates its message (after `interval`).
+    send(&e, &team_change("svc-late", "payments", 50)).await;
+    eventually(10, "the payments digest updated in place", || {
+        let m = slack.messages().into_iter().find(|m| m.ts == payments.ts)?;
+        (m.edits == 1 && m.text.starts_with("1 changes for team payments: svc-late")).then_some(())
+    })
+    .await;
+    assert_eq!(slack.top_level("C_CHANGES").len(), 2);
+
+    // A pending group survives kill -9, and its digest is sent once.
+    send(&e, &team_change("ops-1", "ops", 60)).await;
+    send(&e, &team_change("ops-2", "ops", 61)).await;
+    e.kill();
+    e.spawn().await;
+    let ops = eventually(10, "the ops digest after the restart", || {
+        slack
+            .top_level("C_CHANGES")
+            .into_iter()
+            .find(|m| m.text.contains("team ops"))
+    })
+    .await;
+    assert!(ops.text.starts_with("2 changes for team ops"), "{ops:?}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        slack
+            .messages()
+            .iter()
+            .filter(|m| m.text.contains("team ops"))
+            .count(),
+        1,
+        "sent once"
+    );
+    assert_eq!(e.get_json("/status").await["groups"], json!([]));
+}
+
+/// Time windows: a send outside its rule's window is dropped (`outside: drop`, counted) or held
+/// until the window opens (queued with its not-before time, kept across a restart), and a send
+/// within its window goes out at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_outside_their_window_are_held_or_dropped() {
+    use chrono::Datelike;
+    let today = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        [chrono::Utc::now().weekday().num_days_from_monday() as usize];
+    let slack = FakeSlack::start().await;
+    let api = slack.api_url();
+    let text = format!(
+        r##"sources:
+  port: {{ port: {{ client_secret: "${{PORT_CLIENT_SECRET}}" }} }}
+destinations:
+  slack-bot:
+    slack: {{ token: "xoxb-test-token", api_url: "{api}" }}
+    rate_per_second: 1000
+rules:
+  - id: dropped
+    on: port/entity.updated
+    window: {{ muted: ["{today}"], outside: drop }}
+    send: [{{ to: slack-bot, channel: "#a", text: "dropped {{{{entity.identifier}}}}" }}]
+  - id: held
+    on: port/entity.updated
+    window: {{ muted: ["{today}"] }}
+    send: [{{ to: slack-bot, channel: "#b", text: "held {{{{entity.identifier}}}}" }}]
+  - id: open
+    on: port/entity.updated
+    window: {{ active: ["{today}"], timezone: UTC }}
+    send: [{{ to: slack-bot, channel: "#c", text: "open {{{{entity.identifier}}}}" }}]
+"##
+    );
+    let (tmp, dir) = Engine::workspace(&[("rules.yaml", text.as_str())], false);
+    let mut e = Engine::start(tmp, dir, &[("PORT_CLIENT_SECRET", SECRET)]).await;
+    send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
+    eventually(10, "the send within its window", || {
+        (slack.top_level("C_C").len() == 1).then_some(())
+    })
+    .await;
+    assert!(slack.top_level("C_A").is_empty() && slack.top_level("C_B").is_empty());
+    assert!(e
+        .get_text("/metrics")
+        .await
+        .contains("switchyard_muted_total{rule=\"dropped\"} 1"));
+    // The held one waits in the queue, also across a restart.
+    assert_eq!(e.get_json("/status").await["queue_depth"], 1);
+    e.kill();
+    e.spawn().await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(e.get_json("/status").await["queue_depth"], 1);
+    assert!(slack.top_level("C_B").is_empty());
+}

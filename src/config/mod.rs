@@ -51,6 +51,8 @@ pub struct Ruleset {
     pub schedules: BTreeMap<String, Schedule>,
     /// Port blueprints from `blueprints/*.json` (for `check`; empty when there are none).
     pub blueprints: BTreeMap<String, blueprints::Blueprint>,
+    /// Some rule or destination has a time window (the ingest stage skips them all otherwise).
+    pub any_window: bool,
 }
 
 impl Ruleset {
@@ -67,7 +69,10 @@ impl Ruleset {
             .iter()
             .map(|(n, d)| (n.clone(), d.output()))
             .collect();
+        let any_window = rules.iter().any(|r| r.window.is_some())
+            || destinations.values().any(|d| d.window.is_some());
         Ruleset {
+            any_window,
             router: Router::new(rules, Arc::new(templates), outputs),
             sources,
             destinations,
@@ -282,6 +287,8 @@ pub struct DestinationConfig {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub max_age: Duration,
+    /// When it may send.
+    pub window: Option<crate::window::Window>,
     pub file: PathBuf,
 }
 

@@ -236,10 +236,45 @@ pub(super) fn compile_rule(
             window.map(|w| (name, w))
         }
     };
+    let group = r
+        .group
+        .as_ref()
+        .and_then(|g| compile_group(p, path, &r.id, r, g, templates, diags));
+    if group.is_some() {
+        // A digest that lists nothing of what it groups is almost always a template written
+        // for single events.
+        for (i, step) in sends.iter().enumerate() {
+            let text = templates.source(&step.template).unwrap_or_default();
+            if !(text.contains("items") || text.contains("count") || text.contains("{{>")) {
+                diags.push(
+                    p.at(
+                        Diagnostic::error(
+                            "bad-send",
+                            format!("rule `{}` is grouped, and this step's message uses neither `items` nor `count`", r.id),
+                        ),
+                        &join_index(&join_key(path, "send"), i),
+                    )
+                    .hint("a digest renders over `items` (the grouped events), `count`, `group` and `rule`, e.g. `{{count}} changes: {{#each items}}{{entity.identifier}} {{/each}}`"),
+                );
+            }
+        }
+    }
+    let window = r.window.as_ref().and_then(|w| {
+        crate::window::Window::compile(w)
+            .map_err(|e| {
+                diags.push(p.at(
+                    Diagnostic::error("bad-window", e).hint("e.g. `window: {timezone: Europe/Berlin, active: [\"mon-fri 09:00-18:00\"]}`"),
+                    &join_key(path, "window"),
+                ))
+            })
+            .ok()
+    });
     if diags[before..].iter().any(Diagnostic::is_error) {
         return None;
     }
     Some(Rule {
+        window,
+        group,
         throttle,
         queries,
         after,
@@ -251,6 +286,92 @@ pub(super) fn compile_rule(
         sends,
         stop: r.stop,
         file: p.path.clone(),
+    })
+}
+
+/// Compiles a rule's `group:`. A grouped rule sends digests, so it takes neither `with:` (its
+/// queries would run per match, for messages that are never sent one by one) nor `throttle` (the
+/// digest is the rate limit).
+fn compile_group(
+    p: &Parsed,
+    path: &str,
+    rule_id: &str,
+    r: &super::spec::RuleSpec,
+    g: &super::spec::GroupSpec,
+    templates: &mut Templates,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::routing::Group> {
+    let gp = join_key(path, "group");
+    for (field, present) in [
+        ("with", !r.queries.is_empty()),
+        ("throttle", r.throttle.is_some()),
+    ] {
+        if present {
+            diags.push(
+                p.at_key(
+                    Diagnostic::error(
+                        "bad-rule",
+                        format!("a grouped rule takes no `{field}`: it sends one digest per group"),
+                    ),
+                    &join_key(path, field),
+                )
+                .hint("use `group.interval` to say how often a group's digest may go out"),
+            );
+        }
+    }
+    let mut duration = |field: &str, v: &Option<String>, default: u64| -> Option<Duration> {
+        match v {
+            None => Some(Duration::from_secs(default)),
+            Some(t) => match parse_duration(t) {
+                Some(d) if d <= Duration::from_secs(24 * 3600) => Some(d),
+                _ => {
+                    diags.push(
+                        p.at(
+                            Diagnostic::error(
+                                "bad-value",
+                                format!("`{t}` is not a duration of at most a day"),
+                            )
+                            .hint("e.g. `30s`, `5m`"),
+                            &join_key(&gp, field),
+                        ),
+                    );
+                    None
+                }
+            },
+        }
+    };
+    let wait = duration("wait", &g.wait, 30);
+    let interval = duration("interval", &g.interval, 300);
+    let max = g.max.unwrap_or(50);
+    if !(1..=1000).contains(&max) {
+        diags.push(p.at(
+            Diagnostic::error(
+                "bad-value",
+                format!("`max: {max}`: a digest lists 1 to 1000 items"),
+            ),
+            &join_key(&gp, "max"),
+        ));
+        return None;
+    }
+    let by = match &g.by {
+        None => None,
+        Some(t) => {
+            let name = format!("rule:{rule_id}:group");
+            if let Err(e) = templates.add_plain(&name, t) {
+                diags.push(p.at(
+                    Diagnostic::error("template", format!("group `by`: {}", e.message)),
+                    &join_key(&gp, "by"),
+                ));
+                return None;
+            }
+            Some(name)
+        }
+    };
+    Some(crate::routing::Group {
+        by,
+        wait: wait?,
+        interval: interval?,
+        max: max as usize,
     })
 }
 

@@ -126,6 +126,29 @@ impl Roots {
         }
     }
 
+    /// The roots of a grouped rule's digest: `items` (the grouped envelopes), `count`,
+    /// `group` and `rule`.
+    fn digest(&self) -> Roots {
+        Roots {
+            roots: self
+                .roots
+                .iter()
+                .map(|(t, s)| {
+                    (
+                        *t,
+                        Shape::Object(vec![
+                            Field::new("items", Shape::List(Box::new(s.clone())), ""),
+                            Field::new("count", Shape::Number, ""),
+                            Field::new("group", Shape::Text, ""),
+                            Field::new("rule", Shape::Text, ""),
+                        ]),
+                    )
+                })
+                .collect(),
+            key: format!("{}|digest", self.key),
+        }
+    }
+
     fn types(&self) -> String {
         roots_types(&self.roots)
     }
@@ -526,6 +549,17 @@ pub(super) fn check_rule(
         let cp = super::yaml::join_index(&join_key(path, "where"), i);
         check_condition(p, &cp, c, &roots, diags);
     }
+    if let Some(by) = rule.group.as_ref().and_then(|g| g.by.as_ref()) {
+        sc.plain(by, &join_key(&join_key(path, "group"), "by"), &roots, diags);
+    }
+    // A grouped rule's sends render once per group, over the digest.
+    let digest;
+    let send_roots = if rule.group.is_some() {
+        digest = roots.digest();
+        &digest
+    } else {
+        &roots
+    };
     for (i, (step, s)) in rule.sends.iter().zip(&spec.send).enumerate() {
         let sp = super::yaml::join_index(&join_key(path, "send"), i);
         let inline_key = if s.blocks.is_some() {
@@ -535,7 +569,7 @@ pub(super) fn check_rule(
         } else {
             "template"
         };
-        sc.step(&sp, step, inline_key, &roots, diags);
+        sc.step(&sp, step, inline_key, send_roots, diags);
     }
     if let Some((key, _)) = &rule.throttle {
         sc.plain(

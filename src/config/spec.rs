@@ -260,6 +260,9 @@ pub struct DestinationSpec {
     /// Age after which an undelivered message becomes a dead letter (default `24h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age: Option<String>,
+    /// When this destination may send (e.g. office hours); outside, sends are held or dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::window::WindowSpec>,
 }
 
 /// Slack incoming webhook settings.
@@ -384,6 +387,36 @@ pub struct RuleSpec {
     /// For action runs: what the engine reports to Port when the work is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<ReportSpec>,
+    /// When this rule may send (e.g. `active: ["mon-fri 09:00-18:00"]`); outside, its sends are
+    /// held until the window opens or dropped (`outside: drop`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::window::WindowSpec>,
+    /// Send one digest per group instead of one message per match: the matches wait in their
+    /// group, and the rule's send steps render once with `items` (their envelopes), `count` and
+    /// `group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupSpec>,
+}
+
+/// How a rule's matches are grouped into digests (Alertmanager's `group_by`, `group_wait`,
+/// `group_interval`).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// A Handlebars template naming the group (e.g. `{{entity.team}}`); default: one group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// How long the first match of a group waits for others before the digest goes out
+    /// (default `30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<String>,
+    /// After a digest, how long later matches of the same group wait for the next one
+    /// (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// The most items one digest lists (default 50); `count` still says how many there were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
 }
 
 /// A query against Port's entity search API.
@@ -691,6 +724,8 @@ const DURATION_KEYS: &[&str] = &[
     "dedup_window",
     "session_timeout",
     "key_ttl",
+    "wait",
+    "interval",
 ];
 
 /// What the generated schema cannot say from the types alone, added so that it agrees with

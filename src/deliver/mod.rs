@@ -204,6 +204,10 @@ impl Deliverer {
     /// Starts delivering jobs (just committed, or pending from before a restart).
     pub fn submit(&self, jobs: Vec<Job>) {
         for job in jobs {
+            // A grouped rule's item waits in the outbox for its digest; it is not delivered.
+            if matches!(job.payload, crate::job::Payload::Group(_)) {
+                continue;
+            }
             let worker = self
                 .inner
                 .workers
@@ -436,6 +440,21 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
             return;
         }
     }
+    // Sent outside its window: held until the window opens (the time is stored with the job,
+    // so a restart keeps holding it).
+    if let Some(until) = job.target.hold_until {
+        let wait = until - now_ms();
+        if wait > 0
+            && or_stop(
+                &mut stop,
+                tokio::time::sleep(Duration::from_millis(wait as u64)),
+            )
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
     let mut attempts = job.attempts;
     // Resumed after a restart with attempts behind it: retrying from the start.
     let mut retrying = (attempts > 0).then(|| Counted::retrying(&w));
@@ -482,7 +501,9 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
                     st.failed_attempts += 1;
                     st.last_error = Some(e.reason().to_string());
                     st.last_error_at = Some(now_ms());
-                    let too_old = now_ms() - job.created_at > w.cfg.max_age.as_millis() as i64;
+                    // A message held for its window is as old as the time it was due.
+                    let due = job.target.hold_until.unwrap_or(0).max(job.created_at);
+                    let too_old = now_ms() - due > w.cfg.max_age.as_millis() as i64;
                     match e {
                         DeliveryError::Permanent(r) => Outcome::Dead { error: r.clone() },
                         DeliveryError::Transient { reason, .. }

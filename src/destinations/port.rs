@@ -170,7 +170,7 @@ impl Destination for Port {
             match &job.payload {
                 Payload::Expand(op) => self.expand(job, op, rules).await,
                 Payload::Report(r) => self.report(r, rules).await,
-                Payload::Message(_) => Err(DeliveryError::Permanent(
+                Payload::Message(_) | Payload::Group(_) => Err(DeliveryError::Permanent(
                     "a `port` destination reports runs and answers `with:` queries; it does not take messages".into(),
                 )),
             }

@@ -225,6 +225,18 @@ pub struct KeyState {
     pub opened_at: i64,
 }
 
+/// A group of a grouped rule with items waiting for its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingGroup {
+    pub rule: String,
+    pub group: String,
+    pub items: i64,
+    /// Unix ms of its oldest item.
+    pub first_at: i64,
+    /// Unix ms of its last digest, if one was sent.
+    pub last_flush: Option<i64>,
+}
+
 /// A change to a key's record, made by a delivered keyed job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyChange {
@@ -274,6 +286,23 @@ pub trait Store: Send + Sync + 'static {
     fn load_pending(&self) -> BoxFut<'_, Result<Vec<Job>, StoreError>>;
     /// Counts for `/status`.
     fn summary(&self) -> BoxFut<'_, Result<Summary, StoreError>>;
+    /// The groups of grouped rules that hold items (for the digest flusher and `/status`).
+    fn pending_groups(&self) -> BoxFut<'_, Result<Vec<PendingGroup>, StoreError>>;
+    /// The items of one group, oldest first: (job id, event envelope).
+    fn group_items(
+        &self,
+        rule: &str,
+        group: &str,
+    ) -> BoxFut<'_, Result<Vec<(i64, Value)>, StoreError>>;
+    /// Replaces a group's items `ids` by its digest `jobs` in one transaction, and records the
+    /// flush time; returns the jobs to deliver.
+    fn flush_group(
+        &self,
+        rule: String,
+        group: String,
+        ids: Vec<i64>,
+        jobs: Vec<NewJob>,
+    ) -> BoxFut<'_, Result<Vec<Job>, StoreError>>;
     /// Silences: every one not over yet, or also those that ended in the last `ended_within`
     /// ms.
     fn silences(&self, ended_within: i64) -> BoxFut<'_, Result<Vec<Silence>, StoreError>>;
@@ -369,6 +398,31 @@ impl Outbox {
     /// Counts for `/status`.
     pub async fn summary(&self) -> Result<Summary, StoreError> {
         self.store.summary().await
+    }
+
+    /// The groups that hold items.
+    pub async fn pending_groups(&self) -> Result<Vec<PendingGroup>, StoreError> {
+        self.store.pending_groups().await
+    }
+
+    /// One group's items, oldest first.
+    pub async fn group_items(
+        &self,
+        rule: &str,
+        group: &str,
+    ) -> Result<Vec<(i64, Value)>, StoreError> {
+        self.store.group_items(rule, group).await
+    }
+
+    /// Replaces a group's items by its digest jobs.
+    pub async fn flush_group(
+        &self,
+        rule: String,
+        group: String,
+        ids: Vec<i64>,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.store.flush_group(rule, group, ids, jobs).await
     }
 
     /// Silences not over yet (and those that ended within `ended_within` ms).

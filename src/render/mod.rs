@@ -279,6 +279,8 @@ pub struct Templates {
     /// Templates that failed to compile: already reported, so a rule naming one is not
     /// reported again as naming a missing template.
     broken: std::collections::BTreeSet<String>,
+    /// Each message template's text, for checks that read it (a digest template uses `items`).
+    sources: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Templates {
@@ -310,6 +312,7 @@ impl Templates {
             plain,
             origins: BTreeMap::new(),
             broken: Default::default(),
+            sources: BTreeMap::new(),
         }
     }
 
@@ -325,7 +328,13 @@ impl Templates {
             return Err(syntax_error(name, text, &e));
         }
         self.origins.insert(name.to_string(), origin);
+        self.sources.insert(name.to_string(), text.to_string());
         Ok(())
+    }
+
+    /// The text of a message template added with [`Templates::add`].
+    pub fn source(&self, name: &str) -> Option<&str> {
+        self.sources.get(name).map(String::as_str)
     }
 
     /// Compiles a small unescaped template (a channel, an email, a header value).

@@ -43,6 +43,10 @@ pub struct Rule {
     pub after: Vec<Condition>,
     /// What to report to Port for action runs.
     pub report: Option<Report>,
+    /// Digests: matches wait in their group and the sends render once per group.
+    pub group: Option<Group>,
+    /// When the rule may send (applied when an event is accepted, not in routing).
+    pub window: Option<crate::window::Window>,
     /// The file that defines it.
     pub file: PathBuf,
 }
@@ -62,6 +66,17 @@ pub struct SendStep {
     pub for_each: Option<String>,
     /// The message identity of a keyed step.
     pub keyed: Option<Keyed>,
+}
+
+/// A grouped rule's digest settings.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// The (plain) template naming the group; `None`: one group for the rule.
+    pub by: Option<String>,
+    pub wait: std::time::Duration,
+    pub interval: std::time::Duration,
+    /// The most items one digest lists.
+    pub max: usize,
 }
 
 /// A keyed send step: the message it acts on and how.
@@ -385,11 +400,94 @@ fn dispatch_all(rs: &Router, ev: &Event, rules: &[&Rule], ctx: &Context) -> Vec<
             });
             continue;
         }
+        if let Some(g) = &rule.group {
+            out.push(group_item(rs, ev, rule, g, ctx));
+            continue;
+        }
         for step in &rule.sends {
             dispatch(rs, ev, rule, step, ctx, &mut out);
         }
     }
     withhold_secret_errors(&mut out);
+    out
+}
+
+/// The destination name a grouped rule's items are held under (never a real destination).
+pub fn group_destination(rule: &str) -> String {
+    format!("group:{rule}")
+}
+
+/// A grouped rule's match: the event joins its group (named by `group.by`) for the digest.
+fn group_item(rs: &Router, ev: &Event, rule: &Rule, g: &Group, ctx: &Context) -> Dispatch {
+    let destination = group_destination(&rule.id);
+    let mut d = Dispatch {
+        rule: rule.id.clone(),
+        to: destination.clone(),
+        destination,
+        event_id: ev.id.clone(),
+        template: String::new(),
+        target: Target::default(),
+        message: Err(DispatchError::Render(String::new())),
+        secret: ev.secret,
+        throttle: None,
+    };
+    if ev.secret {
+        d.message = Err(DispatchError::Refused(
+            "a One-Time Passcode is never grouped into a digest (it may only go to its owner's DM)"
+                .into(),
+        ));
+        return d;
+    }
+    let group = match &g.by {
+        None => Ok(String::new()),
+        Some(t) => rs
+            .templates
+            .render_plain(t, ctx)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| DispatchError::Render(format!("group `by`: {}", e.message))),
+    };
+    d.message = group.map(|group| {
+        Payload::Group(Box::new(crate::job::GroupItem {
+            rule: rule.id.clone(),
+            group,
+            event: ctx.data().clone(),
+        }))
+    });
+    d
+}
+
+/// A grouped rule's digest for `group`: its sends rendered once over `items` (at most the
+/// rule's `max`), `count` (all of them), `group` and `rule`. Pure: the digest flusher, `check`
+/// and `simulate` call it.
+pub fn digest(
+    rs: &Router,
+    rule: &Rule,
+    group: &str,
+    mut items: Vec<Value>,
+    event_id: &str,
+) -> Vec<Dispatch> {
+    let count = items.len();
+    if let Some(g) = &rule.group {
+        items.truncate(g.max);
+    }
+    let data = serde_json::json!({
+        "items": items,
+        "count": count,
+        "group": group,
+        "rule": rule.id,
+    });
+    let ev = Event {
+        event_type: "digest".into(),
+        id: event_id.to_string(),
+        source: String::new(),
+        data: data.clone(),
+        secret: false,
+    };
+    let ctx = Context::from(data);
+    let mut out = Vec::new();
+    for step in &rule.sends {
+        dispatch(rs, &ev, rule, step, &ctx, &mut out);
+    }
     out
 }
 
@@ -578,6 +676,7 @@ fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Con
                 }),
                 _ => None,
             },
+            hold_until: None,
         })
     })();
     if let Some((key_tpl, window)) = &rule.throttle {

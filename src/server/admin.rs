@@ -160,6 +160,18 @@ pub(super) async fn status_json(st: &AppState) -> Value {
         .iter()
         .map(|r| json!({"id": r.id, "on": r.on, "file": r.file, "destinations": r.sends.iter().map(|s| s.to.clone()).collect::<Vec<_>>()}))
         .collect();
+    let groups: Vec<Value> = st
+        .outbox
+        .pending_groups()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| {
+            let rule = rs.rules.iter().find(|r| r.id == g.rule);
+            let due = crate::digest::due_at(rule, &g);
+            json!({"rule": g.rule, "group": g.group, "items": g.items, "first_at": g.first_at, "last_digest_at": g.last_flush, "due_at": due})
+        })
+        .collect();
     let reload = st.reload.lock().map(|r| r.clone()).ok();
     let uptime = st.started.elapsed();
     json!({
@@ -183,6 +195,7 @@ pub(super) async fn status_json(st: &AppState) -> Value {
             "open": summary.open_keys,
         },
         "silences": st.pipeline.silence_status(),
+        "groups": groups,
         "reload": reload,
         "kafka": kafka_status(st),
     })

@@ -200,6 +200,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     tracing::info!(%addr, rules = rs.rules.len(), data = %cfg.data_dir.display(), "switchyard listening on http://{addr}");
     reload::spawn_triggers(state.clone());
     tokio::spawn(crate::sources::schedule::run(state.pipeline.clone()));
+    tokio::spawn(crate::digest::run(state.pipeline.clone()));
     #[cfg(feature = "kafka")]
     state.kafka.configure(&state.pipeline);
     #[cfg(not(feature = "kafka"))]

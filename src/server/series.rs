@@ -37,6 +37,16 @@ const SERIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "switchyard_digests_total",
+        "Digests sent for grouped rules, by rule.",
+        Kind::Counter,
+    ),
+    (
+        "switchyard_muted_total",
+        "Dispatches dropped outside their rule's or destination's time window, by rule.",
+        Kind::Counter,
+    ),
+    (
         "switchyard_silenced_total",
         "Dispatches suppressed by a silence, by rule.",
         Kind::Counter,

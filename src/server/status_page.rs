@@ -122,6 +122,7 @@ pub fn render(v: &Value) -> String {
     destinations(&mut h, &v["destinations"]);
     sources(&mut h, &v["sources"]);
     silences(&mut h, &v["silences"]);
+    groups(&mut h, &v["groups"]);
     schedules(&mut h, &v["schedules"]);
     kafka(&mut h, &v["kafka"]);
     rules(&mut h, &v["rules"]);
@@ -284,6 +285,26 @@ fn silences(h: &mut String, s: &Value) {
             text(&x["author"]),
             text(&x["comment"]),
             num(&x["suppressed"]),
+        );
+    }
+    h.push_str("</table>");
+}
+
+fn groups(h: &mut String, g: &Value) {
+    let Some(g) = g.as_array().filter(|g| !g.is_empty()) else {
+        return;
+    };
+    h.push_str("<h2 id=groups>Pending digests</h2><table><tr><th>rule</th><th>group</th><th class=n>items</th><th>oldest item</th><th>last digest</th><th>next digest</th></tr>");
+    for x in g {
+        let _ = write!(
+            h,
+            "<tr><td><b>{}</b></td><td>{}</td><td class=n>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            text(&x["rule"]),
+            text(&x["group"]),
+            num(&x["items"]),
+            time(&x["first_at"]),
+            time(&x["last_digest_at"]),
+            time(&x["due_at"]),
         );
     }
     h.push_str("</table>");

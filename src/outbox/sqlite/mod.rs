@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use super::{
     now_ms, BoxFut, DeadLetter, DeadLetterFilter, EnqueueError, Enqueued, Job, KeyState, NewJob,
-    NewTracker, Outcome, Replayed, Store, StoreError, Summary,
+    NewTracker, Outcome, PendingGroup, Replayed, Store, StoreError, Summary,
 };
 use crate::job::Payload;
 use crate::silence::{NewSilence, Silence};
@@ -65,6 +65,9 @@ CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_a
 CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expires ON dedup(expires_at);
 CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, until INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_flushes (
+  rule TEXT NOT NULL, grp TEXT NOT NULL, flushed_at INTEGER NOT NULL, PRIMARY KEY (rule, grp)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS silences (
   id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT, matchers TEXT NOT NULL,
   starts_at INTEGER NOT NULL, ends_at INTEGER NOT NULL, author TEXT NOT NULL,
@@ -124,7 +127,8 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
 ///    `rule` and `event`) or `report` (with `run_id` and `context`), and messages otherwise.
 ///
 /// 2. Replays keep their dead letter's id: `outbox` gets `replay_of`, the id of the dead letter a
-///    job was replayed from; if it dies again, it is that dead letter again.
+///    job was replayed from; if it dies again, it is that dead letter again. (The tables of
+///    keyed messages, silences and digest flushes are new tables, made by the schema.)
 ///
 /// A message's kind is stored as NULL (it is nearly every row, and NULL costs the insert
 /// nothing); readers see `message`.
@@ -139,6 +143,11 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
         }
         c.execute_batch("PRAGMA user_version = 2")?;
     }
+    // Grouped rules' items, found without a scan of the queue (needs `kind`, so after the
+    // migrations that add it).
+    c.execute_batch(
+        "CREATE INDEX IF NOT EXISTS outbox_groups ON outbox(kind) WHERE kind = 'group'",
+    )?;
     Ok(())
 }
 
@@ -381,7 +390,7 @@ impl Store for SqliteStore {
     fn load_pending(&self) -> BoxFut<'_, Result<Vec<Job>, StoreError>> {
         Box::pin(self.reads.read(|c| {
             let mut st = c.prepare(
-                "SELECT id, destination, rule, event_id, target, message, secret, created_at, attempts, COALESCE(kind, 'message') FROM outbox ORDER BY id",
+                "SELECT id, destination, rule, event_id, target, message, secret, created_at, attempts, COALESCE(kind, 'message') FROM outbox WHERE kind IS NOT 'group' ORDER BY id",
             )?;
             let rows = st.query_map([], |r| {
                 let text: String = r.get(5)?;
@@ -414,7 +423,7 @@ impl Store for SqliteStore {
                 rows.collect()
             };
             Ok(Summary {
-                pending: by("outbox")?,
+                pending: by("outbox WHERE kind IS NOT 'group'")?,
                 dead_letters: by("dead_letters")?,
                 active_throttles: c.query_row(
                     "SELECT count(*) FROM throttle WHERE until > ?",
@@ -427,6 +436,64 @@ impl Store for SqliteStore {
                     |r| r.get(0),
                 )?,
             })
+        }))
+    }
+
+    fn pending_groups(&self) -> BoxFut<'_, Result<Vec<PendingGroup>, StoreError>> {
+        Box::pin(self.reads.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT o.rule, json_extract(o.message, '$.group') AS g, count(*), min(o.created_at),
+                        (SELECT flushed_at FROM group_flushes f WHERE f.rule = o.rule AND f.grp = json_extract(o.message, '$.group'))
+                 FROM outbox o WHERE o.kind = 'group' GROUP BY o.rule, g ORDER BY min(o.created_at)",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(PendingGroup {
+                    rule: r.get(0)?,
+                    group: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    items: r.get(2)?,
+                    first_at: r.get(3)?,
+                    last_flush: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn group_items(
+        &self,
+        rule: &str,
+        group: &str,
+    ) -> BoxFut<'_, Result<Vec<(i64, Value)>, StoreError>> {
+        let (rule, group) = (rule.to_string(), group.to_string());
+        Box::pin(self.reads.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, json_extract(message, '$.event') FROM outbox WHERE kind = 'group' AND rule = ? AND json_extract(message, '$.group') = ? ORDER BY id",
+            )?;
+            let rows = st.query_map(params![rule, group], |r| {
+                let text: Option<String> = r.get(1)?;
+                Ok((
+                    r.get(0)?,
+                    text.and_then(|t| serde_json::from_str(&t).ok())
+                        .unwrap_or(Value::Null),
+                ))
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn flush_group(
+        &self,
+        rule: String,
+        group: String,
+        ids: Vec<i64>,
+        jobs: Vec<NewJob>,
+    ) -> BoxFut<'_, Result<Vec<Job>, StoreError>> {
+        Box::pin(self.ask(|reply| Cmd::FlushGroup {
+            rule,
+            group,
+            ids,
+            jobs,
+            reply,
         }))
     }
 

@@ -27,6 +27,14 @@ pub(super) enum Cmd {
         filter: DeadLetterFilter,
         reply: oneshot::Sender<Result<usize, String>>,
     },
+    /// A group's items replaced by its digest jobs.
+    FlushGroup {
+        rule: String,
+        group: String,
+        ids: Vec<i64>,
+        jobs: Vec<NewJob>,
+        reply: oneshot::Sender<Result<Vec<Job>, String>>,
+    },
     /// A rare change of the engine's own state (silences), made in the writer's transaction
     /// like every other change; its answer is sent after the commit.
     Admin {
@@ -163,6 +171,7 @@ enum Reply {
     Replay(oneshot::Sender<Result<Replayed, String>>, Replayed),
     Purge(oneshot::Sender<Result<usize, String>>, usize),
     Admin(oneshot::Sender<Result<Value, String>>, Value),
+    Flushed(oneshot::Sender<Result<Vec<Job>, String>>, Vec<Job>),
 }
 
 /// Applies a batch in one transaction. `tracked`: some run tracker exists as the batch starts
@@ -428,6 +437,39 @@ fn apply_tx(
                     .map_err(|e| e.to_string())?;
                 replies.push(Reply::Purge(reply, n));
             }
+            Cmd::FlushGroup {
+                rule,
+                group,
+                ids,
+                jobs,
+                reply,
+            } => {
+                let mut removed = 0;
+                for id in &ids {
+                    removed += tx
+                        .exec_c("DELETE FROM outbox WHERE id = ? AND kind = 'group'", [id])
+                        .map_err(|e| e.to_string())?;
+                }
+                added -= removed as isize;
+                // Items already flushed (a second flusher, or a retry after a lost answer) make
+                // no second digest.
+                let mut created = Vec::new();
+                if removed > 0 {
+                    for j in jobs {
+                        match &j.error {
+                            Some(e) => insert_dead(&tx, &j, e, now)?,
+                            None => created.push(insert_job(&tx, j, now)?),
+                        }
+                    }
+                    tx.exec_c(
+                        "INSERT INTO group_flushes (rule, grp, flushed_at) VALUES (?, ?, ?) ON CONFLICT (rule, grp) DO UPDATE SET flushed_at = excluded.flushed_at",
+                        params![rule, group, now],
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+                added += created.len() as isize;
+                replies.push(Reply::Flushed(reply, created));
+            }
             Cmd::Admin { op, reply } => {
                 let v = op(&tx, now)?;
                 replies.push(Reply::Admin(reply, v));
@@ -463,6 +505,9 @@ fn apply_tx(
                     Reply::Admin(tx, v) => {
                         let _ = tx.send(Ok(v));
                     }
+                    Reply::Flushed(tx, jobs) => {
+                        let _ = tx.send(Ok(jobs));
+                    }
                 }
             }
             Ok(finished)
@@ -481,6 +526,9 @@ fn apply_tx(
                         let _ = tx.send(Err(msg.clone()));
                     }
                     Reply::Admin(tx, _) => {
+                        let _ = tx.send(Err(msg.clone()));
+                    }
+                    Reply::Flushed(tx, _) => {
                         let _ = tx.send(Err(msg.clone()));
                     }
                 }
