@@ -74,6 +74,60 @@ impl Pipeline {
         self.throttled.load(Ordering::Relaxed)
     }
 
+    /// A click on one of the engine's own buttons ([`crate::buttons`]): a snooze's silence is
+    /// stored first (so the next match is already silenced), then the message update is
+    /// committed with the click's dedup key and delivered.
+    async fn click(
+        &self,
+        rs: &Ruleset,
+        ev: &Event,
+        c: &crate::buttons::Click,
+        dedup: Duration,
+    ) -> Result<Accepted, EnqueueError> {
+        let now = crate::outbox::now_ms();
+        let snoozed = self.silences.load().has_key(&c.rule, &c.key, now);
+        let what = if c.snooze { "snooze" } else { "acknowledge" };
+        match crate::buttons::plan(rs, ev, c, now, snoozed) {
+            crate::buttons::Plan::Refused(why) => {
+                metrics::counter!("switchyard_button_clicks_total", "button" => what, "outcome" => "refused").increment(1);
+                tracing::warn!(rule = %c.rule, user = %c.user, button = what, "button click refused: {why}");
+                Ok(Accepted::Committed {
+                    dispatches: 0,
+                    throttled: 0,
+                    matched: false,
+                })
+            }
+            crate::buttons::Plan::Act { silence, update } => {
+                if let Some(s) = silence {
+                    let (starts, ends) = (s.starts_at.unwrap_or(now), s.ends_at.unwrap_or(now));
+                    self.outbox
+                        .add_silence(s, starts, ends)
+                        .await
+                        .map_err(|e| EnqueueError::Storage(e.to_string()))?;
+                    let _ = self.load_silences().await;
+                }
+                let result = self
+                    .outbox
+                    .enqueue(Some((ev.id.clone(), dedup)), vec![*update], None)
+                    .await?;
+                metrics::counter!("switchyard_button_clicks_total", "button" => what, "outcome" => "done").increment(1);
+                tracing::info!(rule = %c.rule, key = %c.key, user = %c.user, button = what, "button click handled");
+                match result {
+                    Enqueued::Committed(jobs, _) => {
+                        let n = jobs.len();
+                        self.deliverer.submit(jobs);
+                        Ok(Accepted::Committed {
+                            dispatches: n,
+                            throttled: 0,
+                            matched: true,
+                        })
+                    }
+                    Enqueued::Duplicate => Ok(Accepted::Duplicate),
+                }
+            }
+        }
+    }
+
     /// The groups of grouped rules that hold items.
     pub async fn pending_groups(
         &self,
@@ -131,6 +185,9 @@ impl Pipeline {
         ev: &mut Event,
         dedup: Duration,
     ) -> Result<Accepted, EnqueueError> {
+        if let Some(c) = crate::buttons::click(ev) {
+            return self.click(rs, ev, &c, dedup).await;
+        }
         let (jobs, tracker) = plan(rs, src, ev, &self.silences.load());
         let matched = !jobs.is_empty();
         let result = self
@@ -257,7 +314,8 @@ fn plan(
             matched.push(d.rule.clone());
         }
         if !silences.is_empty() {
-            if let Some(id) = silences.silenced(&d.rule, &ev.data, now) {
+            let key = d.target.identity.as_ref().map(|i| i.key.as_str());
+            if let Some(id) = silences.silenced(&d.rule, key, &ev.data, now) {
                 metrics::counter!("switchyard_silenced_total", "rule" => d.rule.clone())
                     .increment(1);
                 tracing::info!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, silence = id, "silenced");

@@ -30,6 +30,9 @@ pub struct Silence {
     /// Conditions on the envelope, all of which must hold (the rule language's lines).
     #[serde(default)]
     pub matchers: Vec<String>,
+    /// Only sends of this message key (keyed messages; a "Snooze" button sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Unix ms.
     pub starts_at: i64,
     /// Unix ms (the earlier of its end and when it was expired).
@@ -56,6 +59,9 @@ pub struct NewSilence {
     pub rule: Option<String>,
     #[serde(default)]
     pub matchers: Vec<String>,
+    /// Only sends of this message key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Unix ms; default now.
     #[serde(default)]
     pub starts_at: Option<i64>,
@@ -89,7 +95,7 @@ impl NewSilence {
                 return Err(format!("no rule `{r}` in the rules in force"));
             }
         }
-        if self.rule.is_none() && self.matchers.is_empty() {
+        if self.rule.is_none() && self.matchers.is_empty() && self.key.is_none() {
             return Err("a silence of every rule needs at least one matcher (`--match '$.entity.identifier == \"x\"'`); name a `rule` to silence all of it".into());
         }
         for m in &self.matchers {
@@ -172,14 +178,24 @@ impl SilenceSet {
 
     /// The id of the first silence active at `now` that matches a send of `rule` for the event
     /// `data`, counting it.
-    pub fn silenced(&self, rule: &str, data: &Value, now: i64) -> Option<i64> {
+    pub fn silenced(&self, rule: &str, key: Option<&str>, data: &Value, now: i64) -> Option<i64> {
         let hit = self.items.iter().find(|c| {
             c.silence.active(now)
                 && c.silence.rule.as_deref().is_none_or(|r| r == rule)
+                && c.silence.key.as_deref().is_none_or(|k| Some(k) == key)
                 && c.conditions.iter().all(|k| k.eval(data))
         })?;
         hit.suppressed.fetch_add(1, Ordering::Relaxed);
         Some(hit.silence.id)
+    }
+
+    /// Whether an active silence of exactly `rule` and `key` exists (a second snooze click).
+    pub fn has_key(&self, rule: &str, key: &str, now: i64) -> bool {
+        self.items.iter().any(|c| {
+            c.silence.active(now)
+                && c.silence.rule.as_deref() == Some(rule)
+                && c.silence.key.as_deref() == Some(key)
+        })
     }
 
     /// The silences not yet over at `now`, with their counts, for `/status`.
@@ -210,6 +226,7 @@ mod tests {
             id: 1,
             rule: rule.map(str::to_string),
             matchers: matchers.iter().map(|m| m.to_string()).collect(),
+            key: None,
             starts_at: 100,
             ends_at: 200,
             author: "ana".into(),
@@ -229,11 +246,11 @@ mod tests {
         );
         let ev = json!({"entity": {"identifier": "payments-api"}});
         let other = json!({"entity": {"identifier": "orders-api"}});
-        assert_eq!(set.silenced("degraded", &ev, 150), Some(1));
-        assert_eq!(set.silenced("cpu-hot", &ev, 150), None);
-        assert_eq!(set.silenced("degraded", &other, 150), None);
-        assert_eq!(set.silenced("degraded", &ev, 99), None, "not yet");
-        assert_eq!(set.silenced("degraded", &ev, 200), None, "over");
+        assert_eq!(set.silenced("degraded", None, &ev, 150), Some(1));
+        assert_eq!(set.silenced("cpu-hot", None, &ev, 150), None);
+        assert_eq!(set.silenced("degraded", None, &other, 150), None);
+        assert_eq!(set.silenced("degraded", None, &ev, 99), None, "not yet");
+        assert_eq!(set.silenced("degraded", None, &ev, 200), None, "over");
         assert_eq!(set.status(150)[0]["suppressed"], 1);
         // A rebuilt set keeps the counts.
         let again = SilenceSet::new(

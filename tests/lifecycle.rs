@@ -524,3 +524,153 @@ rules:
     assert_eq!(e.get_json("/status").await["queue_depth"], 1);
     assert!(slack.top_level("C_B").is_empty());
 }
+
+/// Posts a signed Slack click on `button` of `message` (as the fake Slack holds it) by `user`.
+async fn click(
+    e: &Engine,
+    message: &common::slack::Message,
+    button: &str,
+    user: &str,
+    n: u32,
+) -> u16 {
+    let blocks = message.blocks.as_array().cloned().unwrap_or_default();
+    let action = blocks
+        .iter()
+        .filter(|b| b["type"] == "actions")
+        .flat_map(|b| b["elements"].as_array().cloned().unwrap_or_default())
+        .find(|el| el["action_id"] == button)
+        .unwrap_or_else(|| panic!("no {button} on {message:?}"));
+    let mut a = action.clone();
+    a["action_ts"] = json!(format!("1790000100.{n:06}"));
+    a["block_id"] = json!("switchyard:buttons");
+    let payload = json!({
+        "type": "block_actions",
+        "user": {"id": user, "username": user.to_lowercase()},
+        "team": {"id": "T1"},
+        "container": {"type": "message", "channel_id": message.channel, "message_ts": message.ts},
+        "channel": {"id": message.channel},
+        "message": {"ts": message.ts, "text": message.text, "blocks": message.blocks},
+        "actions": [a],
+        "trigger_id": format!("trigger-{n}"),
+        "response_url": "https://hooks.slack.com/actions/T1/1/x",
+    });
+    let form = format!(
+        "payload={}",
+        form_urlencoded::byte_serialize(payload.to_string().as_bytes()).collect::<String>()
+    );
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let sig = switchyard::sources::slack::sign("slack-signing", &ts, form.as_bytes());
+    let (status, _) = e
+        .post(
+            "/hooks/slack",
+            form.as_bytes(),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("x-slack-request-timestamp", &ts),
+                ("x-slack-signature", &sig),
+            ],
+        )
+        .await;
+    status
+}
+
+/// The built-in buttons: a snooze from a signed click silences the key (shown on /status, the
+/// next match suppressed) and says so on the message; a double click acts once; a user the rule
+/// does not allow changes nothing; acknowledge updates the message with who acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snooze_and_acknowledge_buttons_act_from_a_signed_click() {
+    let slack = FakeSlack::start().await;
+    let api = slack.api_url();
+    let text = format!(
+        r##"sources:
+  port: {{ port: {{ client_secret: "${{PORT_CLIENT_SECRET}}" }} }}
+  slack: {{ slack: {{ signing_secret: "slack-signing" }} }}
+destinations:
+  slack-bot:
+    slack: {{ token: "xoxb-test-token", api_url: "{api}" }}
+    rate_per_second: 1000
+rules:
+  - id: degraded
+    on: port/entity.updated
+    where: [ '$.after.properties.healthStatus == "Degraded"' ]
+    send:
+      - to: slack-bot
+        channel: "#platform"
+        key: "health:{{{{entity.identifier}}}}"
+        text: ":red_circle: {{{{entity.identifier}}}} is Degraded ({{{{after.properties.seq}}}})"
+        buttons: {{ snooze: 2h, allow: [UANA01] }}
+"##
+    );
+    let (tmp, dir) = Engine::workspace(&[("rules.yaml", text.as_str())], false);
+    let e = Engine::start(tmp, dir, &[("PORT_CLIENT_SECRET", SECRET)]).await;
+    send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
+    let alert = eventually(10, "the alert with its buttons", || {
+        slack.top_level("C_PLATFORM").into_iter().next()
+    })
+    .await;
+    assert!(alert.blocks.to_string().contains("Snooze 2h"), "{alert:?}");
+
+    // Bob may not use them: nothing changes.
+    assert_eq!(click(&e, &alert, "switchyard:ack", "UBOB01", 1).await, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(slack.messages()[0].edits, 0);
+
+    // Ana snoozes, twice (a double click).
+    assert_eq!(
+        click(&e, &alert, "switchyard:snooze", "UANA01", 2).await,
+        200
+    );
+    assert_eq!(
+        click(&e, &alert, "switchyard:snooze", "UANA01", 3).await,
+        200
+    );
+    let snoozed = eventually(10, "the message says it is snoozed", || {
+        slack
+            .messages()
+            .into_iter()
+            .find(|m| m.ts == alert.ts && m.blocks.to_string().contains("Snoozed by <@UANA01>"))
+    })
+    .await;
+    assert!(
+        !snoozed.blocks.to_string().contains("switchyard:snooze"),
+        "buttons gone: {snoozed:?}"
+    );
+    let status = e.get_json("/status").await;
+    let silences = status["silences"].as_array().unwrap();
+    assert_eq!(silences.len(), 1, "a double click acts once: {status}");
+    assert_eq!(silences[0]["key"], "health:payments-api");
+    assert_eq!(silences[0]["author"], "slack:UANA01");
+
+    // The next match of that key is silenced; another entity's is not.
+    let edits = slack.messages()[0].edits;
+    send(&e, &change("payments-api", "Healthy", "Degraded", 2)).await;
+    send(&e, &change("orders-api", "Healthy", "Degraded", 3)).await;
+    eventually(10, "the other entity's alert", || {
+        (slack.top_level("C_PLATFORM").len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        slack.messages()[0].edits,
+        edits,
+        "the snoozed key stayed quiet"
+    );
+    assert_eq!(e.get_json("/status").await["silences"][0]["suppressed"], 1);
+
+    // Acknowledge on the other alert.
+    let other = slack
+        .top_level("C_PLATFORM")
+        .into_iter()
+        .find(|m| m.text.contains("orders-api"))
+        .unwrap();
+    assert_eq!(click(&e, &other, "switchyard:ack", "UANA01", 4).await, 200);
+    eventually(10, "the acknowledged message", || {
+        slack.messages().into_iter().find(|m| {
+            m.ts == other.ts && m.blocks.to_string().contains("Acknowledged by <@UANA01>")
+        })
+    })
+    .await;
+    assert!(e
+        .get_text("/metrics")
+        .await
+        .contains("switchyard_button_clicks_total{button=\"acknowledge\",outcome=\"refused\"} 1"));
+}

@@ -105,6 +105,7 @@ fn go(action: SilenceAction) -> Result<(), String> {
             let new = NewSilence {
                 rule,
                 matchers,
+                key: None,
                 starts_at: start.map(|t| rfc3339("start", &t)).transpose()?,
                 ends_at: until.map(|t| rfc3339("until", &t)).transpose()?,
                 duration,

@@ -590,6 +590,7 @@ pub(super) fn compile_send(
                 action,
                 ttl,
                 reply,
+                buttons: s.buttons.as_ref().and_then(|b| buttons(p, sp, b, diags)),
             }),
             _ => None,
         },
@@ -612,6 +613,7 @@ fn keyed(
             ("as", s.key_as.is_some()),
             ("reply", s.reply.is_some()),
             ("key_ttl", s.key_ttl.is_some()),
+            ("buttons", s.buttons.is_some()),
         ] {
             if present {
                 diags.push(
@@ -696,6 +698,63 @@ fn keyed(
         },
     };
     Some((action, ttl))
+}
+
+/// A keyed step's built-in buttons, checked.
+fn buttons(
+    p: &Parsed,
+    sp: &str,
+    b: &super::spec::ButtonsSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::routing::Buttons> {
+    use super::spec::ButtonKind;
+    let bp = join_key(sp, "buttons");
+    let snooze = if b.actions.contains(&ButtonKind::Snooze) {
+        let t = b.snooze.as_deref().unwrap_or("1h");
+        match parse_duration(t) {
+            Some(d) if d >= Duration::from_secs(60) && d <= Duration::from_secs(7 * 24 * 3600) => {
+                Some(d)
+            }
+            _ => {
+                diags.push(p.at(
+                    Diagnostic::error(
+                        "bad-value",
+                        format!("`{t}`: a snooze lasts from a minute to 7 days"),
+                    ),
+                    &join_key(&bp, "snooze"),
+                ));
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    for (i, u) in b.allow.iter().enumerate() {
+        let ok = u.len() > 1
+            && (u.starts_with('U') || u.starts_with('W'))
+            && u.chars().all(|c| c.is_ascii_alphanumeric());
+        if !ok {
+            diags.push(
+                p.at(
+                    Diagnostic::error("bad-value", format!("`{u}` is not a Slack user id")),
+                    &join_index(&join_key(&bp, "allow"), i),
+                )
+                .hint("user ids start with U or W (Slack: profile → ⋮ → Copy member ID)"),
+            );
+        }
+    }
+    if b.actions.is_empty() {
+        diags.push(p.at(
+            Diagnostic::error("bad-value", "`buttons.actions` is empty"),
+            &join_key(&bp, "actions"),
+        ));
+        return None;
+    }
+    Some(crate::routing::Buttons {
+        acknowledge: b.actions.contains(&ButtonKind::Acknowledge),
+        snooze,
+        allow: b.allow.clone(),
+    })
 }
 
 /// How long a key is remembered after its last use, unless `key_ttl` says otherwise.

@@ -540,6 +540,38 @@ pub struct SendSpec {
     /// With `key`: how long the key is remembered after its last use (default `7d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_ttl: Option<String>,
+    /// With `key`: built-in buttons on the message ("Acknowledge", "Snooze"), handled by the
+    /// engine itself through the signed `slack` source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buttons: Option<ButtonsSpec>,
+}
+
+/// Built-in buttons of a keyed message.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ButtonsSpec {
+    /// Which buttons (default both): `acknowledge` updates the message with who acknowledged
+    /// it; `snooze` silences this key for `snooze` and says so on the message.
+    #[serde(default = "all_buttons")]
+    pub actions: Vec<ButtonKind>,
+    /// How long a snooze lasts (default `1h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snooze: Option<String>,
+    /// Slack user ids (`U…`) allowed to use them; default: anyone who sees the message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+}
+
+fn all_buttons() -> Vec<ButtonKind> {
+    vec![ButtonKind::Acknowledge, ButtonKind::Snooze]
+}
+
+/// A built-in button.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ButtonKind {
+    Acknowledge,
+    Snooze,
 }
 
 /// What a keyed send does to its key's message.

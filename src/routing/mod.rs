@@ -88,6 +88,43 @@ pub struct Keyed {
     pub ttl: std::time::Duration,
     /// The message template of the thread reply that follows an update or resolve.
     pub reply: Option<String>,
+    /// Built-in buttons added to the message.
+    pub buttons: Option<Buttons>,
+}
+
+/// A keyed step's built-in buttons.
+#[derive(Debug, Clone)]
+pub struct Buttons {
+    pub acknowledge: bool,
+    /// How long a snooze silences the key; `None`: no snooze button.
+    pub snooze: Option<std::time::Duration>,
+    /// Slack user ids allowed to click; empty: anyone.
+    pub allow: Vec<String>,
+}
+
+/// The `action_id` prefix of the engine's own buttons.
+pub const BUTTON_PREFIX: &str = "switchyard:";
+
+impl Buttons {
+    /// The actions block for a message of `rule` keyed `key` at `destination`.
+    pub fn block(&self, rule: &str, destination: &str, key: &str) -> Value {
+        let value = serde_json::json!({"r": rule, "d": destination, "k": key}).to_string();
+        let mut elements = Vec::new();
+        if self.acknowledge {
+            elements.push(serde_json::json!({
+                "type": "button", "action_id": format!("{BUTTON_PREFIX}ack"),
+                "text": {"type": "plain_text", "text": "Acknowledge"}, "value": value,
+            }));
+        }
+        if let Some(d) = self.snooze {
+            elements.push(serde_json::json!({
+                "type": "button", "action_id": format!("{BUTTON_PREFIX}snooze"),
+                "text": {"type": "plain_text", "text": format!("Snooze {}", humantime::format_duration(d))},
+                "value": value,
+            }));
+        }
+        serde_json::json!({"type": "actions", "block_id": format!("{BUTTON_PREFIX}buttons"), "elements": elements})
+    }
 }
 
 /// A compiled `with:` query.
@@ -594,6 +631,23 @@ fn dispatch(
     }
 }
 
+/// Appends a block to a rendered message (making `blocks` when it has none).
+fn add_block(m: &mut Value, block: Value) {
+    if let Value::Object(o) = m {
+        match o.get_mut("blocks") {
+            Some(Value::Array(b)) => b.push(block),
+            _ => {
+                let mut blocks = Vec::new();
+                if let Some(Value::String(t)) = o.get("text") {
+                    blocks.push(serde_json::json!({"type": "section", "text": {"type": "mrkdwn", "text": t}}));
+                }
+                blocks.push(block);
+                o.insert("blocks".into(), Value::Array(blocks));
+            }
+        }
+    }
+}
+
 /// Adds `d`, and for a keyed step with a `reply`, the thread reply that follows it: the update
 /// first, then the reply in its thread (which closes the key when the step resolves). Both
 /// carry the key, so they are delivered in this order.
@@ -719,6 +773,15 @@ fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Con
     d.message = rs
         .templates
         .render_message(&step.template, ctx)
+        .map(|mut m| {
+            if let (Some(b), Some(id)) = (
+                step.keyed.as_ref().and_then(|k| k.buttons.as_ref()),
+                &d.target.identity,
+            ) {
+                add_block(&mut m, b.block(&rule.id, &destination, &id.key));
+            }
+            m
+        })
         .map(Payload::Message)
         .map_err(render_error);
     d

@@ -42,6 +42,11 @@ const SERIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "switchyard_button_clicks_total",
+        "Clicks on the engine's own buttons, by button and outcome (done, refused).",
+        Kind::Counter,
+    ),
+    (
         "switchyard_muted_total",
         "Dispatches dropped outside their rule's or destination's time window, by rule.",
         Kind::Counter,

@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS group_flushes (
   rule TEXT NOT NULL, grp TEXT NOT NULL, flushed_at INTEGER NOT NULL, PRIMARY KEY (rule, grp)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS silences (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT, matchers TEXT NOT NULL,
+  id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT, matchers TEXT NOT NULL, key TEXT,
   starts_at INTEGER NOT NULL, ends_at INTEGER NOT NULL, author TEXT NOT NULL,
   comment TEXT NOT NULL, created_at INTEGER NOT NULL
 );
@@ -515,14 +515,15 @@ impl Store for SqliteStore {
         let op: writer::AdminOp = Box::new(move |tx, now| {
             let matchers = serde_json::to_string(&s.matchers).unwrap_or_else(|_| "[]".into());
             tx.execute(
-                "INSERT INTO silences (rule, matchers, starts_at, ends_at, author, comment, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                params![s.rule, matchers, starts, ends, s.author, s.comment, now],
+                "INSERT INTO silences (rule, matchers, key, starts_at, ends_at, author, comment, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                params![s.rule, matchers, s.key, starts, ends, s.author, s.comment, now],
             )
             .map_err(|e| e.to_string())?;
             let made = Silence {
                 id: tx.last_insert_rowid(),
                 rule: s.rule,
                 matchers: s.matchers,
+                key: s.key,
                 starts_at: starts,
                 ends_at: ends,
                 author: s.author,
@@ -639,7 +640,7 @@ pub fn purge_dead(path: &Path, f: &DeadLetterFilter) -> Result<usize, StoreError
 }
 
 const SILENCE_COLUMNS: &str =
-    "SELECT id, rule, matchers, starts_at, ends_at, author, comment, created_at FROM silences";
+    "SELECT id, rule, matchers, starts_at, ends_at, author, comment, created_at, key FROM silences";
 
 fn silence_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Silence> {
     Ok(Silence {
@@ -651,6 +652,7 @@ fn silence_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Silence> {
         author: r.get(5)?,
         comment: r.get(6)?,
         created_at: r.get(7)?,
+        key: r.get(8)?,
     })
 }
 
