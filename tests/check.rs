@@ -632,3 +632,53 @@ rules:
         "{msgs:#?}"
     );
 }
+
+/// A scenario: twelve changes within the group's wait are held, and the clock passing the wait
+/// sends one digest of twelve items; a keyed digest then updates its message.
+#[test]
+fn a_scenario_runs_events_and_clock_steps_against_one_state() {
+    let mut steps = String::new();
+    for i in 0..12 {
+        steps.push_str(&format!(
+            "      - event: {{ source: port, body: {{ action: UPDATE, resourceType: entity, status: SUCCESS, trigger: {{ at: \"2026-09-21T14:13:{i:02}Z\" }}, context: {{ blueprint: service, entity: svc-{i} }}, diff: {{ before: {{ identifier: svc-{i} }}, after: {{ identifier: svc-{i}, team: [payments] }} }} }} }}\n        expect: [{{ rule: bulk, to: console, does: group }}]\n"
+        ));
+    }
+    let body = format!(
+        "  bot: {{ slack: {{ token: \"${{SET_VAR}}\" }} }}
+rules:
+  - id: bulk
+    on: port/entity.updated
+    group: {{ by: \"{{{{join entity.team \\\",\\\"}}}}\", wait: 30s }}
+    send:
+      - {{ to: console, text: \"{{{{count}}}} changes\" }}
+      - {{ to: bot, channel: \"#c\", key: \"d:{{{{group}}}}\", text: \"{{{{count}}}} changes for {{{{group}}}}\" }}
+scenarios:
+  - name: a bulk change is one digest
+    steps:
+{steps}      - advance: 10s
+        expect: []
+      - advance: 30s
+        expect:
+          - {{ rule: bulk, to: console, message: {{ text: \"12 changes\" }} }}
+          - {{ rule: bulk, to: bot, does: post, key: \"d:payments\" }}
+"
+    );
+    let d = dir_with(&body, &[]);
+    let (_, report) = check::run(d.path(), &opts());
+    assert!(report.valid, "{:#?}", report.diagnostics);
+    assert_eq!(report.tests_run, 1);
+
+    // The same scenario expecting the digest too early fails at that step.
+    let early = body.replace(
+        "      - advance: 10s\n        expect: []\n",
+        "      - advance: 10s\n        expect: [{ rule: bulk, to: console }]\n",
+    );
+    let d = dir_with(&early, &[]);
+    let errs = errors(d.path());
+    assert!(
+        errs[0]
+            .message
+            .contains("failed at step 13: expected bulk → console, got nothing"),
+        "{errs:#?}"
+    );
+}

@@ -155,12 +155,21 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
     // Rule tests are `check`'s business: `serve` neither needs their files (a rules directory
     // deployed from a ConfigMap has no `examples/`) nor fails on them.
     let mut tests = Vec::new();
+    let mut scenarios = Vec::new();
     if opts.mode == Mode::Check {
         for p in &parsed {
             for (i, t) in p.spec.tests.iter().enumerate() {
                 let path = join_index("tests", i);
                 if let Some(t) = load_test(p, t, &path, &sources, &schedules, &mut diags) {
                     tests.push(t);
+                }
+            }
+            for (i, sc) in p.spec.scenarios.iter().enumerate() {
+                let path = join_index("scenarios", i);
+                if let Some(s) =
+                    super::rule_tests::load_scenario(p, sc, &path, &sources, &schedules, &mut diags)
+                {
+                    scenarios.push(s);
                 }
             }
         }
@@ -192,6 +201,7 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, Vec<Diagnos
     let mut rs = Ruleset::new(rules, sources, dests, templates, tests, loaded);
     rs.schedules = schedules;
     rs.blueprints = blueprints;
+    rs.scenarios = scenarios;
     check_secret_routing(&rs, &parsed, &mut diags);
     let expansions: Vec<(String, String)> = parsed
         .iter()
@@ -240,7 +250,14 @@ pub(super) fn parse_file(
         );
         return None;
     }
-    const TOP: [&str; 5] = ["sources", "destinations", "rules", "tests", "schedules"];
+    const TOP: [&str; 6] = [
+        "sources",
+        "destinations",
+        "rules",
+        "tests",
+        "schedules",
+        "scenarios",
+    ];
     if let Some(m) = value.as_object() {
         if !m.is_empty()
             && !m
@@ -366,6 +383,15 @@ fn item_errors(file: &Path, spans: &SpanMap, v: &Value) -> Vec<Diagnostic> {
             }),
             ("tests", Value::Array(items)) => items.iter().enumerate().for_each(|(i, x)| {
                 one::<TestSpec>(file, spans, x, &join_index("tests", i), &mut out)
+            }),
+            ("scenarios", Value::Array(items)) => items.iter().enumerate().for_each(|(i, x)| {
+                one::<super::spec::ScenarioSpec>(
+                    file,
+                    spans,
+                    x,
+                    &join_index("scenarios", i),
+                    &mut out,
+                )
             }),
             _ => {}
         }

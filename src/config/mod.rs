@@ -53,6 +53,29 @@ pub struct Ruleset {
     pub blueprints: BTreeMap<String, blueprints::Blueprint>,
     /// Some rule or destination has a time window (the ingest stage skips them all otherwise).
     pub any_window: bool,
+    /// Scenario tests (`check` only).
+    pub scenarios: Vec<Scenario>,
+}
+
+/// A scenario test: steps against one simulated state.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub file: PathBuf,
+    pub pos: Pos,
+    pub steps: Vec<ScenarioStep>,
+}
+
+/// One step: an event (as a rule test, whose `expect` may say what each dispatch `does`), or
+/// the clock moving on.
+#[derive(Debug, Clone)]
+pub enum ScenarioStep {
+    Event(RuleTest),
+    Advance {
+        by: Duration,
+        expect: Vec<spec::Expectation>,
+        pos: Pos,
+    },
 }
 
 impl Ruleset {
@@ -80,6 +103,7 @@ impl Ruleset {
             files,
             schedules: BTreeMap::new(),
             blueprints: BTreeMap::new(),
+            scenarios: Vec::new(),
         }
     }
 }

@@ -76,6 +76,69 @@ pub(super) fn load_test(
     })
 }
 
+/// Loads a scenario: each event step as a rule test named after the scenario and its step.
+pub(super) fn load_scenario(
+    p: &Parsed,
+    sc: &super::spec::ScenarioSpec,
+    path: &str,
+    sources: &BTreeMap<String, SourceEntry>,
+    schedules: &BTreeMap<String, super::Schedule>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<super::Scenario> {
+    let mut steps = Vec::new();
+    let mut ok = true;
+    for (i, st) in sc.steps.iter().enumerate() {
+        let sp = join_index(&join_key(path, "steps"), i);
+        match (&st.event, &st.advance) {
+            (Some(ev), None) => {
+                let t = super::spec::TestSpec {
+                    name: format!("{}, step {}", sc.name, i + 1),
+                    event: ev.clone(),
+                    expect: st.expect.clone(),
+                    with: st.with.clone(),
+                };
+                match load_test(p, &t, &sp, sources, schedules, diags) {
+                    Some(rt) => steps.push(super::ScenarioStep::Event(rt)),
+                    None => ok = false,
+                }
+            }
+            (None, Some(by)) => match super::parse_duration(by) {
+                Some(d) => steps.push(super::ScenarioStep::Advance {
+                    by: d,
+                    expect: st.expect.clone(),
+                    pos: p.spans.value(&sp),
+                }),
+                None => {
+                    diags.push(
+                        p.at(
+                            Diagnostic::error("bad-test", format!("`{by}` is not a duration"))
+                                .hint("e.g. `advance: 30s`"),
+                            &join_key(&sp, "advance"),
+                        ),
+                    );
+                    ok = false;
+                }
+            },
+            _ => {
+                diags.push(p.at(
+                    Diagnostic::error(
+                        "bad-test",
+                        "a scenario step is an `event` or an `advance`, not both or neither",
+                    ),
+                    &sp,
+                ));
+                ok = false;
+            }
+        }
+    }
+    ok.then(|| super::Scenario {
+        name: sc.name.clone(),
+        file: p.path.clone(),
+        pos: p.spans.value(path),
+        steps,
+    })
+}
+
 fn webhook_input(
     p: &Parsed,
     t: &super::spec::TestSpec,

@@ -28,6 +28,52 @@ pub struct RulesFile {
     /// Named schedules; each emits `schedule/<name>` events on its cron.
     #[serde(default)]
     pub schedules: BTreeMap<String, ScheduleSpec>,
+    /// Rule tests of a sequence: events and clock steps, each with what it must do to keyed
+    /// messages and digests.
+    #[serde(default)]
+    pub scenarios: Vec<ScenarioSpec>,
+}
+
+/// A scenario: steps run in order against one simulated state (open message keys, pending
+/// digest groups, a clock).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioSpec {
+    /// What it shows.
+    pub name: String,
+    pub steps: Vec<StepSpec>,
+}
+
+/// One step of a scenario: an event, or the clock moving on (`advance: 30s`, which sends the
+/// digests that are due).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<TestEvent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advance: Option<String>,
+    /// Every dispatch this step makes, in any order; `[]` means none.
+    pub expect: Vec<Expectation>,
+    /// `with:` stand-ins, as in a test.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub with: BTreeMap<String, WithResult>,
+}
+
+/// What a dispatch does, as a scenario sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Does {
+    /// A new message.
+    Post,
+    /// The key's message replaced.
+    Update,
+    /// A reply in the key's message's thread.
+    Reply,
+    /// The key's message replaced and the key closed.
+    Resolve,
+    /// Held in its group for a digest.
+    Group,
 }
 
 /// A schedule: a cron pattern in a time zone.
@@ -666,6 +712,9 @@ pub struct Expectation {
     /// The message key it must carry (keyed messages), e.g. `health:payments-api`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// In a scenario: what it does (`post`, `update`, `reply`, `resolve`, `group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub does: Option<Does>,
 }
 
 /// A condition in `where` (schema only; conditions are parsed by the rule compiler).

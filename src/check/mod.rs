@@ -5,6 +5,8 @@
 //! message the test reaches, checks it against Slack's Block Kit limits, and compares the
 //! dispatches with the test's expectations.
 
+mod scenario;
+
 use std::path::Path;
 
 use serde::Serialize;
@@ -62,13 +64,23 @@ pub fn run(dir: &Path, opts: &LoadOptions) -> (Option<Ruleset>, CheckReport) {
             }
         }
     }
+    if let Some(rs) = &rs {
+        for sc in &rs.scenarios {
+            report.tests_run += 1;
+            let before = diags.iter().filter(|d| d.is_error()).count();
+            scenario::run(rs, sc, &mut diags);
+            if diags.iter().filter(|d| d.is_error()).count() == before {
+                report.tests_passed += 1;
+            }
+        }
+    }
     report.valid = rs.is_some() && !diags.iter().any(Diagnostic::is_error);
     report.diagnostics = diags;
     (rs, report)
 }
 
 /// The event a test feeds in: a webhook through its source's real decoder, or a schedule tick.
-fn test_event(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) -> Option<Event> {
+pub(crate) fn test_event(rs: &Ruleset, t: &RuleTest, diags: &mut Vec<Diagnostic>) -> Option<Event> {
     let fail = |msg: String| {
         Diagnostic::error("test-failed", format!("test `{}` failed: {msg}", t.name))
             .at(&t.file, t.pos)
