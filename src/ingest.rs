@@ -335,31 +335,18 @@ fn plan(
                 }
             }
         }
-        let error = match &d.message {
-            Ok(_) => None,
+        match &d.message {
+            Ok(_) => {}
             Err(DispatchError::Render(e)) => {
                 tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "template failed for this event; kept as a dead letter");
-                Some(e.clone())
             }
             Err(DispatchError::Refused(e)) => {
                 metrics::counter!("switchyard_refused_total", "rule" => d.rule.clone())
                     .increment(1);
                 tracing::warn!(rule = %d.rule, destination = %d.destination, event_id = %d.event_id, reason = %e, "refused to send a secret notification");
-                continue;
             }
-        };
-        jobs.push(NewJob {
-            destination: d.destination,
-            rule: d.rule,
-            event_id: d.event_id,
-            target: d.target,
-            payload: d
-                .message
-                .unwrap_or(Payload::Message(serde_json::Value::Null)),
-            secret: d.secret,
-            throttle: d.throttle,
-            error,
-        });
+        }
+        jobs.extend(job_of(d));
     }
     (jobs, runs::plan(rs, src, ev, &matched))
 }

@@ -816,6 +816,7 @@ fn init_logging(format: LogFormat) {
 
 /// The binary's own modules (the library is `switchyard::…`).
 mod cli {
+    pub mod admin;
     pub mod blueprints;
     pub mod dead_letters;
     pub mod silence;

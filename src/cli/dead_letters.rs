@@ -30,49 +30,27 @@ fn server_call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, String> {
-    let token = std::env::var("SWITCHYARD_ADMIN_TOKEN")
-        .map_err(|_| "set SWITCHYARD_ADMIN_TOKEN to use --server".to_string())?;
     let f = filter(a)?;
-    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let client = reqwest::Client::new();
-        let url = format!("{}{path}", server.trim_end_matches('/'));
-        let mut req = if method == "GET" {
-            client.get(&url)
-        } else {
-            client.post(&url)
-        };
-        let mut q = Vec::new();
-        if let Some(d) = &f.destination {
-            q.push(("destination", d.clone()));
-        }
-        if let Some(r) = &f.rule {
-            q.push(("rule", r.clone()));
-        }
-        if let Some(s) = f.since {
-            q.push(("since", s.to_string()));
-        }
-        if let Some(l) = f.limit {
-            q.push(("limit", l.to_string()));
-        }
-        if method == "GET" {
-            req = req.query(&q);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach {server}: {e}"))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
-        if !status.is_success() {
-            return Err(format!("{status}: {}", v["reason"].as_str().unwrap_or("")));
-        }
-        Ok(v)
-    })
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    if let Some(d) = &f.destination {
+        q.append_pair("destination", d);
+    }
+    if let Some(r) = &f.rule {
+        q.append_pair("rule", r);
+    }
+    if let Some(s) = f.since {
+        q.append_pair("since", &s.to_string());
+    }
+    if let Some(l) = f.limit {
+        q.append_pair("limit", &l.to_string());
+    }
+    let q = q.finish();
+    let path = if method == "GET" && !q.is_empty() {
+        format!("{path}?{q}")
+    } else {
+        path.to_string()
+    };
+    crate::cli::admin::call(server, method, &path, body)
 }
 
 fn print_list(list: &[DeadLetter], format: Format) {

@@ -3,7 +3,7 @@
 //! use `--server`).
 use std::process::ExitCode;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use switchyard::outbox::{now_ms, Outbox};
 use switchyard::silence::{NewSilence, Silence};
 
@@ -29,37 +29,6 @@ fn when(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
-}
-
-/// Calls the admin API of `server`.
-fn call(server: &str, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
-    let token = std::env::var("SWITCHYARD_ADMIN_TOKEN")
-        .map_err(|_| "set SWITCHYARD_ADMIN_TOKEN to use --server".to_string())?;
-    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let client = reqwest::Client::new();
-        let url = format!("{}{path}", server.trim_end_matches('/'));
-        let mut req = if method == "GET" {
-            client.get(&url)
-        } else {
-            client.post(&url)
-        };
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .bearer_auth(token)
-            .timeout(std::time::Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach {server}: {e}"))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.map_err(|e| e.to_string())?;
-        if !status.is_success() {
-            return Err(format!("{status}: {}", v["reason"].as_str().unwrap_or("")));
-        }
-        Ok(v)
-    })
 }
 
 /// Runs `f` on the outbox of a stopped engine's data directory.
@@ -115,7 +84,7 @@ fn go(action: SilenceAction) -> Result<(), String> {
             let s: Silence = match &at.server {
                 Some(server) => {
                     let body = serde_json::to_value(&new).map_err(|e| e.to_string())?;
-                    let v = call(server, "POST", "/-/silences", Some(body))?;
+                    let v = crate::cli::admin::call(server, "POST", "/-/silences", Some(body))?;
                     serde_json::from_value(v["silence"].clone()).map_err(|e| e.to_string())?
                 }
                 None => {
@@ -146,7 +115,7 @@ fn go(action: SilenceAction) -> Result<(), String> {
             let within = if all { 24 * 3600 * 1000 } else { 0 };
             let list: Vec<Silence> = match &at.server {
                 Some(server) => {
-                    let v = call(
+                    let v = crate::cli::admin::call(
                         server,
                         "GET",
                         &format!("/-/silences?ended_within={within}"),
@@ -175,7 +144,12 @@ fn go(action: SilenceAction) -> Result<(), String> {
         SilenceAction::Expire { at, id } => {
             let s: Option<Silence> = match &at.server {
                 Some(server) => {
-                    let v = call(server, "POST", &format!("/-/silences/{id}/expire"), None)?;
+                    let v = crate::cli::admin::call(
+                        server,
+                        "POST",
+                        &format!("/-/silences/{id}/expire"),
+                        None,
+                    )?;
                     serde_json::from_value(v["silence"].clone()).map_err(|e| e.to_string())?
                 }
                 None => offline(&at, move |o| {

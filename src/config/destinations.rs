@@ -249,16 +249,7 @@ pub(super) fn build_destination(
             ));
         }
     }
-    let window = spec.window.as_ref().and_then(|w| {
-        crate::window::Window::compile(w)
-            .map_err(|e| {
-                diags.push(p.at(
-                    Diagnostic::error("bad-window", e).hint("e.g. `window: {timezone: Europe/Berlin, active: [\"mon-fri 09:00-18:00\"]}`"),
-                    &join_key(path, "window"),
-                ))
-            })
-            .ok()
-    });
+    let window = compile_window(p, &join_key(path, "window"), spec.window.as_ref(), diags);
     let slackish = matches!(
         kind,
         DestinationKind::SlackWebhook { .. } | DestinationKind::Slack { .. }

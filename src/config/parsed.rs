@@ -362,3 +362,22 @@ pub(super) fn only_inside(
         })
         .collect()
 }
+
+/// Compiles a `window:` (a rule's or a destination's) at `at`, reporting what is wrong there.
+pub(super) fn compile_window(
+    p: &Parsed,
+    at: &str,
+    spec: Option<&crate::window::WindowSpec>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::window::Window> {
+    crate::window::Window::compile(spec?)
+        .map_err(|e| {
+            diags.push(p.at(
+                Diagnostic::error("bad-window", e).hint(
+                    "e.g. `window: {timezone: Europe/Berlin, active: [\"mon-fri 09:00-18:00\"]}`",
+                ),
+                at,
+            ))
+        })
+        .ok()
+}

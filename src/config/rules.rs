@@ -259,16 +259,7 @@ pub(super) fn compile_rule(
             }
         }
     }
-    let window = r.window.as_ref().and_then(|w| {
-        crate::window::Window::compile(w)
-            .map_err(|e| {
-                diags.push(p.at(
-                    Diagnostic::error("bad-window", e).hint("e.g. `window: {timezone: Europe/Berlin, active: [\"mon-fri 09:00-18:00\"]}`"),
-                    &join_key(path, "window"),
-                ))
-            })
-            .ok()
-    });
+    let window = compile_window(p, &join_key(path, "window"), r.window.as_ref(), diags);
     if diags[before..].iter().any(Diagnostic::is_error) {
         return None;
     }
