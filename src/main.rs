@@ -237,6 +237,11 @@ enum Command {
         /// answer); repeatable.
         #[arg(long = "with")]
         with: Vec<String>,
+        /// Say what each dispatch would do given a lifecycle state (open message keys,
+        /// silences): a file holding `GET /-/state`'s answer, or a running server's URL (its
+        /// admin API, `SWITCHYARD_ADMIN_TOKEN`).
+        #[arg(long)]
+        state: Option<String>,
         /// The raw event body (a file).
         event: Option<PathBuf>,
     },
@@ -375,6 +380,7 @@ fn main() -> ExitCode {
             headers,
             format,
             with,
+            state,
             event,
         } => {
             let input = match (source, schedule, event) {
@@ -385,7 +391,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            cmd_simulate(rules, input, headers, format, with)
+            cmd_simulate(rules, input, headers, format, with, state)
         }
         Command::Query {
             rules,
@@ -714,7 +720,31 @@ fn cmd_simulate(
     headers: Vec<String>,
     format: Format,
     with: Vec<String>,
+    state: Option<String>,
 ) -> ExitCode {
+    let state: Option<switchyard::simulate::State> = match state {
+        None => None,
+        Some(s) => {
+            let v = if s.starts_with("http://") || s.starts_with("https://") {
+                cli::admin::call(&s, "GET", "/-/state", None)
+            } else {
+                std::fs::read_to_string(&s)
+                    .map_err(|e| format!("cannot read {s}: {e}"))
+                    .and_then(|t| {
+                        serde_json::from_str(&t).map_err(|e| format!("{s} is not JSON: {e}"))
+                    })
+            };
+            match v.and_then(|v| {
+                serde_json::from_value(v).map_err(|e| format!("--state: not a state ({e})"))
+            }) {
+                Ok(st) => Some(st),
+                Err(e) => {
+                    eprintln!("error: --state {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
     let mut stand_ins = serde_json::Map::new();
     for w in &with {
         match switchyard::simulate::read_with(w) {
@@ -753,7 +783,10 @@ fn cmd_simulate(
         }
     };
     match result {
-        Ok(sim) => {
+        Ok(mut sim) => {
+            if let Some(st) = &state {
+                switchyard::simulate::apply_state(&rs, &mut sim, st, switchyard::outbox::now_ms());
+            }
             match format {
                 Format::Json => {
                     println!("{}", serde_json::to_string_pretty(&sim).unwrap_or_default())

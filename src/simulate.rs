@@ -24,6 +24,80 @@ pub struct Simulation {
     pub secret: bool,
     pub rules: Vec<RuleReport>,
     pub dispatches: Vec<Dispatch>,
+    /// With `--state`: what each dispatch would do given that state (index by index).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub effects: Vec<String>,
+    /// The envelope (never printed: a secret event's would hold the passcode).
+    #[serde(skip)]
+    pub data: Value,
+}
+
+/// The lifecycle state a simulation can start from: what `GET /-/state` answers.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct State {
+    #[serde(default)]
+    pub keys: Vec<OpenKey>,
+    #[serde(default)]
+    pub silences: Vec<crate::silence::Silence>,
+}
+
+/// An open message key.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct OpenKey {
+    pub destination: String,
+    pub key: String,
+}
+
+/// Says what each dispatch of `sim` would do, starting from `state` at `now` (unix ms): which
+/// are silenced, which post, update, reply or resolve (keys change as the dispatches go, in
+/// order), which wait for a digest. Nothing is sent.
+pub fn apply_state(rs: &Ruleset, sim: &mut Simulation, state: &State, now: i64) {
+    let silences = crate::silence::SilenceSet::new(state.silences.clone(), None);
+    let mut open: std::collections::BTreeSet<(String, String)> = state
+        .keys
+        .iter()
+        .map(|k| (k.destination.clone(), k.key.clone()))
+        .collect();
+    let mut effects = Vec::new();
+    for d in &sim.dispatches {
+        let key = d.target.identity.as_ref();
+        if let Some(id) = silences.silenced(&d.rule, key.map(|k| k.key.as_str()), &sim.data, now) {
+            effects.push(format!("silenced (silence {id}): not sent"));
+            continue;
+        }
+        if rs.rules.iter().any(|r| r.id == d.rule && r.group.is_some()) {
+            effects.push(
+                "held for its group's digest (shown as the digest of this event alone)".into(),
+            );
+            continue;
+        }
+        let Some(id) = key else {
+            effects.push("posts a new message".into());
+            continue;
+        };
+        let k = (d.destination.clone(), id.key.clone());
+        let was_open = open.contains(&k);
+        use crate::job::KeyAction as A;
+        let what = match (id.action, was_open) {
+            (A::Post, _) | (_, false) => format!("posts a new message as key `{}`", id.key),
+            (A::Update, true) => format!("updates the message of key `{}`", id.key),
+            (A::Reply, true) => format!("replies in the thread of key `{}`", id.key),
+            (A::Resolve, true) => {
+                format!("updates the message of key `{}` and closes the key", id.key)
+            }
+            (A::ReplyClose, true) => format!(
+                "replies in the thread of key `{}` and closes the key",
+                id.key
+            ),
+        };
+        if id.action.closes() {
+            open.remove(&k);
+        } else {
+            open.insert(k);
+        }
+        effects.push(what);
+    }
+    sim.effects = effects;
 }
 
 /// Why an event could not be simulated.
@@ -232,6 +306,8 @@ pub fn simulate_event(
         secret: ev.secret,
         rules,
         dispatches,
+        effects: Vec::new(),
+        data: ev.data.clone(),
     }
 }
 
@@ -284,7 +360,7 @@ pub fn to_text(sim: &Simulation) -> String {
         ));
     }
     s.push_str(&format!("\ndispatches: {}\n", sim.dispatches.len()));
-    for d in &sim.dispatches {
+    for (i, d) in sim.dispatches.iter().enumerate() {
         let via = if d.destination != d.to {
             format!(" (delivered by `{}`)", d.destination)
         } else {
@@ -294,6 +370,9 @@ pub fn to_text(sim: &Simulation) -> String {
         let t = serde_json::to_value(&d.target).unwrap_or(Value::Null);
         if t.as_object().is_some_and(|m| !m.is_empty()) {
             s.push_str(&format!("  target: {t}\n"));
+        }
+        if let Some(e) = sim.effects.get(i) {
+            s.push_str(&format!("  with this state: {e}\n"));
         }
         match &d.message {
             Ok(m) => s.push_str(&format!(

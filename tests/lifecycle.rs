@@ -674,3 +674,57 @@ rules:
         .await
         .contains("switchyard_button_clicks_total{button=\"acknowledge\",outcome=\"refused\"} 1"));
 }
+
+/// `simulate --state` says what an event would do given the engine's lifecycle state (from a
+/// running server's `/-/state`, or a file), without sending anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_with_state_says_what_a_keyed_send_would_do() {
+    let slack = FakeSlack::start().await;
+    let text = rules(&slack.api_url());
+    let (tmp, dir) = Engine::workspace(&[("rules.yaml", text.as_str())], false);
+    let e = Engine::start(
+        tmp,
+        dir.clone(),
+        &[
+            ("PORT_CLIENT_SECRET", SECRET),
+            ("SWITCHYARD_ADMIN_TOKEN", "admin-token"),
+        ],
+    )
+    .await;
+    send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
+    eventually(10, "the alert recorded", || {
+        let s = block(e.get_json("/status"));
+        (s["keys"]["open"] == 1).then_some(())
+    })
+    .await;
+    let recovery = dir.join("recovery.json");
+    std::fs::write(&recovery, change("payments-api", "Degraded", "Healthy", 2)).unwrap();
+    let sim = |state: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["simulate", "--rules"])
+            .arg(&dir)
+            .args(["--source", "port", "--state", state])
+            .arg(&recovery)
+            .env("SWITCHYARD_ADMIN_TOKEN", "admin-token")
+            .env("PORT_CLIENT_SECRET", SECRET)
+            .output()
+            .unwrap();
+        said(&o)
+    };
+    let live = sim(&e.url(""));
+    assert!(
+        live.contains("with this state: updates the message of key `health:payments-api`")
+            && live
+                .contains("replies in the thread of key `health:payments-api` and closes the key"),
+        "{live}"
+    );
+    let empty = dir.join("state.json");
+    std::fs::write(&empty, "{}").unwrap();
+    let fresh = sim(empty.to_str().unwrap());
+    assert!(
+        fresh.contains("posts a new message as key `health:payments-api`"),
+        "{fresh}"
+    );
+    // Nothing was sent by simulating.
+    assert_eq!(slack.messages().len(), 1);
+}

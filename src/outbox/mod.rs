@@ -315,6 +315,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFut<'_, Result<Silence, StoreError>>;
     /// Ends silence `id` now (if it has not ended); `None` when there is no such silence.
     fn expire_silence(&self, id: i64) -> BoxFut<'_, Result<Option<Silence>, StoreError>>;
+    /// Every open key: (destination, key, the message it names).
+    fn open_keys(&self) -> BoxFut<'_, Result<Vec<(String, String, KeyState)>, StoreError>>;
     /// The message `key` names at `destination` now, unless it expired or was closed.
     fn message_key(
         &self,
@@ -443,6 +445,11 @@ impl Outbox {
     /// Ends silence `id` now.
     pub async fn expire_silence(&self, id: i64) -> Result<Option<Silence>, StoreError> {
         self.store.expire_silence(id).await
+    }
+
+    /// Every open key (for `GET /-/state` and `simulate --state`).
+    pub async fn open_keys(&self) -> Result<Vec<(String, String, KeyState)>, StoreError> {
+        self.store.open_keys().await
     }
 
     /// The message `key` names at `destination` now (keyed messages).

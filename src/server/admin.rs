@@ -33,6 +33,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/-/dead-letters/{id}", get(dead_letter))
         .route("/-/dead-letters/replay", post(replay))
         .route("/-/dead-letters/purge", post(purge))
+        .route("/-/state", get(lifecycle_state))
         .route("/-/silences", get(silences).post(add_silence))
         .route("/-/silences/{id}/expire", post(expire_silence))
         .route_layer(axum::middleware::from_fn_with_state(state, require_token))
@@ -414,4 +415,21 @@ async fn expire_silence(State(st): St, Path(id): Path<String>) -> Response {
         Ok(None) => reject(StatusCode::NOT_FOUND, format!("no silence {id}")),
         Err(e) => reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// `GET /-/state`: the lifecycle state the engine holds (open message keys, silences not over,
+/// pending digest groups), as `switchyard simulate --state` reads it.
+async fn lifecycle_state(State(st): St) -> Response {
+    let keys = match st.outbox.open_keys().await {
+        Ok(k) => k,
+        Err(e) => return reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let silences = st.outbox.silences(0).await.unwrap_or_default();
+    let groups = st.outbox.pending_groups().await.unwrap_or_default();
+    Json(json!({
+        "keys": keys.into_iter().map(|(d, k, s)| json!({"destination": d, "key": k, "channel": s.channel, "ts": s.ts, "opened_at": s.opened_at})).collect::<Vec<_>>(),
+        "silences": silences,
+        "groups": groups,
+    }))
+    .into_response()
 }

@@ -561,6 +561,26 @@ impl Store for SqliteStore {
         })
     }
 
+    fn open_keys(&self) -> BoxFut<'_, Result<Vec<(String, String, KeyState)>, StoreError>> {
+        Box::pin(self.reads.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT destination, key, channel, ts, opened_at FROM message_keys WHERE expires_at > ? ORDER BY destination, key LIMIT 10000",
+            )?;
+            let rows = st.query_map([now_ms()], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    KeyState {
+                        channel: r.get(2)?,
+                        ts: r.get(3)?,
+                        opened_at: r.get(4)?,
+                    },
+                ))
+            })?;
+            rows.collect()
+        }))
+    }
+
     fn message_key(
         &self,
         destination: &str,
