@@ -237,6 +237,9 @@ pub struct PendingGroup {
     pub last_flush: Option<i64>,
 }
 
+/// An open key: its destination, the key, and the message it names.
+pub type OpenKey = (String, String, KeyState);
+
 /// A change to a key's record, made by a delivered keyed job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyChange {
@@ -316,7 +319,7 @@ pub trait Store: Send + Sync + 'static {
     /// Ends silence `id` now (if it has not ended); `None` when there is no such silence.
     fn expire_silence(&self, id: i64) -> BoxFut<'_, Result<Option<Silence>, StoreError>>;
     /// Every open key: (destination, key, the message it names).
-    fn open_keys(&self) -> BoxFut<'_, Result<Vec<(String, String, KeyState)>, StoreError>>;
+    fn open_keys(&self) -> BoxFut<'_, Result<Vec<OpenKey>, StoreError>>;
     /// The message `key` names at `destination` now, unless it expired or was closed.
     fn message_key(
         &self,
@@ -448,7 +451,7 @@ impl Outbox {
     }
 
     /// Every open key (for `GET /-/state` and `simulate --state`).
-    pub async fn open_keys(&self) -> Result<Vec<(String, String, KeyState)>, StoreError> {
+    pub async fn open_keys(&self) -> Result<Vec<OpenKey>, StoreError> {
         self.store.open_keys().await
     }
 

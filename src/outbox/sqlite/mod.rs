@@ -561,7 +561,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn open_keys(&self) -> BoxFut<'_, Result<Vec<(String, String, KeyState)>, StoreError>> {
+    fn open_keys(&self) -> BoxFut<'_, Result<Vec<super::OpenKey>, StoreError>> {
         Box::pin(self.reads.read(|c| {
             let mut st = c.prepare_cached(
                 "SELECT destination, key, channel, ts, opened_at FROM message_keys WHERE expires_at > ? ORDER BY destination, key LIMIT 10000",
