@@ -129,6 +129,10 @@ async fn degrade_then_recover_updates_the_alert_and_replies_in_its_thread() {
     .await;
     let status = e.get_json("/status").await;
     assert_eq!(status["keys"]["open"], 2, "{status}");
+    assert_eq!(
+        status["keys"]["list"][0]["key"], "health:orders-api",
+        "{status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,6 +194,10 @@ pub(super) async fn status_json(st: &AppState) -> Value {
         },
         "keys": {
             "open": summary.open_keys,
+            // The first hundred, by destination and key (all of them: `GET /-/state`).
+            "list": st.outbox.open_keys().await.unwrap_or_default().into_iter().take(100)
+                .map(|(d, k, s)| json!({"destination": d, "key": k, "channel": s.channel, "ts": s.ts, "opened_at": s.opened_at}))
+                .collect::<Vec<_>>(),
         },
         "silences": st.pipeline.silence_status(),
         "groups": groups,

@@ -121,6 +121,7 @@ pub fn render(v: &Value) -> String {
     reload(&mut h, &v["reload"]);
     destinations(&mut h, &v["destinations"]);
     sources(&mut h, &v["sources"]);
+    keys(&mut h, &v["keys"]);
     silences(&mut h, &v["silences"]);
     groups(&mut h, &v["groups"]);
     schedules(&mut h, &v["schedules"]);
@@ -256,6 +257,29 @@ fn sources(h: &mut String, s: &Value) {
             "<tr><td><b>{}</b></td><td>{}</td><td>{takes}</td><td>{state}</td></tr>",
             esc(n),
             text(&s["kind"]),
+        );
+    }
+    h.push_str("</table>");
+}
+
+fn keys(h: &mut String, k: &Value) {
+    let Some(list) = k["list"].as_array().filter(|l| !l.is_empty()) else {
+        return;
+    };
+    let _ = write!(
+        h,
+        "<h2 id=keys>Open message keys ({})</h2><table><tr><th>destination</th><th>key</th><th>channel</th><th>message ts</th><th>posted</th></tr>",
+        num(&k["open"])
+    );
+    for x in list {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            text(&x["destination"]),
+            text(&x["key"]),
+            text(&x["channel"]),
+            text(&x["ts"]),
+            time(&x["opened_at"]),
         );
     }
     h.push_str("</table>");
