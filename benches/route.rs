@@ -167,5 +167,99 @@ fn render_and_enqueue(c: &mut Criterion) {
     );
 }
 
+/// The lifecycle's costs beside a plain message: a keyed job's read of its key before the attempt,
+/// its outcome committed with the key's record, and a digest rendered over its items.
+fn lifecycle(c: &mut Criterion) {
+    use switchyard::job::{Identity, KeyAction, Payload, Target};
+    use switchyard::outbox::{Enqueued, KeyChange, KeyEffect, NewJob, Outbox, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path(), usize::MAX).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = |keyed: bool| NewJob {
+        destination: "bot".into(),
+        rule: "r".into(),
+        event_id: "e".into(),
+        target: Target {
+            channel: Some("#c".into()),
+            identity: keyed.then(|| Identity {
+                key: "health:payments-api".into(),
+                action: KeyAction::Update,
+                ttl_secs: 3600,
+            }),
+            ..Default::default()
+        },
+        payload: Payload::Message(serde_json::json!({"text": "payments-api is Degraded"})),
+        secret: false,
+        throttle: None,
+        error: None,
+    };
+    let mut seq = 0u64;
+    for keyed in [false, true] {
+        let name = if keyed {
+            "enqueue + deliver a keyed job (key read, key upsert in the outcome)"
+        } else {
+            "enqueue + deliver a plain job"
+        };
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                seq += 1;
+                rt.block_on(async {
+                    let Ok(Enqueued::Committed(jobs, _)) = outbox
+                        .enqueue(
+                            Some((format!("k{seq}"), std::time::Duration::from_secs(60))),
+                            vec![job(keyed)],
+                            None,
+                        )
+                        .await
+                    else {
+                        unreachable!()
+                    };
+                    let key = if keyed {
+                        let _ = outbox
+                            .message_key("bot", "health:payments-api")
+                            .await
+                            .unwrap();
+                        Some(KeyChange {
+                            destination: "bot".into(),
+                            key: "health:payments-api".into(),
+                            change: KeyEffect::Open {
+                                channel: "C1".into(),
+                                ts: format!("1790000000.{seq:06}"),
+                                ttl_ms: 3_600_000,
+                            },
+                        })
+                    } else {
+                        None
+                    };
+                    let delivered = Outcome::Delivered {
+                        follow_ups: vec![],
+                        message: true,
+                        key,
+                    };
+                    outbox.finish(jobs[0].id, delivered).await
+                })
+            })
+        });
+    }
+
+    // A digest of 50 changes.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("r.yaml"),
+        "sources:\n  port: { port: { client_secret: x } }\ndestinations:\n  sink: { stdout: {} }\nrules:\n  - id: bulk\n    on: port/entity.updated\n    group: { by: \"{{blueprint}}\" }\n    send: [{ to: sink, text: \"{{count}} changes: {{#each items}}`{{entity.identifier}}` {{/each}}\" }]\n",
+    )
+    .unwrap();
+    let (rs, diags) = load_dir(d.path(), &LoadOptions::new(Mode::Check));
+    let rs = rs.unwrap_or_else(|| panic!("{diags:#?}"));
+    let rule = &rs.rules[0];
+    let items: Vec<serde_json::Value> = (0..50)
+        .map(|i| serde_json::json!({"entity": {"identifier": format!("svc-{i}")}, "blueprint": "service"}))
+        .collect();
+    c.bench_function("render a digest of 50 items", |b| {
+        b.iter(|| switchyard::routing::digest(&rs, rule, "service", black_box(items.clone()), "d"))
+    });
+}
+
+criterion_group!(lifecycle_benches, lifecycle);
 criterion_group!(benches_group, benches, render_and_enqueue);
-criterion_main!(benches_group);
+criterion_main!(benches_group, lifecycle_benches);

@@ -892,7 +892,17 @@ fn tighten(v: &mut Value) {
             continue;
         };
         for key in DURATION_KEYS {
-            if let Some(Value::Object(p)) = props.get_mut(*key) {
+            // Only text settings: a rule's `window` is an object (a time window), not the
+            // throttle's `window` duration.
+            let is_text = |p: &serde_json::Map<String, Value>| match p.get("type") {
+                Some(Value::String(t)) => t == "string",
+                Some(Value::Array(ts)) => ts.iter().any(|t| t == "string"),
+                _ => false,
+            };
+            if let Some(Value::Object(p)) = props
+                .get_mut(*key)
+                .filter(|p| p.as_object().is_some_and(is_text))
+            {
                 p.insert(
                     "pattern".into(),
                     Value::from("^\\s*([0-9]+\\s*[a-zA-Z\u{b5}]+\\s*)+$"),
