@@ -732,3 +732,43 @@ async fn simulate_with_state_says_what_a_keyed_send_would_do() {
     // Nothing was sent by simulating.
     assert_eq!(slack.messages().len(), 1);
 }
+
+/// The restart story in one run: an open key and a pending group, `kill -9`, restart:
+/// the digest is sent once, and the next recovery still updates the original alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_an_open_key_and_a_pending_group() {
+    let slack = FakeSlack::start().await;
+    let api = slack.api_url();
+    let keyed = rules(&api);
+    let grouped = format!(
+        "rules:\n  - id: bulk-changes\n    on: port/entity.updated\n    where: ['$.after.properties.healthStatus == \"Healthy\"', '$.before.properties.healthStatus == \"Healthy\"']\n    group: {{ by: \"{{{{join entity.team \\\",\\\"}}}}\", wait: 2s }}\n    send:\n      - {{ to: slack-bot, channel: \"#changes\", text: \"{{{{count}}}} changes for team {{{{group}}}}\" }}\n"
+    );
+    let (tmp, dir) = Engine::workspace(
+        &[("rules.yaml", keyed.as_str()), ("digest.yaml", grouped.as_str())],
+        false,
+    );
+    let mut e = Engine::start(tmp, dir, &[("PORT_CLIENT_SECRET", SECRET)]).await;
+    send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
+    let alert = eventually(10, "the alert", || {
+        slack.top_level("C_PLATFORM").into_iter().next()
+    })
+    .await;
+    send(&e, &team_change("svc-1", "ops", 2)).await;
+    send(&e, &team_change("svc-2", "ops", 3)).await;
+    e.kill();
+    e.spawn().await;
+    let digest = eventually(10, "the digest after the restart", || {
+        slack.top_level("C_CHANGES").into_iter().next()
+    })
+    .await;
+    assert!(digest.text.starts_with("2 changes for team ops"), "{digest:?}");
+    send(&e, &change("payments-api", "Degraded", "Healthy", 4)).await;
+    eventually(10, "the original alert resolved", || {
+        let m = slack.messages().into_iter().find(|m| m.ts == alert.ts)?;
+        (m.edits == 1 && slack.replies(&alert.ts).len() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(slack.top_level("C_CHANGES").len(), 1, "the digest went once");
+    assert_eq!(slack.top_level("C_PLATFORM").len(), 1);
+}
