@@ -5,8 +5,9 @@
 //! the message. A click arrives through the signed `slack` source like any interaction; the
 //! ingest stage hands those two to [`plan`] instead of the rules:
 //!
-//! - the clicker must be allowed by the step (`buttons.allow`, Slack user ids; anyone when
-//!   empty), else nothing happens (logged, counted in `switchyard_button_clicks_total`);
+//! - the clicker must be allowed by the step (`buttons.allow`: Slack user ids, or emails that the
+//!   bot destination resolves with `users.lookupByEmail`, cached; anyone when empty), else
+//!   nothing happens (logged, counted in `switchyard_button_clicks_total`);
 //! - **acknowledge** updates the message: its buttons give way to "Acknowledged by @user";
 //! - **snooze** creates a silence of that rule and key for the step's `snooze` time (author: the
 //!   clicker), unless one is already active (a double click acts once), and updates the message
@@ -63,9 +64,31 @@ pub enum Plan {
     Refused(String),
 }
 
+/// The `allow` list of the step whose buttons were clicked (empty: anyone).
+pub fn allowed(rs: &Ruleset, c: &Click) -> Vec<String> {
+    rs.rules
+        .iter()
+        .find(|r| r.id == c.rule)
+        .and_then(|r| {
+            r.sends
+                .iter()
+                .find_map(|s| s.keyed.as_ref()?.buttons.as_ref())
+        })
+        .map(|b| b.allow.clone())
+        .unwrap_or_default()
+}
+
 /// Plans a click against the rules in force at `now` (unix ms). `already_snoozed`: an active
-/// silence of this rule and key exists.
-pub fn plan(rs: &Ruleset, ev: &Event, c: &Click, now: i64, already_snoozed: bool) -> Plan {
+/// silence of this rule and key exists. `clicker_allowed`: the clicker is on the step's `allow`
+/// list, by user id or by an email that resolves to it (the caller resolves emails).
+pub fn plan(
+    rs: &Ruleset,
+    ev: &Event,
+    c: &Click,
+    now: i64,
+    already_snoozed: bool,
+    clicker_allowed: bool,
+) -> Plan {
     let step = rs.rules.iter().find(|r| r.id == c.rule).and_then(|r| {
         r.sends.iter().find_map(|s| {
             let k = s.keyed.as_ref()?;
@@ -78,7 +101,7 @@ pub fn plan(rs: &Ruleset, ev: &Event, c: &Click, now: i64, already_snoozed: bool
             c.rule
         ));
     };
-    if !buttons.allow.is_empty() && !buttons.allow.contains(&c.user) {
+    if !buttons.allow.is_empty() && !clicker_allowed {
         return Plan::Refused(format!("user {} may not use these buttons", c.user));
     }
     if !rs.destinations.contains_key(&c.destination) {

@@ -87,7 +87,20 @@ impl Pipeline {
         let now = crate::outbox::now_ms();
         let snoozed = self.silences.load().has_key(&c.rule, &c.key, now);
         let what = if c.snooze { "snooze" } else { "acknowledge" };
-        match crate::buttons::plan(rs, ev, c, now, snoozed) {
+        let allow = crate::buttons::allowed(rs, c);
+        let mut clicker_allowed = allow.contains(&c.user);
+        for email in allow.iter().filter(|a| a.contains('@')) {
+            if clicker_allowed {
+                break;
+            }
+            match self.deliverer.user_id_of(&c.destination, email).await {
+                Ok(id) => clicker_allowed = id == c.user,
+                Err(e) => {
+                    tracing::warn!(rule = %c.rule, email = %email, "cannot look up an allowed email: {e}")
+                }
+            }
+        }
+        match crate::buttons::plan(rs, ev, c, now, snoozed, clicker_allowed) {
             crate::buttons::Plan::Refused(why) => {
                 metrics::counter!("switchyard_button_clicks_total", "button" => what, "outcome" => "refused").increment(1);
                 tracing::warn!(rule = %c.rule, user = %c.user, button = what, "button click refused: {why}");

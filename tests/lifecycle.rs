@@ -602,7 +602,7 @@ rules:
         channel: "#platform"
         key: "health:{{{{entity.identifier}}}}"
         text: ":red_circle: {{{{entity.identifier}}}} is Degraded ({{{{after.properties.seq}}}})"
-        buttons: {{ snooze: 2h, allow: [UANA01] }}
+        buttons: {{ snooze: 2h, allow: [UANA01, carol@example.com] }}
 "##
     );
     let (tmp, dir) = Engine::workspace(&[("rules.yaml", text.as_str())], false);
@@ -660,16 +660,16 @@ rules:
     );
     assert_eq!(e.get_json("/status").await["silences"][0]["suppressed"], 1);
 
-    // Acknowledge on the other alert.
+    // Acknowledge on the other alert, by Carol, allowed by her email (looked up in Slack).
     let other = slack
         .top_level("C_PLATFORM")
         .into_iter()
         .find(|m| m.text.contains("orders-api"))
         .unwrap();
-    assert_eq!(click(&e, &other, "switchyard:ack", "UANA01", 4).await, 200);
+    assert_eq!(click(&e, &other, "switchyard:ack", "U_CAROL", 4).await, 200);
     eventually(10, "the acknowledged message", || {
         slack.messages().into_iter().find(|m| {
-            m.ts == other.ts && m.blocks.to_string().contains("Acknowledged by <@UANA01>")
+            m.ts == other.ts && m.blocks.to_string().contains("Acknowledged by <@U_CAROL>")
         })
     })
     .await;
@@ -740,11 +740,12 @@ async fn kill_9_with_an_open_key_and_a_pending_group() {
     let slack = FakeSlack::start().await;
     let api = slack.api_url();
     let keyed = rules(&api);
-    let grouped = format!(
-        "rules:\n  - id: bulk-changes\n    on: port/entity.updated\n    where: ['$.after.properties.healthStatus == \"Healthy\"', '$.before.properties.healthStatus == \"Healthy\"']\n    group: {{ by: \"{{{{join entity.team \\\",\\\"}}}}\", wait: 2s }}\n    send:\n      - {{ to: slack-bot, channel: \"#changes\", text: \"{{{{count}}}} changes for team {{{{group}}}}\" }}\n"
-    );
+    let grouped = "rules:\n  - id: bulk-changes\n    on: port/entity.updated\n    where: ['$.after.properties.healthStatus == \"Healthy\"', '$.before.properties.healthStatus == \"Healthy\"']\n    group: { by: \"{{join entity.team \\\",\\\"}}\", wait: 2s }\n    send:\n      - { to: slack-bot, channel: \"#changes\", text: \"{{count}} changes for team {{group}}\" }\n".to_string();
     let (tmp, dir) = Engine::workspace(
-        &[("rules.yaml", keyed.as_str()), ("digest.yaml", grouped.as_str())],
+        &[
+            ("rules.yaml", keyed.as_str()),
+            ("digest.yaml", grouped.as_str()),
+        ],
         false,
     );
     let mut e = Engine::start(tmp, dir, &[("PORT_CLIENT_SECRET", SECRET)]).await;
@@ -761,7 +762,10 @@ async fn kill_9_with_an_open_key_and_a_pending_group() {
         slack.top_level("C_CHANGES").into_iter().next()
     })
     .await;
-    assert!(digest.text.starts_with("2 changes for team ops"), "{digest:?}");
+    assert!(
+        digest.text.starts_with("2 changes for team ops"),
+        "{digest:?}"
+    );
     send(&e, &change("payments-api", "Degraded", "Healthy", 4)).await;
     eventually(10, "the original alert resolved", || {
         let m = slack.messages().into_iter().find(|m| m.ts == alert.ts)?;
@@ -769,6 +773,10 @@ async fn kill_9_with_an_open_key_and_a_pending_group() {
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert_eq!(slack.top_level("C_CHANGES").len(), 1, "the digest went once");
+    assert_eq!(
+        slack.top_level("C_CHANGES").len(),
+        1,
+        "the digest went once"
+    );
     assert_eq!(slack.top_level("C_PLATFORM").len(), 1);
 }

@@ -721,16 +721,20 @@ fn buttons(
         None
     };
     for (i, u) in b.allow.iter().enumerate() {
-        let ok = u.len() > 1
+        let is_id = u.len() > 1
             && (u.starts_with('U') || u.starts_with('W'))
             && u.chars().all(|c| c.is_ascii_alphanumeric());
+        let is_email = u
+            .split_once('@')
+            .is_some_and(|(a, d)| !a.is_empty() && d.contains('.'));
+        let ok = is_id || is_email;
         if !ok {
             diags.push(
                 p.at(
-                    Diagnostic::error("bad-value", format!("`{u}` is not a Slack user id")),
+                    Diagnostic::error("bad-value", format!("`{u}` is neither a Slack user id nor an email")),
                     &join_index(&join_key(&bp, "allow"), i),
                 )
-                .hint("user ids start with U or W (Slack: profile → ⋮ → Copy member ID)"),
+                .hint("user ids start with U or W (Slack: profile → ⋮ → Copy member ID); an email is looked up with users.lookupByEmail"),
             );
         }
     }

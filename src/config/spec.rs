@@ -603,7 +603,8 @@ pub struct ButtonsSpec {
     /// How long a snooze lasts (default `1h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snooze: Option<String>,
-    /// Slack user ids (`U…`) allowed to use them; default: anyone who sees the message.
+    /// Who may use them: Slack user ids (`U…`) or emails (looked up with `users.lookupByEmail`,
+    /// scope `users:read.email`); default: anyone who sees the message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
 }

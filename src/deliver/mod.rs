@@ -266,6 +266,20 @@ impl Deliverer {
         self.submit(created);
     }
 
+    /// The user id of `email` as `destination` knows it (the Slack bot's cached
+    /// `users.lookupByEmail`): how a button's `allow` list names people by email.
+    pub async fn user_id_of(&self, destination: &str, email: &str) -> Result<String, String> {
+        let w = self
+            .inner
+            .workers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(destination)
+            .cloned()
+            .ok_or_else(|| format!("no destination `{destination}`"))?;
+        w.dest.user_id_of(email).await
+    }
+
     /// Per-destination counters.
     pub fn stats(&self) -> Vec<(String, DestinationStats)> {
         let workers = self.inner.workers.read().unwrap_or_else(|p| p.into_inner());

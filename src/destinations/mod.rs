@@ -61,6 +61,11 @@ pub trait Destination: Send + Sync {
             ))
         })
     }
+    /// The user id of the person with `email`, for destinations that know people (the Slack
+    /// bot: `users.lookupByEmail`, cached); `Err` says why not.
+    fn user_id_of<'a>(&'a self, _email: &'a str) -> BoxFut<'a, Result<String, String>> {
+        Box::pin(async { Err("this destination does not look people up".to_string()) })
+    }
     /// True when the destination's rate limit holds per target ([`Destination::pace_key`])
     /// rather than for the destination as a whole (the Slack Web API: 1 message/s per channel).
     fn paced_per_target(&self) -> bool {

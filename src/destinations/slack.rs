@@ -372,6 +372,14 @@ impl Destination for SlackBot {
         })
     }
 
+    fn user_id_of<'a>(&'a self, email: &'a str) -> BoxFut<'a, Result<String, String>> {
+        Box::pin(async move {
+            self.user_id(email)
+                .await
+                .map_err(|e| e.reason().to_string())
+        })
+    }
+
     fn paced_per_target(&self) -> bool {
         true
     }
