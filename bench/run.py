@@ -172,6 +172,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="alternating floor/switchyard rounds (the time is split)")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--profile", default="release", help="cargo profile to build and measure (`dist`: the deployment build)")
+    ap.add_argument("--binary", help="the switchyard binary to measure (default: the build's); for A/B runs against another commit")
     args = ap.parse_args()
     global BIN
     BIN = os.path.join(TARGET, args.profile)
@@ -188,7 +189,7 @@ def main():
         floor_p = start([os.path.join(BIN, "floor"), "--sink", f"http://{sink}/hook"])
         procs.append(floor_p)
         floor = first_line(floor_p)
-        p, port, _ = engine(tmp, 100, sink, "main")
+        p, port, _ = engine(tmp, 100, sink, "main", binary=args.binary)
         procs.append(p)
         rss0 = proc_stats(p.pid)[2]
         seg = args.seconds / args.rounds
@@ -211,7 +212,7 @@ def main():
         # (c) fixed rate 5,000/s for the latency target
         print("switchyard at 5,000 events/s…", file=sys.stderr)
         http_json(f"http://{sink}/reset", data=b"", method="POST")
-        p, port, _ = engine(tmp, 100, sink, "rate")
+        p, port, _ = engine(tmp, 100, sink, "rate", binary=args.binary)
         rate_lg = loadgen(f"http://127.0.0.1:{port}/hooks/port", 10, rate=5000, start_seq=20_000_000)
         rate_s = wait_delivered(sink, rate_lg["expected_messages"])
         stop(p)
@@ -219,7 +220,7 @@ def main():
         # (d) reload 1,000 rules under load
         print("reload of 1,000 rules under load…", file=sys.stderr)
         http_json(f"http://{sink}/reset", data=b"", method="POST")
-        p, port, rules = engine(tmp, 1000, sink, "reload")
+        p, port, rules = engine(tmp, 1000, sink, "reload", binary=args.binary)
         lg_proc = subprocess.Popen(
             [os.path.join(BIN, "loadgen"), "--url", f"http://127.0.0.1:{port}/hooks/port", "--secret", SECRET, "--duration", "8", "--rate", "2000", "--start-seq", "30000000"],
             stdout=subprocess.PIPE, text=True,
