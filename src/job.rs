@@ -73,6 +73,25 @@ impl KeyAction {
     pub fn closes(self) -> bool {
         matches!(self, KeyAction::Resolve | KeyAction::ReplyClose)
     }
+
+    /// What the send does in Slack, given whether its key names a message now: the one rule
+    /// the Slack bot delivers by, and that `check`'s scenarios and `simulate --state` predict by.
+    pub fn step(self, open: bool) -> KeyStep {
+        match (self, open) {
+            (KeyAction::Post, _) | (_, false) => KeyStep::Post,
+            (KeyAction::Update | KeyAction::Resolve, true) => KeyStep::Update,
+            (KeyAction::Reply | KeyAction::ReplyClose, true) => KeyStep::Reply,
+        }
+    }
+}
+
+/// A keyed send's Slack call: a new message, an edit of the key's message, or a reply in its
+/// thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStep {
+    Post,
+    Update,
+    Reply,
 }
 
 /// Template names of the run fields a report writes.

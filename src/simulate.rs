@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::config::Ruleset;
 use crate::event::Event;
-use crate::job::Payload;
+use crate::job::{KeyStep, Payload};
 use crate::routing::condition::Trace;
 use crate::routing::{explain, route, Dispatch, DispatchError, RuleReport};
 use crate::sources::{Decoded, Rejection, Request};
@@ -48,16 +48,42 @@ pub struct OpenKey {
     pub key: String,
 }
 
+/// The open message keys of a simulated engine (`simulate --state`, `check`'s scenarios): what
+/// a keyed send does, by [`crate::job::KeyAction::step`], and how it changes them.
+#[derive(Debug, Default)]
+pub struct KeySim(std::collections::BTreeSet<(String, String)>);
+
+impl KeySim {
+    /// Starting with these (destination, key) open.
+    pub fn open(keys: impl IntoIterator<Item = (String, String)>) -> KeySim {
+        KeySim(keys.into_iter().collect())
+    }
+
+    /// The Slack call a send of `id` to `destination` makes; the key is open after it unless
+    /// the send closes it.
+    pub fn send(&mut self, destination: &str, id: &crate::job::Identity) -> KeyStep {
+        let k = (destination.to_string(), id.key.clone());
+        let step = id.action.step(self.0.contains(&k));
+        if id.action.closes() {
+            self.0.remove(&k);
+        } else {
+            self.0.insert(k);
+        }
+        step
+    }
+}
+
 /// Says what each dispatch of `sim` would do, starting from `state` at `now` (unix ms): which
 /// are silenced, which post, update, reply or resolve (keys change as the dispatches go, in
 /// order), which wait for a digest. Nothing is sent.
 pub fn apply_state(rs: &Ruleset, sim: &mut Simulation, state: &State, now: i64) {
     let silences = crate::silence::SilenceSet::new(state.silences.clone(), None);
-    let mut open: std::collections::BTreeSet<(String, String)> = state
-        .keys
-        .iter()
-        .map(|k| (k.destination.clone(), k.key.clone()))
-        .collect();
+    let mut keys = KeySim::open(
+        state
+            .keys
+            .iter()
+            .map(|k| (k.destination.clone(), k.key.clone())),
+    );
     let mut effects = Vec::new();
     for d in &sim.dispatches {
         let key = d.target.identity.as_ref();
@@ -75,27 +101,16 @@ pub fn apply_state(rs: &Ruleset, sim: &mut Simulation, state: &State, now: i64) 
             effects.push("posts a new message".into());
             continue;
         };
-        let k = (d.destination.clone(), id.key.clone());
-        let was_open = open.contains(&k);
-        use crate::job::KeyAction as A;
-        let what = match (id.action, was_open) {
-            (A::Post, _) | (_, false) => format!("posts a new message as key `{}`", id.key),
-            (A::Update, true) => format!("updates the message of key `{}`", id.key),
-            (A::Reply, true) => format!("replies in the thread of key `{}`", id.key),
-            (A::Resolve, true) => {
-                format!("updates the message of key `{}` and closes the key", id.key)
-            }
-            (A::ReplyClose, true) => format!(
-                "replies in the thread of key `{}` and closes the key",
-                id.key
-            ),
-        };
-        if id.action.closes() {
-            open.remove(&k);
+        let closing = if id.action.closes() {
+            " and closes the key"
         } else {
-            open.insert(k);
-        }
-        effects.push(what);
+            ""
+        };
+        effects.push(match keys.send(&d.destination, id) {
+            KeyStep::Post => format!("posts a new message as key `{}`", id.key),
+            KeyStep::Update => format!("updates the message of key `{}`{closing}", id.key),
+            KeyStep::Reply => format!("replies in the thread of key `{}`{closing}", id.key),
+        });
     }
     sim.effects = effects;
 }

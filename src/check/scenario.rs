@@ -8,28 +8,28 @@
 //! send to Slack always succeeds. Silences, throttles and time windows are not simulated: they
 //! depend on state a rules file does not hold.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 
 use crate::config::diag::Diagnostic;
 use crate::config::spec::{Does, Expectation};
 use crate::config::{Ruleset, Scenario, ScenarioStep};
-use crate::job::{KeyAction, Payload};
+use crate::job::{KeyStep, Payload};
 use crate::routing::{route, Dispatch};
 
 /// A pending group: when its first item came (ms), its items, when its last digest went.
-type Pending = (u64, Vec<Value>, Option<u64>);
+type Pending = (i64, Vec<Value>, Option<i64>);
 
 /// The simulated state.
 #[derive(Default)]
 struct State {
-    /// Open keys: (destination, key).
-    open: BTreeSet<(String, String)>,
+    /// Open keys.
+    keys: crate::simulate::KeySim,
     /// Pending groups: (rule, group) → its items and times.
     groups: BTreeMap<(String, String), Pending>,
     /// The clock, in ms since the scenario's start.
-    now: u64,
+    now: i64,
 }
 
 /// One dispatch as the scenario sees it.
@@ -48,22 +48,12 @@ impl State {
         let key = d.target.identity.as_ref().map(|i| i.key.clone());
         let does = match &d.target.identity {
             None => Does::Post,
-            Some(id) => {
-                let k = (d.destination.clone(), id.key.clone());
-                let open = self.open.contains(&k);
-                let does = match (id.action, open) {
-                    (KeyAction::Post, _) | (_, false) => Does::Post,
-                    (KeyAction::Update, true) => Does::Update,
-                    (KeyAction::Reply | KeyAction::ReplyClose, true) => Does::Reply,
-                    (KeyAction::Resolve, true) => Does::Resolve,
-                };
-                if id.action.closes() {
-                    self.open.remove(&k);
-                } else {
-                    self.open.insert(k);
-                }
-                does
-            }
+            Some(id) => match (self.keys.send(&d.destination, id), id.action.closes()) {
+                (KeyStep::Post, _) => Does::Post,
+                (KeyStep::Update, true) => Does::Resolve,
+                (KeyStep::Update, false) => Does::Update,
+                (KeyStep::Reply, _) => Does::Reply,
+            },
         };
         Seen {
             rule: d.rule.clone(),
@@ -81,17 +71,11 @@ impl State {
             .groups
             .iter()
             .filter(|((rule, _), (first, _, last))| {
-                let Some(g) = rs
-                    .rules
+                rs.rules
                     .iter()
                     .find(|r| r.id == *rule)
                     .and_then(|r| r.group.as_ref())
-                else {
-                    return false;
-                };
-                let at = first + g.wait.as_millis() as u64;
-                let at = last.map_or(at, |l| at.max(l + g.interval.as_millis() as u64));
-                at <= self.now
+                    .is_some_and(|g| g.due_at(*first, *last) <= self.now)
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -153,7 +137,7 @@ pub fn run(rs: &Ruleset, sc: &Scenario, diags: &mut Vec<Diagnostic>) {
                 (seen, &t.expect, t.pos)
             }
             ScenarioStep::Advance { by, expect, pos } => {
-                st.now += by.as_millis() as u64;
+                st.now += by.as_millis() as i64;
                 let digests = st.flush(rs);
                 let seen = digests
                     .iter()

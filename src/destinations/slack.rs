@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::{classify_transport, prepare_message, retry_after, BoxFut, DeliveryError, Destination};
 use crate::config::secret::Secret;
-use crate::job::KeyAction;
+use crate::job::KeyStep;
 use crate::outbox::{Job, KeyEffect, KeyState};
 use crate::routing::Router;
 
@@ -342,18 +342,13 @@ impl Destination for SlackBot {
                     }
                 }
             };
-            let current = match (id.action, current) {
-                (KeyAction::Post, _) | (_, None) => None,
-                (_, Some(c)) => Some(c),
-            };
-            let Some(cur) = current else {
+            let step = id.action.step(current.is_some());
+            let (Some(cur), false) = (current, step == KeyStep::Post) else {
                 let channel = self.channel_of(job).await?;
                 return self.post(job, &channel, None).await.map(|p| Some(fresh(p)));
             };
-            let done = match id.action {
-                KeyAction::Update | KeyAction::Resolve => {
-                    self.update(job, &cur.channel, &cur.ts).await
-                }
+            let done = match step {
+                KeyStep::Update => self.update(job, &cur.channel, &cur.ts).await,
                 _ => self
                     .post(job, &cur.channel, Some(&cur.ts))
                     .await

@@ -79,6 +79,18 @@ pub struct Group {
     pub max: usize,
 }
 
+impl Group {
+    /// When a group whose oldest item came at `first_at` (unix ms, or any clock) is due: `wait`
+    /// after that item, and no sooner than `interval` after the group's last digest.
+    pub fn due_at(&self, first_at: i64, last_digest: Option<i64>) -> i64 {
+        let first = first_at.saturating_add(self.wait.as_millis() as i64);
+        match last_digest {
+            Some(last) => first.max(last.saturating_add(self.interval.as_millis() as i64)),
+            None => first,
+        }
+    }
+}
+
 /// A keyed send step: the message it acts on and how.
 #[derive(Debug, Clone)]
 pub struct Keyed {
