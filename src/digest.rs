@@ -20,12 +20,24 @@ use crate::outbox::{now_ms, PendingGroup};
 /// How often the groups are looked at: the lateness of a digest is at most this.
 const TICK: Duration = Duration::from_millis(500);
 
+/// With no grouped rule in force and no group pending, how often the outbox is looked at
+/// anyway (an item committed by a request that began under the previous rules).
+const IDLE_TICK: Duration = Duration::from_secs(30);
+
 /// Runs until the process stops.
 pub async fn run(p: Arc<Pipeline>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending = true;
+    let mut last_look = tokio::time::Instant::now();
     loop {
         tick.tick().await;
+        // Engines whose rules group nothing do not read the outbox twice a second for nothing.
+        let grouped = p.rules().rules.iter().any(|r| r.group.is_some());
+        if !grouped && !pending && last_look.elapsed() < IDLE_TICK {
+            continue;
+        }
+        last_look = tokio::time::Instant::now();
         let groups = match p.pending_groups().await {
             Ok(g) => g,
             Err(e) => {
@@ -33,6 +45,7 @@ pub async fn run(p: Arc<Pipeline>) {
                 continue;
             }
         };
+        pending = !groups.is_empty();
         for g in groups {
             if let Err(e) = flush_if_due(&p, &g).await {
                 tracing::warn!(rule = %g.rule, group = %g.group, error = %e, "digest not sent yet; trying again");
@@ -43,12 +56,7 @@ pub async fn run(p: Arc<Pipeline>) {
 
 /// When `g` is due under its rule's settings (`None`: its rule is gone or no longer grouped).
 pub fn due_at(rule: Option<&crate::routing::Rule>, g: &PendingGroup) -> Option<i64> {
-    let settings = rule?.group.as_ref()?;
-    let first = g.first_at.saturating_add(settings.wait.as_millis() as i64);
-    Some(match g.last_flush {
-        Some(last) => first.max(last.saturating_add(settings.interval.as_millis() as i64)),
-        None => first,
-    })
+    Some(rule?.group.as_ref()?.due_at(g.first_at, g.last_flush))
 }
 
 async fn flush_if_due(p: &Pipeline, g: &PendingGroup) -> Result<(), String> {
