@@ -64,17 +64,23 @@ pub enum Plan {
     Refused(String),
 }
 
+/// The keyed step of `rule` that carries the buttons, with them.
+fn buttons_of<'a>(
+    rs: &'a Ruleset,
+    rule: &str,
+) -> Option<(&'a crate::routing::Keyed, &'a crate::routing::Buttons)> {
+    rs.rules.iter().find(|r| r.id == rule).and_then(|r| {
+        r.sends.iter().find_map(|s| {
+            let k = s.keyed.as_ref()?;
+            Some((k, k.buttons.as_ref()?))
+        })
+    })
+}
+
 /// The `allow` list of the step whose buttons were clicked (empty: anyone).
 pub fn allowed(rs: &Ruleset, c: &Click) -> Vec<String> {
-    rs.rules
-        .iter()
-        .find(|r| r.id == c.rule)
-        .and_then(|r| {
-            r.sends
-                .iter()
-                .find_map(|s| s.keyed.as_ref()?.buttons.as_ref())
-        })
-        .map(|b| b.allow.clone())
+    buttons_of(rs, &c.rule)
+        .map(|(_, b)| b.allow.clone())
         .unwrap_or_default()
 }
 
@@ -89,13 +95,7 @@ pub fn plan(
     already_snoozed: bool,
     clicker_allowed: bool,
 ) -> Plan {
-    let step = rs.rules.iter().find(|r| r.id == c.rule).and_then(|r| {
-        r.sends.iter().find_map(|s| {
-            let k = s.keyed.as_ref()?;
-            Some((k, k.buttons.as_ref()?))
-        })
-    });
-    let Some((keyed, buttons)) = step else {
+    let Some((keyed, buttons)) = buttons_of(rs, &c.rule) else {
         return Plan::Refused(format!(
             "rule `{}` has no buttons in the rules in force",
             c.rule

@@ -229,7 +229,12 @@ impl Deliverer {
                 match worker {
                     Some(w) => {
                         let (id, destination) = (job.id, w.name.clone());
-                        let attempt = std::panic::AssertUnwindSafe(run(inner.clone(), w.clone(), job));
+                        let attempt = std::panic::AssertUnwindSafe(run(
+                            inner.clone(),
+                            w.clone(),
+                            job,
+                            turn.clone(),
+                        ));
                         let panicked = attempt.catch_unwind().await.is_err();
                         w.stats().queued -= 1;
                         if panicked {
@@ -428,7 +433,9 @@ async fn or_stop<T>(
     }
 }
 
-async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
+/// Delivers `job` to its end: delivered, dead, or left pending at shutdown. `turn` is its key's
+/// name in [`KeyTurns`] (keyed jobs), as `submit` registered it.
+async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job, turn: Option<String>) {
     if let Some(reason) = &w.cfg.disabled {
         tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, "{reason}; kept as a dead letter");
         // Every dead letter counts in both series, attempted or not, so that they agree.
@@ -446,8 +453,8 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job) {
         .without_max_times()
         .build();
     // A keyed job waits for the jobs of its key accepted before it.
-    if let Some(k) = KeyTurns::name(&job) {
-        if or_stop(&mut stop, inner.turns.wait(&k, job.id))
+    if let Some(k) = &turn {
+        if or_stop(&mut stop, inner.turns.wait(k, job.id))
             .await
             .is_none()
         {

@@ -318,8 +318,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFut<'_, Result<Silence, StoreError>>;
     /// Ends silence `id` now (if it has not ended); `None` when there is no such silence.
     fn expire_silence(&self, id: i64) -> BoxFut<'_, Result<Option<Silence>, StoreError>>;
-    /// Every open key: (destination, key, the message it names).
-    fn open_keys(&self) -> BoxFut<'_, Result<Vec<OpenKey>, StoreError>>;
+    /// The first `limit` open keys, by destination and key.
+    fn open_keys(&self, limit: usize) -> BoxFut<'_, Result<Vec<OpenKey>, StoreError>>;
     /// The message `key` names at `destination` now, unless it expired or was closed.
     fn message_key(
         &self,
@@ -450,9 +450,9 @@ impl Outbox {
         self.store.expire_silence(id).await
     }
 
-    /// Every open key (for `GET /-/state` and `simulate --state`).
-    pub async fn open_keys(&self) -> Result<Vec<OpenKey>, StoreError> {
-        self.store.open_keys().await
+    /// The first `limit` open keys, by destination and key (`/status`, `GET /-/state`).
+    pub async fn open_keys(&self, limit: usize) -> Result<Vec<OpenKey>, StoreError> {
+        self.store.open_keys(limit).await
     }
 
     /// The message `key` names at `destination` now (keyed messages).

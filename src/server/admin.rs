@@ -195,7 +195,7 @@ pub(super) async fn status_json(st: &AppState) -> Value {
         "keys": {
             "open": summary.open_keys,
             // The first hundred, by destination and key (all of them: `GET /-/state`).
-            "list": st.outbox.open_keys().await.unwrap_or_default().into_iter().take(100)
+            "list": st.outbox.open_keys(100).await.unwrap_or_default().into_iter()
                 .map(|(d, k, s)| json!({"destination": d, "key": k, "channel": s.channel, "ts": s.ts, "opened_at": s.opened_at}))
                 .collect::<Vec<_>>(),
         },
@@ -424,7 +424,8 @@ async fn expire_silence(State(st): St, Path(id): Path<String>) -> Response {
 /// `GET /-/state`: the lifecycle state the engine holds (open message keys, silences not over,
 /// pending digest groups), as `switchyard simulate --state` reads it.
 async fn lifecycle_state(State(st): St) -> Response {
-    let keys = match st.outbox.open_keys().await {
+    // Bounded like every answer: a state of more keys than this is cut, not streamed.
+    let keys = match st.outbox.open_keys(10_000).await {
         Ok(k) => k,
         Err(e) => return reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };

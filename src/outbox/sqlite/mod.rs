@@ -561,12 +561,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn open_keys(&self) -> BoxFut<'_, Result<Vec<super::OpenKey>, StoreError>> {
-        Box::pin(self.reads.read(|c| {
+    fn open_keys(&self, limit: usize) -> BoxFut<'_, Result<Vec<super::OpenKey>, StoreError>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Box::pin(self.reads.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT destination, key, channel, ts, opened_at FROM message_keys WHERE expires_at > ? ORDER BY destination, key LIMIT 10000",
+                "SELECT destination, key, channel, ts, opened_at FROM message_keys WHERE expires_at > ? ORDER BY destination, key LIMIT ?",
             )?;
-            let rows = st.query_map([now_ms()], |r| {
+            let rows = st.query_map([now_ms(), limit], |r| {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
