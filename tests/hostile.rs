@@ -122,16 +122,12 @@ async fn a_retry_after_that_is_not_a_number_is_ignored_not_a_crash() {
             e.logs()
         );
         eventually(10, "the delivery recorded", || {
-            let v = futures_block(e.get_json("/status"));
+            let v = common::block_on(e.get_json("/status"));
             (v["queue_depth"] == 0).then_some(())
         })
         .await;
         assert!(dead_letters(&e.data).is_empty(), "Retry-After: {bad}");
     }
-}
-
-fn futures_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +195,7 @@ async fn an_answer_that_never_ends_or_never_stops_is_bounded_and_retried() {
     let e = engine(&url, &[]).await;
     post_one(&e).await;
     eventually(30, "delivered on the third answer", || {
-        let v = futures_block(e.get_json("/status"));
+        let v = common::block_on(e.get_json("/status"));
         (v["destinations"]["alerts"]["delivered"] == 1).then_some(())
     })
     .await;
@@ -809,7 +805,7 @@ async fn an_outcome_that_cannot_be_committed_is_kept_until_it_can() {
         .await
         .unwrap();
     eventually(40, "every message delivered and recorded", || {
-        let v = futures_block(e.get_json("/status"));
+        let v = common::block_on(e.get_json("/status"));
         (v["queue_depth"] == 0 && delivered.load(Ordering::SeqCst) >= n).then_some(())
     })
     .await;

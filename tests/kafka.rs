@@ -168,7 +168,7 @@ async fn a_thousand_changes_over_three_partitions_are_delivered_exactly_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly(&slack, 1000);
     let status = eventually(30, "committed offsets on /status", || {
-        let s = block(e.get_json("/status"));
+        let s = common::block_on(e.get_json("/status"));
         let committed: i64 = s["kafka"]["port-kafka"]["committed"]
             .as_object()
             .map(|m| m.values().filter_map(Value::as_i64).sum())
@@ -189,10 +189,6 @@ async fn a_thousand_changes_over_three_partitions_are_delivered_exactly_once() {
         metrics.contains("switchyard_kafka_messages_total"),
         "{metrics}"
     );
-}
-
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,7 +314,7 @@ async fn a_killed_engine_loses_nothing_and_sends_nothing_twice() {
     let mut e = start_engine(&yaml, &[]).await;
     produce(&b, None, &topic, (0..500).map(change).collect()).await;
     eventually(60, "some messages consumed", || {
-        let s = block(e.get_json("/status"));
+        let s = common::block_on(e.get_json("/status"));
         (s["queue_depth"].as_u64().unwrap_or(0) >= 100).then_some(())
     })
     .await;
@@ -389,7 +385,7 @@ async fn two_engines_share_the_partitions_and_one_takes_over() {
     produce(&b, None, &topic, (30..500).map(change).collect()).await;
     slack.wait_for(HOOK, 500, 60).await;
     eventually(30, "engine A drained", || {
-        (block(a.get_json("/status"))["queue_depth"] == 0).then_some(())
+        (common::block_on(a.get_json("/status"))["queue_depth"] == 0).then_some(())
     })
     .await;
     let status = a.terminate().expect("A exits");
@@ -400,7 +396,7 @@ async fn two_engines_share_the_partitions_and_one_takes_over() {
     assert!(first <= 30);
     assert_exactly(&slack, 1000);
     eventually(30, "B holding every partition", || {
-        let sb = block(bb.get_json("/status"));
+        let sb = common::block_on(bb.get_json("/status"));
         (sb["kafka"]["port-kafka"]["committed"]
             .as_object()
             .map(|m| m.len())
@@ -576,7 +572,7 @@ async fn a_static_member_killed_and_restarted_gets_its_partitions_back() {
     let mut a = start_engine(&yaml("engine-a"), &[]).await;
     let bb = start_engine(&yaml("engine-b"), &[]).await;
     let assigned = |e: &Engine| {
-        block(e.get_json("/status"))["kafka"]["port-kafka"]["committed"]
+        common::block_on(e.get_json("/status"))["kafka"]["port-kafka"]["committed"]
             .as_object()
             .map(|m| m.len())
             .unwrap_or(0)

@@ -68,10 +68,6 @@ async fn send(e: &Engine, body: &[u8]) {
     assert_eq!(status, 202, "{r}");
 }
 
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn degrade_then_recover_updates_the_alert_and_replies_in_its_thread() {
     let slack = FakeSlack::start().await;
@@ -186,7 +182,7 @@ async fn a_message_deleted_in_slack_is_posted_again_and_a_rate_limit_keeps_the_o
         3,
         "one update failed, one retried, one for payments-api"
     );
-    let _ = block(async { e.get_json("/status").await });
+    let _ = common::block_on(async { e.get_json("/status").await });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +195,7 @@ async fn a_key_survives_kill_9() {
     })
     .await;
     eventually(10, "the alert recorded", || {
-        (block(e.get_json("/status"))["queue_depth"] == 0).then_some(())
+        (common::block_on(e.get_json("/status"))["queue_depth"] == 0).then_some(())
     })
     .await;
     e.kill();
@@ -301,15 +297,7 @@ async fn a_silence_suppresses_matching_sends_until_it_is_expired() {
         .get_text("/metrics")
         .await
         .contains("switchyard_silenced_total{rule=\"degraded\"} 1"));
-    let html = reqwest::Client::new()
-        .get(e.url("/status"))
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = e.get_html("/status").await;
     assert!(html.contains("maintenance window") && html.contains("Silences"));
 
     // A running engine holds its data directory: offline commands point to --server.
@@ -327,7 +315,7 @@ async fn a_silence_suppresses_matching_sends_until_it_is_expired() {
         said(&o)
     );
     eventually(10, "the silence counting after the restart", || {
-        (block(e.get_json("/status"))["silences"][0]["suppressed"] == 1).then_some(())
+        (common::block_on(e.get_json("/status"))["silences"][0]["suppressed"] == 1).then_some(())
     })
     .await;
     assert_eq!(slack.top_level("C_PLATFORM").len(), 1);
@@ -697,7 +685,7 @@ async fn simulate_with_state_says_what_a_keyed_send_would_do() {
     .await;
     send(&e, &change("payments-api", "Healthy", "Degraded", 1)).await;
     eventually(10, "the alert recorded", || {
-        let s = block(e.get_json("/status"));
+        let s = common::block_on(e.get_json("/status"));
         (s["keys"]["open"] == 1).then_some(())
     })
     .await;

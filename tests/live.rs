@@ -74,7 +74,7 @@ async fn editing_a_rules_file_takes_effect_and_a_broken_edit_keeps_the_old_rules
         seq += 1;
         let e = &e;
         let body = event(seq, "svc-a");
-        let r = futures_block(async move { e.post_port("port", SECRET, &body).await.1 });
+        let r = common::block_on(async move { e.post_port("port", SECRET, &body).await.1 });
         (r["dispatches"] == 2).then_some(())
     })
     .await;
@@ -82,7 +82,7 @@ async fn editing_a_rules_file_takes_effect_and_a_broken_edit_keeps_the_old_rules
     // A broken edit: rejected whole, the old rules keep serving, /status says why.
     std::fs::write(e.rules.join("b.yaml"), "rules:\n  - id: second\n    on: port/entity.updated\n    send: [{ to: nowhere, text: x }]\n").unwrap();
     let status = eventually(10, "the failed reload on /status", || {
-        let s = futures_block(e.get_json("/status"));
+        let s = common::block_on(e.get_json("/status"));
         (s["reload"]["ok"] == false).then_some(s)
     })
     .await;
@@ -106,25 +106,12 @@ async fn editing_a_rules_file_takes_effect_and_a_broken_edit_keeps_the_old_rules
     )
     .unwrap();
     eventually(10, "recovery", || {
-        (futures_block(e.get_json("/status"))["reload"]["ok"] == true).then_some(())
+        (common::block_on(e.get_json("/status"))["reload"]["ok"] == true).then_some(())
     })
     .await;
     // The HTML view for a browser.
-    let html = reqwest::Client::new()
-        .get(e.url("/status"))
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = e.get_html("/status").await;
     assert!(html.contains("<table>") && html.contains("alerts"));
-}
-
-/// Runs a future to completion from sync code inside the test runtime.
-fn futures_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,7 +456,7 @@ async fn dead_letters_can_be_listed_and_replayed() {
     .await;
     assert_eq!(dead_letters(&e.data).len(), 1);
     eventually(10, "the replay recorded as delivered", || {
-        (futures_block(e.get_json("/status"))["queue_depth"] == 0).then_some(())
+        (common::block_on(e.get_json("/status"))["queue_depth"] == 0).then_some(())
     })
     .await;
 
@@ -528,7 +515,7 @@ async fn a_throttled_rule_sends_once_per_window_even_across_restarts() {
     // answer and the outbox commit would resend one (at-least-once), which is not what this tests.
     slack.wait_for(HOOK, 2, 10).await;
     eventually(10, "an empty queue", || {
-        (futures_block(e.get_json("/status"))["queue_depth"] == 0).then_some(())
+        (common::block_on(e.get_json("/status"))["queue_depth"] == 0).then_some(())
     })
     .await;
     e.kill();
@@ -649,7 +636,7 @@ async fn a_configmap_update_by_symlink_swap_is_reloaded() {
         ],
     );
     eventually(15, "the swapped ConfigMap to be served", || {
-        let s = futures_block(e.get_json("/status"));
+        let s = common::block_on(e.get_json("/status"));
         (s["rules"].as_array().map(Vec::len) == Some(2) && s["reload"]["ok"] == true).then_some(())
     })
     .await;
@@ -673,7 +660,7 @@ async fn a_configmap_update_by_symlink_swap_is_reloaded() {
         ],
     );
     eventually(15, "the removed key's rule to go", || {
-        let s = futures_block(e.get_json("/status"));
+        let s = common::block_on(e.get_json("/status"));
         (s["rules"].as_array().map(Vec::len) == Some(1) && s["reload"]["ok"] == true).then_some(())
     })
     .await;

@@ -123,9 +123,7 @@ rules:
     }
     ok.wait_for("/hook", 3, 10).await;
     eventually(10, "failed attempts to incident-room", || {
-        let s = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(e.get_json("/status"))
-        });
+        let s = common::block_on(e.get_json("/status"));
         let d = &s["destinations"]["incident-room"];
         (d["failed_attempts"].as_u64().unwrap_or(0) >= 3
             && d["retrying"].as_u64().unwrap_or(0) >= 1)
@@ -139,9 +137,7 @@ rules:
     )
     .unwrap();
     eventually(10, "the refused reload", || {
-        let s = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(e.get_json("/status"))
-        });
+        let s = common::block_on(e.get_json("/status"));
         (s["reload"]["ok"] == false).then_some(())
     })
     .await;

@@ -161,6 +161,12 @@ impl Fake {
     }
 }
 
+/// Runs a future to completion from sync code inside a multi-threaded test runtime (the
+/// closures `eventually` polls).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -379,6 +385,19 @@ impl Engine {
 
     pub async fn get_text(&self, path: &str) -> String {
         reqwest::get(self.url(path))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The page a browser gets (`Accept: text/html`).
+    pub async fn get_html(&self, path: &str) -> String {
+        reqwest::Client::new()
+            .get(self.url(path))
+            .header("accept", "text/html")
+            .send()
             .await
             .unwrap()
             .text()
