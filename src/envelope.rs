@@ -275,7 +275,16 @@ fn port_run() -> Shape {
         ])
     };
     obj(vec![
-        f("id", Shape::Text, "the run id (`r_…`)"),
+        f(
+            "id",
+            Shape::Text,
+            "the run id (`r_…`; a Workflow node run's `wfnr_…`)",
+        ),
+        f(
+            "kind",
+            Shape::Text,
+            "author-defined bodies: `action`, or `workflow_node` for a Workflow's webhook node",
+        ),
         f(
             "status",
             Shape::Text,

@@ -35,6 +35,10 @@ pub struct Target {
     /// Held until this time (unix ms): sent outside its rule's or destination's window.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub hold_until: Option<i64>,
+    /// Slack bot destinations: answer a click through its `response_url` (an ephemeral
+    /// message to the clicker) instead of posting to a channel.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub response_url: Option<String>,
 }
 
 /// A message's identity: the key that names it, and what this send does to the message the key
@@ -143,6 +147,123 @@ pub struct GroupItem {
     pub event: Value,
 }
 
+/// An operation on Port's API decided by a rule (`run:` or `entity:` on a send step to a
+/// `port` destination), rendered over the event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortAct {
+    /// What to do.
+    #[serde(flatten)]
+    pub op: PortOp,
+    /// The Slack click that asked for it, when a click did.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub click: Option<ClickRef>,
+    /// The Slack bot destination that tells the clicker and the message's thread how it went.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub notify: Option<String>,
+}
+
+/// The Port call of a [`PortAct`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortOp {
+    /// Run a self-service action (`POST /v1/actions/{action}/runs`).
+    Run(RunAction),
+    /// Create or update an entity (`PATCH`/`POST /v1/blueprints/{bp}/entities`).
+    Entity(EntityChange),
+}
+
+/// A self-service action run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunAction {
+    pub action: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub entity: Option<String>,
+    /// The action's inputs.
+    #[serde(default)]
+    pub properties: Value,
+    /// Whom Port runs it as.
+    pub run_as: RunAs,
+    /// Slack user ids or emails who may start it from a click (empty: whomever Port lets).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub allow: Vec<String>,
+    /// Follow the run until it ends, telling the thread.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub follow: Option<FollowSpec>,
+}
+
+/// Whom Port runs an action as (`run_as`, protocols.md §7.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunAs {
+    /// The person who clicked, by their Slack email: Port applies that user's permissions.
+    Clicker,
+    /// The machine whose credentials the destination holds.
+    Engine,
+    /// This email.
+    Email(String),
+}
+
+/// How a started run is followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowSpec {
+    /// How often the run is read; `None`: read only at the timeout (rules on
+    /// `port/run.updated` tell the progress).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub poll_secs: Option<u64>,
+    /// When to stop waiting and say so.
+    pub timeout_secs: u64,
+}
+
+/// An entity to create or update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntityChange {
+    pub blueprint: String,
+    pub identifier: String,
+    /// Any of `title`, `team`, `properties`, `relations`.
+    pub body: Value,
+    /// `POST ?upsert=true&merge=true` (create it when missing) instead of `PATCH`.
+    #[serde(default)]
+    pub upsert: bool,
+    /// Ties the change to an action run (`?run_id=`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub run_id: Option<String>,
+}
+
+/// The click behind an act: who, and the message clicked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClickRef {
+    /// The clicker's Slack user id.
+    pub user: String,
+    /// Their email, once resolved (`users.info`) for `run_as` or an `allow` list of emails.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub email: Option<String>,
+    /// The channel id and `ts` of the message the button is on.
+    pub channel: String,
+    pub message_ts: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub response_url: Option<String>,
+}
+
+/// A started action run being followed: read it (when due) and tell the thread.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunWatch {
+    pub run_id: String,
+    pub action: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub entity: Option<String>,
+    /// The Slack bot destination, channel and thread to tell.
+    pub notify: String,
+    pub channel: String,
+    pub thread_ts: String,
+    pub follow: FollowSpec,
+    /// Unix ms when the run started, and when to give up.
+    pub started_at: i64,
+    pub deadline: i64,
+    /// What the thread was last told (status and label), so only changes are said.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub told: Option<String>,
+}
+
 /// A closed run tracker: report the run to Port with what happened to its messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunReport {
@@ -164,6 +285,10 @@ pub enum Payload {
     Report(Box<RunReport>),
     /// A grouped rule's match, held until its group's digest is sent (never delivered itself).
     Group(Box<GroupItem>),
+    /// An operation on Port decided by a rule (the `port` destination).
+    Act(Box<PortAct>),
+    /// A started action run to follow (the `port` destination).
+    Watch(Box<RunWatch>),
 }
 
 /// The operations as written, tagged by `op` (borrowed: serialising copies nothing).
@@ -173,16 +298,20 @@ enum Op<'a> {
     Expand(&'a Expand),
     Report(&'a RunReport),
     Group(&'a GroupItem),
+    Act(&'a PortAct),
+    Watch(&'a RunWatch),
 }
 
 impl Payload {
-    /// The storage kind: `message`, `expand` or `report`.
+    /// The storage kind: `message`, `expand`, `report`, `group`, `act` or `watch`.
     pub fn kind(&self) -> &'static str {
         match self {
             Payload::Message(_) => "message",
             Payload::Expand(_) => "expand",
             Payload::Report(_) => "report",
             Payload::Group(_) => "group",
+            Payload::Act(_) => "act",
+            Payload::Watch(_) => "watch",
         }
     }
 
@@ -233,6 +362,14 @@ impl Payload {
                 Ok(g) => Payload::Group(Box::new(g)),
                 Err(_) => Payload::Message(v),
             },
+            "act" => match serde_json::from_value::<PortAct>(v.clone()) {
+                Ok(a) => Payload::Act(Box::new(a)),
+                Err(_) => Payload::Message(v),
+            },
+            "watch" => match serde_json::from_value::<RunWatch>(v.clone()) {
+                Ok(w) => Payload::Watch(Box::new(w)),
+                Err(_) => Payload::Message(v),
+            },
             _ => Payload::Message(v),
         }
     }
@@ -245,6 +382,8 @@ impl Serialize for Payload {
             Payload::Expand(e) => Op::Expand(e).serialize(s),
             Payload::Report(r) => Op::Report(r).serialize(s),
             Payload::Group(g) => Op::Group(g).serialize(s),
+            Payload::Act(a) => Op::Act(a).serialize(s),
+            Payload::Watch(w) => Op::Watch(w).serialize(s),
         }
     }
 }
@@ -359,7 +498,39 @@ mod tests {
                 },
             })),
         ];
-        for p in all {
+        let act = Payload::Act(Box::new(PortAct {
+            op: PortOp::Run(RunAction {
+                action: "scale_up".into(),
+                entity: Some("payments-api".into()),
+                properties: json!({"replicas": 6}),
+                run_as: RunAs::Email("ana@example.com".into()),
+                allow: vec!["U1".into()],
+                follow: Some(FollowSpec {
+                    poll_secs: None,
+                    timeout_secs: 60,
+                }),
+            }),
+            click: Some(ClickRef {
+                user: "U1".into(),
+                email: None,
+                channel: "C1".into(),
+                message_ts: "1.2".into(),
+                response_url: None,
+            }),
+            notify: Some("bot".into()),
+        }));
+        let entity = Payload::Act(Box::new(PortAct {
+            op: PortOp::Entity(EntityChange {
+                blueprint: "service".into(),
+                identifier: "a".into(),
+                body: json!({"properties": {"x": 1}}),
+                upsert: true,
+                run_id: None,
+            }),
+            click: None,
+            notify: None,
+        }));
+        for p in all.into_iter().chain([act, entity]) {
             let back = Payload::from_stored(p.kind(), &p.to_text(), "r");
             assert_eq!(back, p);
         }

@@ -18,6 +18,7 @@
 // Diagnostics are returned by value on cold paths (loading rules); boxing them buys nothing.
 #![allow(clippy::result_large_err)]
 
+pub mod acts;
 pub mod buttons;
 pub mod check;
 pub mod config;

@@ -89,6 +89,11 @@ impl PortApi {
         }
     }
 
+    /// The API's base URL (no trailing `/`).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
     async fn token(&self, stale: Option<&str>) -> Result<String, DeliveryError> {
         let mut slot = self.token.lock().await;
         if let Some((t, exp)) = slot.as_ref() {
@@ -283,6 +288,128 @@ impl PortApi {
         self.call(reqwest::Method::PATCH, &path, Some(patch), "run status")
             .await
             .map(|_| ())
+    }
+}
+
+impl PortApi {
+    /// Runs a self-service action: `POST /v1/actions/{action}/runs[?run_as=email]` with
+    /// `{entity?, properties}`. Returns the run Port created (`{id, status, link?, ...}`).
+    pub async fn run_action(
+        &self,
+        action: &str,
+        entity: Option<&str>,
+        properties: &Value,
+        run_as: Option<&str>,
+    ) -> Result<Value, DeliveryError> {
+        let mut path = format!("/v1/actions/{}/runs", urlencode(action));
+        if let Some(email) = run_as {
+            path.push_str(&format!("?run_as={}", urlencode(email)));
+        }
+        let mut body = json!({"properties": properties});
+        if let Some(e) = entity {
+            body["entity"] = json!(e);
+        }
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                &path,
+                Some(&body),
+                &format!("run `{action}`"),
+            )
+            .await?;
+        match v["run"]["id"].as_str() {
+            Some(id) if !id.is_empty() => Ok(v["run"].clone()),
+            _ => Err(DeliveryError::Permanent(format!(
+                "run `{action}`: Port's answer has no run id"
+            ))),
+        }
+    }
+
+    /// Reads a run: `GET /v1/actions/runs/{id}` → the run.
+    pub async fn get_run(&self, run_id: &str) -> Result<Value, DeliveryError> {
+        let path = format!("/v1/actions/runs/{}", urlencode(run_id));
+        let v = self
+            .call(reqwest::Method::GET, &path, None, "read run")
+            .await?;
+        if v["run"].is_object() {
+            Ok(v["run"].clone())
+        } else {
+            Err(DeliveryError::Transient {
+                reason: format!("read run {run_id}: the answer has no `run`"),
+                retry_after: None,
+            })
+        }
+    }
+
+    /// Updates an entity (`PATCH /v1/blueprints/{bp}/entities/{id}`), or creates or merges it
+    /// (`POST /v1/blueprints/{bp}/entities?upsert=true&merge=true`).
+    pub async fn change_entity(&self, c: &crate::job::EntityChange) -> Result<(), DeliveryError> {
+        let bp = urlencode(&c.blueprint);
+        let run = c
+            .run_id
+            .as_ref()
+            .map(|r| format!("run_id={}", urlencode(r)));
+        let (method, path, body) = if c.upsert {
+            let mut body = c.body.clone();
+            body["identifier"] = json!(c.identifier);
+            let mut q = vec!["upsert=true".to_string(), "merge=true".to_string()];
+            q.extend(run);
+            (
+                reqwest::Method::POST,
+                format!("/v1/blueprints/{bp}/entities?{}", q.join("&")),
+                body,
+            )
+        } else {
+            let q = run.map(|r| format!("?{r}")).unwrap_or_default();
+            (
+                reqwest::Method::PATCH,
+                format!(
+                    "/v1/blueprints/{bp}/entities/{}{q}",
+                    urlencode(&c.identifier)
+                ),
+                c.body.clone(),
+            )
+        };
+        self.call(
+            method,
+            &path,
+            Some(&body),
+            &format!("entity {}/{}", c.blueprint, c.identifier),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Reports a Workflow node run (`PATCH /v1/workflows/nodes/runs/{id}`) after posting its
+    /// log line (`POST …/logs`), as Port's own agent does.
+    pub async fn complete_node_run(
+        &self,
+        node_run: &str,
+        success: bool,
+        output: &Value,
+        log: &str,
+    ) -> Result<(), DeliveryError> {
+        let base = format!("/v1/workflows/nodes/runs/{}", urlencode(node_run));
+        let level = if success { "INFO" } else { "ERROR" };
+        self.call(
+            reqwest::Method::POST,
+            &format!("{base}/logs"),
+            Some(&json!({"logs": [{"level": level, "message": log}]})),
+            "node run log",
+        )
+        .await?;
+        self.call(
+            reqwest::Method::PATCH,
+            &base,
+            Some(&json!({
+                "status": "COMPLETED",
+                "result": if success { "SUCCESS" } else { "FAILED" },
+                "output": output,
+            })),
+            "node run status",
+        )
+        .await
+        .map(|_| ())
     }
 }
 

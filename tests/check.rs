@@ -682,3 +682,86 @@ scenarios:
         "{errs:#?}"
     );
 }
+
+/// `run:`/`entity:` steps (acting on Port) are checked where they are written: only on a `port`
+/// destination, never with message fields, `run_as` and `notify` meaning something, templates
+/// compiling; and a `port` destination takes no message.
+#[test]
+fn port_act_steps_are_checked() {
+    let header = "sources:\n  port:\n    port: { client_secret: \"${SET_VAR}\" }\ndestinations:\n  console: { stdout: {} }\n  port-api:\n    port: { client_id: \"${SET_VAR}\", client_secret: \"${SET_VAR}\" }\n";
+    let cases: &[(&str, &str, &str, usize, usize)] = &[
+        // (send step, code, words in the message, line, column)
+        (
+            "      - to: console\n        run: { action: scale_up }\n",
+            "bad-send",
+            "needs a `port` destination",
+            13,
+            9,
+        ),
+        (
+            "      - to: port-api\n        text: hi\n",
+            "bad-send",
+            "does not take messages",
+            12,
+            9,
+        ),
+        (
+            "      - to: port-api\n        text: hi\n        run: { action: scale_up }\n",
+            "bad-send",
+            "`text` is for messages",
+            13,
+            9,
+        ),
+        (
+            "      - to: port-api\n        run: { action: scale_up, run_as: somebody }\n",
+            "bad-value",
+            "`run_as: somebody`",
+            13,
+            42,
+        ),
+        (
+            "      - to: port-api\n        run: { action: scale_up, notify: console }\n",
+            "unknown-destination",
+            "not a `slack` (bot) destination",
+            13,
+            42,
+        ),
+        (
+            "      - to: port-api\n        run: { action: \"{{#if x}}\" }\n",
+            "template",
+            "action",
+            13,
+            24,
+        ),
+        (
+            "      - to: port-api\n        entity: { blueprint: service, identifier: a, properties: { x: 1 } }\n        run: { action: a }\n",
+            "bad-send",
+            "either `run` or `entity`",
+            13,
+            9,
+        ),
+    ];
+    for (step, code, words, line, column) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let text =
+            format!("{header}rules:\n  - id: r\n    on: slack/block_actions\n    send:\n{step}");
+        std::fs::write(d.path().join("rules.yaml"), &text).unwrap();
+        let errs = errors(d.path());
+        let e = errs
+            .iter()
+            .find(|e| e.code == *code)
+            .unwrap_or_else(|| panic!("no `{code}` for\n{step}\n{errs:#?}"));
+        assert!(e.message.contains(words), "{step}: {e:#?}");
+        assert_eq!(
+            (e.line, e.column),
+            (Some(*line), Some(*column)),
+            "{step}: {e:#?}"
+        );
+    }
+    // And a good one loads.
+    let d = tempfile::tempdir().unwrap();
+    let text = format!("{header}rules:\n  - id: r\n    on: slack/block_actions\n    send:\n      - to: port-api\n        run: {{ action: scale_up, entity: \"{{{{action.value}}}}\", properties: {{ n: 2 }}, follow: {{ poll: \"off\", timeout: 15m }}, allow: [U1, a@example.com] }}\n");
+    std::fs::write(d.path().join("rules.yaml"), &text).unwrap();
+    let (_, report) = check::run(d.path(), &opts());
+    assert!(report.valid, "{:#?}", report.diagnostics);
+}

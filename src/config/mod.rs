@@ -5,6 +5,7 @@
 //! every diagnostic it can (per file, per rule) so `check` shows them all at once. A ruleset is
 //! returned only when there is no error.
 
+mod acts;
 pub mod blueprints;
 mod destinations;
 pub mod diag;

@@ -431,6 +431,20 @@ pub(super) fn compile_send(
         );
         return None;
     };
+    let port = super::acts::port_step(p, s, sp, dest, dests, diags)?;
+    if let Some(port) = port {
+        return Some(SendStep {
+            to: s.to.clone(),
+            template: String::new(),
+            channel: None,
+            user_email: None,
+            thread_ts: None,
+            reply_broadcast: false,
+            for_each: None,
+            keyed: None,
+            port: Some(port),
+        });
+    }
     let is_bot = matches!(dest.kind, DestinationKind::Slack { .. });
     for (key, present) in [
         ("channel", s.channel.is_some()),
@@ -585,6 +599,7 @@ pub(super) fn compile_send(
             }),
             _ => None,
         },
+        port: None,
     })
 }
 

@@ -590,6 +590,83 @@ pub struct SendSpec {
     /// engine itself through the signed `slack` source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buttons: Option<ButtonsSpec>,
+    /// `port` destinations only: run a self-service action instead of sending a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<PortRunSpec>,
+    /// `port` destinations only: create or update an entity instead of sending a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<PortEntitySpec>,
+}
+
+/// A self-service action to run on Port (`POST /v1/actions/{action}/runs`). Strings are
+/// Handlebars over the event.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortRunSpec {
+    /// The action's identifier, e.g. `scale_up`.
+    pub action: String,
+    /// The entity it runs on (entity actions), e.g. `{{action.value}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<String>,
+    /// The action's inputs (string leaves are Handlebars).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Value>,
+    /// Whom Port runs it as: `clicker` (the default for Slack clicks: the clicker's email from
+    /// `users.info`, so Port applies their permissions), `engine` (the destination's
+    /// credentials; the default otherwise), or an email (Handlebars).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
+    /// Who may start it from Slack: user ids (`U…`) or emails. Default: whoever Port lets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// The Slack bot destination that answers the clicker and writes the run's progress in
+    /// the clicked message's thread (default: the only `slack` destination).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
+    /// Following the run in the thread (default: read it every 10s, give up after 30m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<FollowRunSpec>,
+    /// A click on the same button of the same message acts once within this time (default
+    /// `1m`): double clicks and two people clicking start one run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub once_per: Option<String>,
+}
+
+/// How a started run is followed.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FollowRunSpec {
+    /// How often the run is read (default `10s`); `off`: only at the timeout, leaving the
+    /// progress to rules on `port/run.updated` keyed `port-run:{{run.id}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll: Option<String>,
+    /// When the thread is told the run has not finished (default `30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// An entity to create or update on Port. Strings are Handlebars over the event.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortEntitySpec {
+    pub blueprint: String,
+    pub identifier: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<Value>,
+    /// Merged into the entity's properties.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relations: Option<Value>,
+    /// Create the entity when it does not exist (`POST ?upsert=true&merge=true`); default:
+    /// update an existing one (`PATCH`).
+    #[serde(default)]
+    pub create: bool,
+    /// Ties the change to an action run (`?run_id=`), e.g. `{{run.id}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 /// Built-in buttons of a keyed message.
@@ -808,11 +885,13 @@ const DURATION_KEYS: &[&str] = &[
     "key_ttl",
     "wait",
     "interval",
+    "once_per",
 ];
 
 /// What the generated schema cannot say from the types alone, added so that it agrees with
 /// `check` wherever JSON Schema can: `on` completes from the event types, `on` and `send` are
-/// non-empty, a destination has exactly one kind, a send step has a template, blocks or text,
+/// non-empty, a destination has exactly one kind, a send step has a template, blocks or text
+/// (or acts on Port with `run`/`entity`),
 /// durations and cron patterns have their shapes, and no format is left that strict validators
 /// (ajv) do not know (`uint32`, `double`).
 fn tighten(v: &mut Value) {
@@ -870,7 +949,9 @@ fn tighten(v: &mut Value) {
             serde_json::json!([
                 {"properties": {"template": true}, "required": ["template"]},
                 {"properties": {"blocks": true}, "required": ["blocks"]},
-                {"properties": {"text": true}, "required": ["text"]}
+                {"properties": {"text": true}, "required": ["text"]},
+                {"properties": {"run": true}, "required": ["run"]},
+                {"properties": {"entity": true}, "required": ["entity"]}
             ]),
         );
         st.insert(

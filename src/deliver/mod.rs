@@ -333,6 +333,50 @@ async fn deliver_keyed(
     ))
 }
 
+/// A job that acts on Port for a Slack click, with the clicker's email filled in when the act
+/// needs it (`run_as: clicker`, or emails on its `allow` list), looked up through the act's
+/// `notify` Slack bot (`users.info`, cached). `None`: the job is delivered as it is. A lookup
+/// that cannot succeed leaves the email unknown (the act then says so in the thread); one that
+/// may succeed later is retried like any delivery.
+async fn with_clicker_email(inner: &Inner, job: &Job) -> Result<Option<Job>, DeliveryError> {
+    let crate::job::Payload::Act(act) = &job.payload else {
+        return Ok(None);
+    };
+    let (crate::job::PortOp::Run(run), Some(click), Some(notify)) =
+        (&act.op, &act.click, &act.notify)
+    else {
+        return Ok(None);
+    };
+    let clicker = run.run_as == crate::job::RunAs::Clicker;
+    if click.email.is_some() || !crate::acts::needs_email(&run.allow, clicker) {
+        return Ok(None);
+    }
+    let w = inner
+        .workers
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(notify)
+        .cloned();
+    let Some(w) = w else {
+        return Ok(None);
+    };
+    let email = match w.dest.email_of(&click.user).await {
+        Ok(e) => Some(e),
+        Err(DeliveryError::Permanent(reason)) => {
+            tracing::warn!(user = %click.user, reason, "cannot learn the clicker's email");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let mut act = act.clone();
+    if let Some(c) = act.click.as_mut() {
+        c.email = email;
+    }
+    let mut job = job.clone();
+    job.payload = crate::job::Payload::Act(act);
+    Ok(Some(job))
+}
+
 /// The order of keyed jobs: the ids of the jobs this process holds for each key (destination and
 /// key), so that one runs only when it is the oldest of its key. Without it a resolve retried
 /// after a failed post, or two updates racing, would leave the key naming the wrong message.
@@ -499,7 +543,12 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job, turn: Option<String>) 
         let mut result = match &job.target.identity {
             None => {
                 let rules = inner.rules.load_full();
-                w.dest.deliver(&job, &rules).await.map(|f| (f, None))
+                match with_clicker_email(&inner, &job).await {
+                    Ok(Some(j)) => w.dest.deliver(&j, &rules).await,
+                    Ok(None) => w.dest.deliver(&job, &rules).await,
+                    Err(e) => Err(e),
+                }
+                .map(|f| (f, None))
             }
             Some(id) => deliver_keyed(&inner, &w, &job, id).await,
         };

@@ -66,6 +66,15 @@ pub trait Destination: Send + Sync {
     fn user_id_of<'a>(&'a self, _email: &'a str) -> BoxFut<'a, Result<String, String>> {
         Box::pin(async { Err("this destination does not look people up".to_string()) })
     }
+    /// The email of the user with this id, for destinations that know people (the Slack bot:
+    /// `users.info`, cached).
+    fn email_of<'a>(&'a self, _user: &'a str) -> BoxFut<'a, Result<String, DeliveryError>> {
+        Box::pin(async {
+            Err(DeliveryError::Permanent(
+                "this destination does not look people up".to_string(),
+            ))
+        })
+    }
     /// True when the destination's rate limit holds per target ([`Destination::pace_key`])
     /// rather than for the destination as a whole (the Slack Web API: 1 message/s per channel).
     fn paced_per_target(&self) -> bool {

@@ -5,25 +5,251 @@
 //! Jobs for this destination are operations, not messages: `{"op": "expand", ...}` runs a
 //! rule's queries, renders its messages and returns them as follow-up jobs (committed with this
 //! job's completion), posting a progress log line on the run; `{"op": "report", ...}` writes
-//! the final run status and a log line.
+//! the final run status and a log line (a Workflow node run, `wfnr_…`, is completed on the
+//! Workflows endpoints instead); `{"op": "act", ...}` runs a self-service action or changes an
+//! entity for a rule, and `{"op": "watch", ...}` follows a started run (see [`crate::acts`]).
 
 use serde_json::{json, Map, Value};
 
 use super::{BoxFut, DeliveryError, Destination};
+use crate::acts;
 use crate::event::Event;
-use crate::job::{Expand, Job, NewJob, Payload, RunReport};
+use crate::job::{
+    Expand, Job, NewJob, Payload, PortAct, PortOp, RunAction, RunAs, RunReport, RunWatch,
+};
 use crate::port_api::PortApi;
 use crate::routing::{DispatchError, Router};
 
 /// The `port` destination: its operations on Port's API.
 pub struct Port {
     api: PortApi,
+    /// Port's web app, for run links (`api.…` → `app.…` of the API's base URL).
+    app_url: String,
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 impl Port {
     /// A destination over `api`.
     pub fn new(api: PortApi) -> Port {
-        Port { api }
+        let base = api.base_url().to_string();
+        let app_url = match base.split_once("://api.") {
+            Some((scheme, rest)) => format!("{scheme}://app.{rest}"),
+            None => base,
+        };
+        Port { api, app_url }
+    }
+
+    /// A rule's operation on Port: an entity change, or an action run (see [`crate::acts`]).
+    async fn act(&self, job: &Job, a: &PortAct) -> Result<Vec<NewJob>, DeliveryError> {
+        let from = (job.rule.as_str(), job.event_id.as_str());
+        match &a.op {
+            PortOp::Entity(c) => {
+                self.api.change_entity(c).await?;
+                tracing::info!(rule = %job.rule, blueprint = %c.blueprint, entity = %c.identifier, "changed a Port entity");
+                Ok(Vec::new())
+            }
+            PortOp::Run(r) => self.run(job, a, r, from).await,
+        }
+    }
+
+    async fn run(
+        &self,
+        job: &Job,
+        a: &PortAct,
+        r: &RunAction,
+        from: (&str, &str),
+    ) -> Result<Vec<NewJob>, DeliveryError> {
+        let click = a.click.as_ref();
+        let notify = a.notify.as_deref();
+        let mut out = Vec::new();
+        if !acts::allowed(&r.allow, click) {
+            let who = click.map(|c| c.user.as_str()).unwrap_or("(no click)");
+            tracing::info!(rule = %job.rule, user = %who, action = %r.action, "not on the step's allow list; the action was not run");
+            metrics::counter!("switchyard_port_actions_total", "outcome" => "not_allowed")
+                .increment(1);
+            if let (Some(n), Some(url)) = (notify, click.and_then(|c| c.response_url.as_deref())) {
+                out.push(acts::ephemeral(n, from, url, acts::not_allowed(&r.action)));
+            }
+            return Ok(out);
+        }
+        let run_as = match &r.run_as {
+            RunAs::Engine => None,
+            RunAs::Email(e) => Some(e.clone()),
+            RunAs::Clicker => match click.and_then(|c| c.email.clone()) {
+                Some(e) => Some(e),
+                None => {
+                    let reason = "Slack did not give the clicker's email (the bot needs the `users:read.email` scope), so Port cannot check their permissions".to_string();
+                    return self.refused(job, a, r, &reason, from);
+                }
+            },
+        };
+        match self
+            .api
+            .run_action(
+                &r.action,
+                r.entity.as_deref(),
+                &r.properties,
+                run_as.as_deref(),
+            )
+            .await
+        {
+            Ok(run) => {
+                let run_id = run["id"].as_str().unwrap_or_default().to_string();
+                tracing::info!(rule = %job.rule, action = %r.action, run = %run_id, "started a Port action run");
+                metrics::counter!("switchyard_port_actions_total", "outcome" => "started")
+                    .increment(1);
+                let (Some(n), Some(c)) = (notify, click) else {
+                    return Ok(out);
+                };
+                let link = acts::run_link(&run, &self.app_url);
+                if let Some(url) = &c.response_url {
+                    out.push(acts::ephemeral(
+                        n,
+                        from,
+                        url,
+                        acts::accepted(&r.action, &run_id),
+                    ));
+                }
+                out.push(acts::thread_note(
+                    n,
+                    from,
+                    &c.channel,
+                    &c.message_ts,
+                    Some((&run_id, false)),
+                    acts::started(&r.action, r.entity.as_deref(), &run_id, link.as_deref(), c),
+                ));
+                if let Some(follow) = r.follow {
+                    let now = now_ms();
+                    let deadline =
+                        now.saturating_add((follow.timeout_secs as i64).saturating_mul(1000));
+                    let w = RunWatch {
+                        run_id,
+                        action: r.action.clone(),
+                        entity: r.entity.clone(),
+                        notify: n.to_string(),
+                        channel: c.channel.clone(),
+                        thread_ts: c.message_ts.clone(),
+                        follow,
+                        started_at: now,
+                        deadline,
+                        told: Some(acts::told(&run)),
+                    };
+                    out.push(self.next_watch(job, w, now));
+                }
+                Ok(out)
+            }
+            Err(DeliveryError::Permanent(reason)) if notify.is_some() && click.is_some() => {
+                self.refused(job, a, r, &reason, from)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Port refused (or could not be asked): the thread says why, and the act is kept as a
+    /// dead letter with the reason.
+    fn refused(
+        &self,
+        job: &Job,
+        a: &PortAct,
+        r: &RunAction,
+        reason: &str,
+        from: (&str, &str),
+    ) -> Result<Vec<NewJob>, DeliveryError> {
+        let (Some(n), Some(c)) = (a.notify.as_deref(), a.click.as_ref()) else {
+            return Err(DeliveryError::Permanent(reason.to_string()));
+        };
+        tracing::warn!(rule = %job.rule, action = %r.action, reason, "Port did not start the action; told the thread");
+        metrics::counter!("switchyard_port_actions_total", "outcome" => "refused").increment(1);
+        Ok(vec![
+            acts::thread_note(
+                n,
+                from,
+                &c.channel,
+                &c.message_ts,
+                None,
+                acts::refused(&r.action, c, reason),
+            ),
+            NewJob {
+                destination: job.destination.clone(),
+                rule: job.rule.clone(),
+                event_id: job.event_id.clone(),
+                target: Default::default(),
+                payload: Payload::Act(Box::new(a.clone())),
+                secret: job.secret,
+                throttle: None,
+                error: Some(reason.to_string()),
+            },
+        ])
+    }
+
+    /// The next read of a followed run: after the poll interval, or at the deadline.
+    fn next_watch(&self, job: &Job, w: RunWatch, now: i64) -> NewJob {
+        let at = match w.follow.poll_secs {
+            Some(p) => now
+                .saturating_add((p as i64).saturating_mul(1000))
+                .min(w.deadline),
+            None => w.deadline,
+        };
+        NewJob {
+            destination: job.destination.clone(),
+            rule: job.rule.clone(),
+            event_id: job.event_id.clone(),
+            target: crate::job::Target {
+                hold_until: Some(at),
+                ..Default::default()
+            },
+            payload: Payload::Watch(Box::new(w)),
+            secret: false,
+            throttle: None,
+            error: None,
+        }
+    }
+
+    /// Reads a followed run and tells the thread what changed; the end (or the timeout) closes
+    /// the run's key, anything else schedules the next read.
+    async fn watch(&self, job: &Job, w: &RunWatch) -> Result<Vec<NewJob>, DeliveryError> {
+        let run = self.api.get_run(&w.run_id).await?;
+        let status = run["status"].as_str().unwrap_or("");
+        let link = acts::run_link(&run, &self.app_url);
+        let from = (job.rule.as_str(), job.event_id.as_str());
+        let note = |msg: Value, close: bool| {
+            acts::thread_note(
+                &w.notify,
+                from,
+                &w.channel,
+                &w.thread_ts,
+                Some((&w.run_id, close)),
+                msg,
+            )
+        };
+        let polling = w.follow.poll_secs.is_some();
+        if !acts::is_running(status) {
+            tracing::info!(run = %w.run_id, status, "a followed Port run ended");
+            // Without polling, rules on `port/run.updated` told the thread already.
+            return Ok(if polling {
+                vec![note(acts::progress(w, &run, link.as_deref()), true)]
+            } else {
+                Vec::new()
+            });
+        }
+        let now = now_ms();
+        if now >= w.deadline {
+            tracing::warn!(run = %w.run_id, status, "a followed Port run did not finish in time");
+            return Ok(vec![note(acts::timed_out(w, &run, link.as_deref()), true)]);
+        }
+        let mut out = Vec::new();
+        let told = acts::told(&run);
+        let mut next = w.clone();
+        if polling && w.told.as_deref() != Some(told.as_str()) {
+            out.push(note(acts::progress(w, &run, link.as_deref()), false));
+            next.told = Some(told);
+        }
+        out.push(self.next_watch(job, next, now));
+        Ok(out)
     }
 
     async fn expand(
@@ -44,7 +270,7 @@ impl Port {
             let rules: Vec<Value> = q
                 .rules
                 .iter()
-                .map(|r| render_strings(r, &|s| templates.render_inline(s, &ctx)))
+                .map(|r| templates.render_strings(r, &ctx))
                 .collect::<Result<_, _>>()
                 .map_err(|e| DeliveryError::Permanent(format!("query `{}`: {e}", q.name)))?;
             let found = self.api.search(q, &rules).await?;
@@ -135,29 +361,23 @@ impl Port {
         if patch.get("summary").is_none() {
             patch["summary"] = json!(wording.default_summary);
         }
+        if run_id.starts_with("wfnr_") {
+            // A Workflow node run: its own endpoints, and the report as the node's output.
+            let output = json!({
+                "summary": patch["summary"], "statusLabel": patch.get("statusLabel"),
+                "link": patch.get("link"), "delivered": r.tally.delivered, "failed": r.tally.failed,
+            });
+            self.api
+                .complete_node_run(run_id, status == "SUCCESS", &output, &wording.log)
+                .await?;
+            tracing::info!(node_run = %run_id, status, "reported the Workflow node run to Port");
+            return Ok(Vec::new());
+        }
         self.api.log(run_id, &wording.log).await?;
         self.api.patch_run(run_id, &patch).await?;
         tracing::info!(run = %run_id, status, "reported the action run to Port");
         Ok(Vec::new())
     }
-}
-
-/// Renders every string leaf of a JSON value as a template.
-fn render_strings(v: &Value, f: &dyn Fn(&str) -> Result<String, String>) -> Result<Value, String> {
-    Ok(match v {
-        Value::String(s) if s.contains("{{") => Value::String(f(s)?),
-        Value::Array(a) => Value::Array(
-            a.iter()
-                .map(|x| render_strings(x, f))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, x)| Ok((k.clone(), render_strings(x, f)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-        other => other.clone(),
-    })
 }
 
 impl Destination for Port {
@@ -170,8 +390,10 @@ impl Destination for Port {
             match &job.payload {
                 Payload::Expand(op) => self.expand(job, op, rules).await,
                 Payload::Report(r) => self.report(r, rules).await,
+                Payload::Act(a) => self.act(job, a).await,
+                Payload::Watch(w) => self.watch(job, w).await,
                 Payload::Message(_) | Payload::Group(_) => Err(DeliveryError::Permanent(
-                    "a `port` destination reports runs and answers `with:` queries; it does not take messages".into(),
+                    "a `port` destination runs actions, changes entities, reports runs and answers `with:` queries; it does not take messages".into(),
                 )),
             }
         })

@@ -302,6 +302,94 @@ impl SlackBot {
     }
 }
 
+impl SlackBot {
+    /// Whether `url` is a `response_url` this bot may post to: Slack's own
+    /// (`https://hooks.slack.com/…`), or on the host of the configured Web API (a proxy, a test
+    /// double). Anything else is refused, so a click cannot make the engine post elsewhere.
+    fn response_url_ok(&self, url: &str) -> bool {
+        let Ok(u) = reqwest::Url::parse(url) else {
+            return false;
+        };
+        let slack = u.scheme() == "https" && u.host_str() == Some("hooks.slack.com");
+        let ours = reqwest::Url::parse(&self.api_url).is_ok_and(|api| {
+            api.scheme() == u.scheme()
+                && api.host_str() == u.host_str()
+                && api.port_or_known_default() == u.port_or_known_default()
+        });
+        slack || ours
+    }
+
+    /// Answers a click through its `response_url` (no token: the URL is the credential). Slack
+    /// answers `ok` as text, or JSON; `expired_url`/`used_url` (404) are permanent.
+    async fn respond(&self, job: &Job, url: &str) -> Result<(), DeliveryError> {
+        if !self.response_url_ok(url) {
+            return Err(DeliveryError::Permanent(
+                "the click's response_url is not on hooks.slack.com nor the configured Slack API host"
+                    .into(),
+            ));
+        }
+        let msg = prepare_message(job)?;
+        let resp = self
+            .client
+            .post(url)
+            .timeout(self.timeout)
+            .json(msg.as_ref())
+            .send()
+            .await
+            .map_err(|e| classify_transport(&e))?;
+        let a = super::read_answer(resp, super::ANSWER_LIMIT).await?;
+        if a.status.is_success() {
+            let v: Value = serde_json::from_str(&a.body).unwrap_or(Value::Null);
+            if v["ok"] == false {
+                return Err(DeliveryError::Permanent(format!(
+                    "response_url: {}",
+                    v["error"].as_str().unwrap_or("not ok")
+                )));
+            }
+            return Ok(());
+        }
+        super::classify_status(a.status, &a.headers, &a.body)
+            .map_err(|e| in_method("response_url", e))
+    }
+
+    /// The email of the user with `id` (`users.info`, scope `users:read.email`), cached like
+    /// `users.lookupByEmail` answers.
+    async fn email(&self, id: &str) -> Result<String, DeliveryError> {
+        let slot = {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() > 10_000 {
+                cache.retain(|_, v| Arc::strong_count(v) > 1);
+            }
+            cache.entry(format!("id:{id}")).or_default().clone()
+        };
+        let mut entry = slot.lock().await;
+        if let Some(e) = entry.as_ref().filter(|e| e.until > Instant::now()) {
+            return e.user.clone().map_err(DeliveryError::Permanent);
+        }
+        let req = self
+            .client
+            .get(format!("{}users.info", self.api_url))
+            .query(&[("user", id)]);
+        let v = self.call(req).await.map_err(|e| in_method("users.info", e));
+        let found = match v {
+            Ok(v) => match v["user"]["profile"]["email"].as_str() {
+                Some(e) if !e.is_empty() => Ok(e.to_string()),
+                _ => Err(
+                    "users.info: no email in the profile (the bot needs `users:read.email`)"
+                        .to_string(),
+                ),
+            },
+            Err(DeliveryError::Permanent(r)) => Err(r),
+            Err(e) => return Err(e),
+        };
+        *entry = Some(CacheEntry {
+            user: found.clone(),
+            until: Instant::now() + Duration::from_secs(if found.is_ok() { 3600 } else { 300 }),
+        });
+        found.map_err(DeliveryError::Permanent)
+    }
+}
+
 impl Destination for SlackBot {
     fn deliver<'a>(
         &'a self,
@@ -309,6 +397,9 @@ impl Destination for SlackBot {
         _rules: &'a Router,
     ) -> BoxFut<'a, Result<Vec<crate::outbox::NewJob>, DeliveryError>> {
         Box::pin(async move {
+            if let Some(url) = &job.target.response_url {
+                return self.respond(job, url).await.map(|_| Vec::new());
+            }
             let channel = self.channel_of(job).await?;
             self.post(job, &channel, job.target.thread_ts.as_deref())
                 .await
@@ -343,9 +434,19 @@ impl Destination for SlackBot {
                 }
             };
             let step = id.action.step(current.is_some());
-            let (Some(cur), false) = (current, step == KeyStep::Post) else {
+            // A keyed send with a thread of its own (the notes of a run started from a click)
+            // replies there, and the key then names the thread's parent message.
+            let own_thread = job.target.thread_ts.as_deref();
+            let post_fresh = || async move {
                 let channel = self.channel_of(job).await?;
-                return self.post(job, &channel, None).await.map(|p| Some(fresh(p)));
+                let (channel, ts) = self.post(job, &channel, own_thread).await?;
+                Ok::<_, DeliveryError>(Some(fresh((
+                    channel,
+                    own_thread.map_or(ts, str::to_string),
+                ))))
+            };
+            let (Some(cur), false) = (current, step == KeyStep::Post) else {
+                return post_fresh().await;
             };
             let done = match step {
                 KeyStep::Update => self.update(job, &cur.channel, &cur.ts).await,
@@ -359,8 +460,7 @@ impl Destination for SlackBot {
                 Ok(()) => Ok(Some(KeyEffect::Touch { ttl_ms })),
                 Err(e) if message_gone(&e) => {
                     tracing::info!(key = %id.key, reason = %e.reason(), "the key's message cannot be used any more; posting a new one");
-                    let channel = self.channel_of(job).await?;
-                    self.post(job, &channel, None).await.map(|p| Some(fresh(p)))
+                    post_fresh().await
                 }
                 Err(e) => Err(e),
             }
@@ -375,11 +475,19 @@ impl Destination for SlackBot {
         })
     }
 
+    fn email_of<'a>(&'a self, user: &'a str) -> BoxFut<'a, Result<String, DeliveryError>> {
+        Box::pin(self.email(user))
+    }
+
     fn paced_per_target(&self) -> bool {
         true
     }
 
     fn pace_key(&self, job: &Job) -> Option<String> {
+        if job.target.response_url.is_some() {
+            // An answer to a click is not a channel message: Slack does not pace it per channel.
+            return None;
+        }
         job.target.channel.clone().or_else(|| {
             job.target
                 .user_email

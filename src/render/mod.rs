@@ -419,6 +419,24 @@ impl Templates {
         Ok(parsed)
     }
 
+    /// Renders every string leaf of a JSON value that holds `{{` as an inline template.
+    pub fn render_strings(&self, v: &Value, ctx: &Context) -> Result<Value, String> {
+        Ok(match v {
+            Value::String(s) if s.contains("{{") => Value::String(self.render_inline(s, ctx)?),
+            Value::Array(a) => Value::Array(
+                a.iter()
+                    .map(|x| self.render_strings(x, ctx))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, x)| Ok((k.clone(), self.render_strings(x, ctx)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+
     /// Renders a small inline template string (not registered) against `ctx`.
     pub fn render_inline(&self, text: &str, ctx: &Context) -> Result<String, String> {
         let t = handlebars::Template::compile(text).map_err(|e| e.to_string())?;

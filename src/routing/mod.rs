@@ -66,6 +66,49 @@ pub struct SendStep {
     pub for_each: Option<String>,
     /// The message identity of a keyed step.
     pub keyed: Option<Keyed>,
+    /// A step to a `port` destination that acts on Port instead of sending a message.
+    pub port: Option<PortStep>,
+}
+
+/// A compiled `run:` or `entity:` step: the operation with Handlebars string leaves, rendered
+/// over the event at dispatch into a [`crate::job::PortAct`].
+#[derive(Debug, Clone)]
+pub struct PortStep {
+    pub op: PortStepOp,
+    /// The Slack bot destination that tells the clicker and the thread.
+    pub notify: Option<String>,
+    /// Clicks on the same button of the same message act once within this time.
+    pub once_per: std::time::Duration,
+}
+
+/// What a [`PortStep`] does.
+#[derive(Debug, Clone)]
+pub enum PortStepOp {
+    Run {
+        action: String,
+        entity: Option<String>,
+        properties: Value,
+        /// `None`: the clicker on clicks, the engine otherwise; `Some(template)`: an email.
+        run_as: Option<RunAsStep>,
+        allow: Vec<String>,
+        follow: Option<crate::job::FollowSpec>,
+    },
+    Entity {
+        blueprint: String,
+        identifier: String,
+        body: Value,
+        upsert: bool,
+        run_id: Option<String>,
+    },
+}
+
+/// `run_as` as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunAsStep {
+    Clicker,
+    Engine,
+    /// A template of an email.
+    Email(String),
 }
 
 /// A grouped rule's digest settings.
@@ -743,6 +786,7 @@ fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Con
                 _ => None,
             },
             hold_until: None,
+            response_url: None,
         })
     })();
     if let Some((key_tpl, window)) = &rule.throttle {
@@ -771,6 +815,18 @@ fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Con
             return d;
         }
     }
+    if let Some(ps) = &step.port {
+        match port_act(rs, ev, ps, ctx) {
+            Ok((act, throttle)) => {
+                d.message = Ok(Payload::Act(Box::new(act)));
+                if throttle.is_some() {
+                    d.throttle = throttle;
+                }
+            }
+            Err(e) => d.message = Err(DispatchError::Render(e)),
+        }
+        return d;
+    }
     // A webhook destination with its own body template renders that instead of the message.
     let own_body = rs.outputs.get(&destination).and_then(|o| o.body.clone());
     if let Some(t) = own_body {
@@ -797,6 +853,122 @@ fn dispatch_one(rs: &Router, ev: &Event, rule: &Rule, step: &SendStep, ctx: &Con
         .map(Payload::Message)
         .map_err(render_error);
     d
+}
+
+/// Renders a `run:`/`entity:` step over the event: the act, and for a click, the claim that
+/// makes the same person's second click on the same button of the same message (a double
+/// click, an impatient re-click) act no more within `once_per`. Slack's retries of one click
+/// are the same event and deduplicated before routing. The claim is per person so that a click
+/// by someone not allowed cannot block the one who is.
+fn port_act(
+    rs: &Router,
+    ev: &Event,
+    ps: &PortStep,
+    ctx: &Context,
+) -> Result<(crate::job::PortAct, Option<(String, std::time::Duration)>), String> {
+    use crate::job::{ClickRef, EntityChange, PortAct, PortOp, RunAction, RunAs};
+    let t = &rs.templates;
+    let text = |what: &str, s: &str| -> Result<String, String> {
+        t.render_inline(s, ctx)
+            .map(|v| v.trim().to_string())
+            .map_err(|e| format!("`{what}`: {e}"))
+    };
+    let data = ctx.data();
+    let click = (ev.event_type == "slack/block_actions")
+        .then(|| {
+            Some(ClickRef {
+                user: data["user"]["id"].as_str()?.to_string(),
+                email: None,
+                channel: data["channel"]["id"].as_str()?.to_string(),
+                message_ts: data["message"]["ts"].as_str()?.to_string(),
+                response_url: data["response_url"].as_str().map(str::to_string),
+            })
+        })
+        .flatten();
+    let op = match &ps.op {
+        PortStepOp::Run {
+            action,
+            entity,
+            properties,
+            run_as,
+            allow,
+            follow,
+        } => {
+            let run_as = match run_as {
+                None if click.is_some() => RunAs::Clicker,
+                None | Some(RunAsStep::Engine) => RunAs::Engine,
+                Some(RunAsStep::Clicker) => RunAs::Clicker,
+                Some(RunAsStep::Email(e)) => RunAs::Email(text("run_as", e)?),
+            };
+            if run_as == RunAs::Clicker && click.is_none() {
+                return Err(format!(
+                    "`run_as: clicker` needs a Slack click, and this is `{}`",
+                    ev.event_type
+                ));
+            }
+            let action = text("action", action)?;
+            if action.is_empty() {
+                return Err("`action` rendered empty".into());
+            }
+            PortOp::Run(RunAction {
+                action,
+                entity: match entity {
+                    Some(e) => Some(text("entity", e)?).filter(|e| !e.is_empty()),
+                    None => None,
+                },
+                properties: t.render_strings(properties, ctx)?,
+                run_as,
+                allow: allow.clone(),
+                follow: *follow,
+            })
+        }
+        PortStepOp::Entity {
+            blueprint,
+            identifier,
+            body,
+            upsert,
+            run_id,
+        } => {
+            let (blueprint, identifier) = (
+                text("blueprint", blueprint)?,
+                text("identifier", identifier)?,
+            );
+            if blueprint.is_empty() || identifier.is_empty() {
+                return Err("the entity's `blueprint` or `identifier` rendered empty".into());
+            }
+            PortOp::Entity(EntityChange {
+                blueprint,
+                identifier,
+                body: t.render_strings(body, ctx)?,
+                upsert: *upsert,
+                run_id: match run_id {
+                    Some(r) => Some(text("run_id", r)?).filter(|r| !r.is_empty()),
+                    None => None,
+                },
+            })
+        }
+    };
+    let once = click.as_ref().map(|c| {
+        (
+            format!(
+                "click\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+                c.user,
+                c.channel,
+                c.message_ts,
+                data["action"]["action_id"].as_str().unwrap_or_default(),
+                data["action"]["value"].as_str().unwrap_or_default()
+            ),
+            ps.once_per,
+        )
+    });
+    Ok((
+        PortAct {
+            op,
+            click,
+            notify: ps.notify.clone(),
+        },
+        once,
+    ))
 }
 
 fn render_error(e: crate::render::TemplateError) -> DispatchError {

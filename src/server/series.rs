@@ -47,6 +47,11 @@ const SERIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "switchyard_port_actions_total",
+        "Port actions run for rules, by outcome (started, not_allowed, refused).",
+        Kind::Counter,
+    ),
+    (
         "switchyard_muted_total",
         "Dispatches dropped outside their rule's or destination's time window, by rule.",
         Kind::Counter,

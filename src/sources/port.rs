@@ -376,8 +376,12 @@ fn decode_value(
             .map(|e| Decoded::Event(Box::new(e)));
     }
     // (d) author-defined run body
-    let run_id = body["port_context"]["runId"]
+    // A Workflow's webhook node (node run `wfnr_…`) is reported like an action run, on the
+    // Workflows endpoints (`crate::destinations::port`).
+    let run_id = body["port_context"]["nodeRunId"]
         .as_str()
+        .or_else(|| body["nodeRunId"].as_str())
+        .or_else(|| body["port_context"]["runId"].as_str())
         .or_else(|| body["runId"].as_str())
         .or_else(|| body["context"]["runId"].as_str())
         .map(str::to_string)
@@ -391,11 +395,19 @@ fn decode_value(
         });
     if let Some(run_id) = run_id {
         let mut inputs = top.clone();
-        for k in ["port_context", "runId", "context", "headers"] {
+        for k in ["port_context", "runId", "nodeRunId", "context", "headers"] {
             inputs.remove(k);
         }
         let mut m = envelope("custom");
-        m.insert("run".into(), json!({"id": run_id, "status": "IN_PROGRESS"}));
+        let kind = if run_id.starts_with("wfnr_") {
+            "workflow_node"
+        } else {
+            "action"
+        };
+        m.insert(
+            "run".into(),
+            json!({"id": run_id, "status": "IN_PROGRESS", "kind": kind}),
+        );
         m.insert("properties".into(), Value::Object(inputs));
         if let Some(a) = &src.action {
             m.insert("action".into(), json!({"identifier": a}));

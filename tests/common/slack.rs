@@ -1,6 +1,7 @@
 //! A fake Slack Web API that keeps its messages: `chat.postMessage` posts (in a thread with
 //! `thread_ts`, which must be a top-level message's), `chat.update` edits (only a message it
-//! posted), `users.lookupByEmail` finds `U_<local part>`. Channel names (`#platform`) become ids
+//! posted), `users.lookupByEmail` finds `U_<local part>`, `users.info` of `UANA` gives
+//! `ana@example.com`, and `/response/…` keeps what is posted to a click's `response_url`. Channel names (`#platform`) become ids
 //! (`C_PLATFORM`), a DM to a user id opens `D_<id>`. Errors are Slack's: `message_not_found`,
 //! `channel_not_found`, `thread_not_found`; `fail_next(method, error)` makes the next call of a
 //! method fail with any other (`ratelimited` answers HTTP 429 with `Retry-After: 1`).
@@ -32,6 +33,8 @@ struct State {
     messages: Vec<Message>,
     next_ts: u64,
     fail: VecDeque<(String, String)>,
+    /// Answers posted to click `response_url`s (`/response/…`).
+    responses: Vec<Value>,
 }
 
 /// The fake Slack.
@@ -120,6 +123,16 @@ impl FakeSlack {
             .push_back((method.to_string(), error.to_string()));
     }
 
+    /// A click's `response_url` on this fake.
+    pub fn response_url(&self, n: u32) -> String {
+        self.fake.url(&format!("/response/{n}"))
+    }
+
+    /// The answers posted to `response_url`s, in order.
+    pub fn responses(&self) -> Vec<Value> {
+        self.state.lock().unwrap().responses.clone()
+    }
+
     /// Calls of `method` so far.
     pub fn calls(&self, method: &str) -> usize {
         self.fake.on_path(&format!("/api/{method}")).len()
@@ -129,6 +142,10 @@ impl FakeSlack {
 fn answer(state: &Mutex<State>, r: &Received) -> (u16, Vec<(String, String)>, String) {
     let method = r.path.trim_start_matches("/api/").to_string();
     let mut st = state.lock().unwrap();
+    if r.path.starts_with("/response/") {
+        st.responses.push(r.json());
+        return (200, vec![], "ok".into());
+    }
     if let Some(i) = st.fail.iter().position(|(m, _)| *m == method) {
         let (_, e) = st.fail.remove(i).unwrap();
         return err(&e);
@@ -144,6 +161,20 @@ fn answer(state: &Mutex<State>, r: &Received) -> (u16, Vec<(String, String)>, St
                 .replace("%40", "@");
             let local = email.split('@').next().unwrap_or("").to_ascii_uppercase();
             ok(json!({"user": {"id": format!("U_{local}")}}))
+        }
+        // `UANA` is ana@example.com; `UNOMAIL` has no email (the scope is missing).
+        "users.info" => {
+            let id = r
+                .query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("user="))
+                .unwrap_or("")
+                .to_string();
+            if id == "UNOMAIL" {
+                return ok(json!({"user": {"id": id, "profile": {}}}));
+            }
+            let local = id.trim_start_matches('U').to_ascii_lowercase();
+            ok(json!({"user": {"id": id, "profile": {"email": format!("{local}@example.com")}}}))
         }
         "chat.postMessage" => {
             let channel = channel_id(body["channel"].as_str().unwrap_or(""));
