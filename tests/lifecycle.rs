@@ -525,45 +525,14 @@ async fn click(
     user: &str,
     n: u32,
 ) -> u16 {
-    let blocks = message.blocks.as_array().cloned().unwrap_or_default();
-    let action = blocks
-        .iter()
-        .filter(|b| b["type"] == "actions")
-        .flat_map(|b| b["elements"].as_array().cloned().unwrap_or_default())
-        .find(|el| el["action_id"] == button)
-        .unwrap_or_else(|| panic!("no {button} on {message:?}"));
-    let mut a = action.clone();
-    a["action_ts"] = json!(format!("1790000100.{n:06}"));
-    a["block_id"] = json!("switchyard:buttons");
-    let payload = json!({
-        "type": "block_actions",
-        "user": {"id": user, "username": user.to_lowercase()},
-        "team": {"id": "T1"},
-        "container": {"type": "message", "channel_id": message.channel, "message_ts": message.ts},
-        "channel": {"id": message.channel},
-        "message": {"ts": message.ts, "text": message.text, "blocks": message.blocks},
-        "actions": [a],
-        "trigger_id": format!("trigger-{n}"),
-        "response_url": "https://hooks.slack.com/actions/T1/1/x",
-    });
-    let form = format!(
-        "payload={}",
-        form_urlencoded::byte_serialize(payload.to_string().as_bytes()).collect::<String>()
+    let payload = common::slack::click_payload(
+        message,
+        button,
+        user,
+        n,
+        "https://hooks.slack.com/actions/T1/1/x",
     );
-    let ts = chrono::Utc::now().timestamp().to_string();
-    let sig = switchyard::sources::slack::sign("slack-signing", &ts, form.as_bytes());
-    let (status, _) = e
-        .post(
-            "/hooks/slack",
-            form.as_bytes(),
-            &[
-                ("content-type", "application/x-www-form-urlencoded"),
-                ("x-slack-request-timestamp", &ts),
-                ("x-slack-signature", &sig),
-            ],
-        )
-        .await;
-    status
+    common::slack::post_interaction(e, "slack-signing", &payload).await
 }
 
 /// The built-in buttons: a snooze from a signed click silences the key (shown on /status, the

@@ -72,6 +72,17 @@ impl FakePort {
         FakePort { fake, state }
     }
 
+    /// How many times the run was read.
+    fn reads(&self, run: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .reads
+            .get(run)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The action runs created: (path with query, body).
     fn runs_created(&self) -> Vec<(String, Value)> {
         self.fake
@@ -179,38 +190,8 @@ async fn click(e: &Engine, slack: &FakeSlack, m: &Message, user: &str, n: u32) -
         button["confirm"].is_object(),
         "the button asks first: {button}"
     );
-    let mut a = button;
-    a["action_ts"] = json!(format!("1790000100.{n:06}"));
-    a["block_id"] = json!("b1");
-    let payload = json!({
-        "type": "block_actions",
-        "user": {"id": user, "username": user.to_lowercase()},
-        "team": {"id": "T1"},
-        "container": {"type": "message", "channel_id": m.channel, "message_ts": m.ts},
-        "channel": {"id": m.channel},
-        "message": {"ts": m.ts, "text": m.text, "blocks": m.blocks},
-        "actions": [a],
-        "trigger_id": format!("trigger-{n}"),
-        "response_url": slack.response_url(n),
-    });
-    let form = format!(
-        "payload={}",
-        form_urlencoded::byte_serialize(payload.to_string().as_bytes()).collect::<String>()
-    );
-    let ts = chrono::Utc::now().timestamp().to_string();
-    let sig = switchyard::sources::slack::sign("slack-signing", &ts, form.as_bytes());
-    let (status, _) = e
-        .post(
-            "/hooks/slack",
-            form.as_bytes(),
-            &[
-                ("content-type", "application/x-www-form-urlencoded"),
-                ("x-slack-request-timestamp", &ts),
-                ("x-slack-signature", &sig),
-            ],
-        )
-        .await;
-    status
+    let payload = common::slack::click_payload(m, "scale_up", user, n, &slack.response_url(n));
+    common::slack::post_interaction(e, "slack-signing", &payload).await
 }
 
 fn thread_texts(slack: &FakeSlack, ts: &str) -> Vec<String> {
@@ -384,24 +365,9 @@ async fn a_run_that_never_finishes_gets_a_timeout_note() {
         note.contains("after 3s") && note.contains("IN_PROGRESS: waiting for CI"),
         "{note}"
     );
-    let reads = port
-        .state
-        .lock()
-        .unwrap()
-        .reads
-        .get("r_1")
-        .copied()
-        .unwrap_or(0);
+    let reads = port.reads("r_1");
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    let later = port
-        .state
-        .lock()
-        .unwrap()
-        .reads
-        .get("r_1")
-        .copied()
-        .unwrap_or(0);
-    assert_eq!(reads, later, "no reads after the timeout");
+    assert_eq!(reads, port.reads("r_1"), "no reads after the timeout");
 }
 
 /// A Workflow's webhook node whose backend is switchyard: the node run (`wfnr_…`) is completed

@@ -154,15 +154,19 @@ impl SlackBot {
         Self::web_api_result(a.status, &a.headers, &a.body)
     }
 
+    /// The cache slot of a lookup (`key`: a lowercased email, or `id:<user id>`); callers of
+    /// the same key wait on one lookup. Past 10,000 entries, those nobody waits on are dropped.
+    fn slot(&self, key: String) -> Arc<tokio::sync::Mutex<Option<CacheEntry>>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 10_000 {
+            cache.retain(|_, v| Arc::strong_count(v) > 1);
+        }
+        cache.entry(key).or_default().clone()
+    }
+
     async fn user_id(&self, email: &str) -> Result<String, DeliveryError> {
         let key = email.to_ascii_lowercase();
-        let slot = {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() > 10_000 {
-                cache.retain(|_, v| Arc::strong_count(v) > 1);
-            }
-            cache.entry(key.clone()).or_default().clone()
-        };
+        let slot = self.slot(key);
         let mut entry = slot.lock().await;
         if let Some(e) = entry.as_ref().filter(|e| e.until > Instant::now()) {
             return e.user.clone().map_err(DeliveryError::Permanent);
@@ -355,13 +359,7 @@ impl SlackBot {
     /// The email of the user with `id` (`users.info`, scope `users:read.email`), cached like
     /// `users.lookupByEmail` answers.
     async fn email(&self, id: &str) -> Result<String, DeliveryError> {
-        let slot = {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() > 10_000 {
-                cache.retain(|_, v| Arc::strong_count(v) > 1);
-            }
-            cache.entry(format!("id:{id}")).or_default().clone()
-        };
+        let slot = self.slot(format!("id:{id}"));
         let mut entry = slot.lock().await;
         if let Some(e) = entry.as_ref().filter(|e| e.until > Instant::now()) {
             return e.user.clone().map_err(DeliveryError::Permanent);

@@ -139,6 +139,76 @@ impl FakeSlack {
     }
 }
 
+/// A query parameter of a request, as sent (empty when absent).
+fn query_param(r: &Received, name: &str) -> String {
+    r.query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The `block_actions` payload of a click by `user` on the button `action_id` of `m` (as this
+/// fake holds it); `n` makes the click distinct (its `action_ts`), as a second click is.
+pub fn click_payload(
+    m: &Message,
+    action_id: &str,
+    user: &str,
+    n: u32,
+    response_url: &str,
+) -> Value {
+    let (block_id, mut action) = m
+        .blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["type"] == "actions")
+        .find_map(|b| {
+            let el = b["elements"]
+                .as_array()?
+                .iter()
+                .find(|el| el["action_id"] == action_id)?;
+            Some((b["block_id"].clone(), el.clone()))
+        })
+        .unwrap_or_else(|| panic!("no {action_id} on {m:?}"));
+    action["action_ts"] = json!(format!("1790000100.{n:06}"));
+    action["block_id"] = block_id;
+    json!({
+        "type": "block_actions",
+        "user": {"id": user, "username": user.to_lowercase()},
+        "team": {"id": "T1"},
+        "container": {"type": "message", "channel_id": m.channel, "message_ts": m.ts},
+        "channel": {"id": m.channel},
+        "message": {"ts": m.ts, "text": m.text, "blocks": m.blocks},
+        "actions": [action],
+        "trigger_id": format!("trigger-{n}"),
+        "response_url": response_url,
+    })
+}
+
+/// Posts an interaction `payload` (a click) to the engine's `/hooks/slack` as Slack does: a form
+/// body signed with `signing_secret`, timestamped now. Returns the HTTP status.
+pub async fn post_interaction(e: &super::Engine, signing_secret: &str, payload: &Value) -> u16 {
+    let form = format!(
+        "payload={}",
+        form_urlencoded::byte_serialize(payload.to_string().as_bytes()).collect::<String>()
+    );
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let sig = switchyard::sources::slack::sign(signing_secret, &ts, form.as_bytes());
+    let (status, _) = e
+        .post(
+            "/hooks/slack",
+            form.as_bytes(),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("x-slack-request-timestamp", &ts),
+                ("x-slack-signature", &sig),
+            ],
+        )
+        .await;
+    status
+}
+
 fn answer(state: &Mutex<State>, r: &Received) -> (u16, Vec<(String, String)>, String) {
     let method = r.path.trim_start_matches("/api/").to_string();
     let mut st = state.lock().unwrap();
@@ -153,23 +223,13 @@ fn answer(state: &Mutex<State>, r: &Received) -> (u16, Vec<(String, String)>, St
     let body = r.json();
     match method.as_str() {
         "users.lookupByEmail" => {
-            let email = r
-                .query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("email="))
-                .unwrap_or("")
-                .replace("%40", "@");
+            let email = query_param(r, "email").replace("%40", "@");
             let local = email.split('@').next().unwrap_or("").to_ascii_uppercase();
             ok(json!({"user": {"id": format!("U_{local}")}}))
         }
         // `UANA` is ana@example.com; `UNOMAIL` has no email (the scope is missing).
         "users.info" => {
-            let id = r
-                .query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("user="))
-                .unwrap_or("")
-                .to_string();
+            let id = query_param(r, "user");
             if id == "UNOMAIL" {
                 return ok(json!({"user": {"id": id, "profile": {}}}));
             }
