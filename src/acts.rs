@@ -21,7 +21,7 @@
 
 use serde_json::{json, Value};
 
-use crate::job::{ClickRef, Identity, KeyAction, NewJob, Payload, RunWatch, Target};
+use crate::job::{ClickRef, Identity, Job, KeyAction, NewJob, Payload, RunWatch, Target};
 
 /// The message key naming the clicked message of an action run.
 pub fn run_key(run_id: &str) -> String {
@@ -174,57 +174,41 @@ pub fn timed_out(w: &RunWatch, run: &Value, link: Option<&str>) -> Value {
     ))
 }
 
-/// A note for the clicked message's thread, through the Slack bot `notify`. With `key`, it is
-/// keyed `port-run:<id>`: the first note opens the key on the clicked message, the last
-/// (`close`) closes it.
+/// A note for the clicked message's thread, through the Slack bot `notify`, following up
+/// `job`. With `key`, it is keyed `port-run:<id>`: the first note opens the key on the clicked
+/// message, the last (`close`) closes it.
 pub fn thread_note(
+    job: &Job,
     notify: &str,
-    from: (&str, &str),
     channel: &str,
     thread_ts: &str,
     key: Option<(&str, bool)>,
     msg: Value,
 ) -> NewJob {
-    NewJob {
-        destination: notify.to_string(),
-        rule: from.0.to_string(),
-        event_id: from.1.to_string(),
-        target: Target {
-            channel: Some(channel.to_string()),
-            thread_ts: Some(thread_ts.to_string()),
-            identity: key.map(|(run_id, close)| Identity {
-                key: run_key(run_id),
-                action: if close {
-                    KeyAction::ReplyClose
-                } else {
-                    KeyAction::Reply
-                },
-                ttl_secs: RUN_KEY_TTL_SECS,
-            }),
-            ..Default::default()
-        },
-        payload: Payload::Message(msg),
-        secret: false,
-        throttle: None,
-        error: None,
-    }
+    let target = Target {
+        channel: Some(channel.to_string()),
+        thread_ts: Some(thread_ts.to_string()),
+        identity: key.map(|(run_id, close)| Identity {
+            key: run_key(run_id),
+            action: if close {
+                KeyAction::ReplyClose
+            } else {
+                KeyAction::Reply
+            },
+            ttl_secs: RUN_KEY_TTL_SECS,
+        }),
+        ..Default::default()
+    };
+    NewJob::follow_up(job, notify, target, Payload::Message(msg))
 }
 
-/// An answer to the clicker only, through the click's `response_url`.
-pub fn ephemeral(notify: &str, from: (&str, &str), response_url: &str, msg: Value) -> NewJob {
-    NewJob {
-        destination: notify.to_string(),
-        rule: from.0.to_string(),
-        event_id: from.1.to_string(),
-        target: Target {
-            response_url: Some(response_url.to_string()),
-            ..Default::default()
-        },
-        payload: Payload::Message(msg),
-        secret: false,
-        throttle: None,
-        error: None,
-    }
+/// An answer to the clicker only, through the click's `response_url`, following up `job`.
+pub fn ephemeral(job: &Job, notify: &str, response_url: &str, msg: Value) -> NewJob {
+    let target = Target {
+        response_url: Some(response_url.to_string()),
+        ..Default::default()
+    };
+    NewJob::follow_up(job, notify, target, Payload::Message(msg))
 }
 
 #[cfg(test)]

@@ -432,6 +432,23 @@ pub struct NewJob {
     pub error: Option<String>,
 }
 
+impl NewJob {
+    /// A job that `job`'s delivery hands back (same rule and event, committed with its outcome):
+    /// a note to Slack, the next read of a run, a dead letter of the job's own operation.
+    pub fn follow_up(job: &Job, destination: &str, target: Target, payload: Payload) -> NewJob {
+        NewJob {
+            destination: destination.to_string(),
+            rule: job.rule.clone(),
+            event_id: job.event_id.clone(),
+            target,
+            payload,
+            secret: job.secret,
+            throttle: None,
+            error: None,
+        }
+    }
+}
+
 /// A persisted job awaiting delivery.
 #[derive(Debug, Clone)]
 pub struct Job {

@@ -132,13 +132,7 @@ pub(super) fn port_step(
             }
         },
         None => {
-            let mut bots = dests
-                .iter()
-                .filter(|(_, d)| matches!(d.kind, DestinationKind::Slack { .. }));
-            match (bots.next(), bots.next()) {
-                (Some((n, _)), None) => Some(n.clone()),
-                _ => None,
-            }
+            super::parsed::only_destination(dests, |k| matches!(k, DestinationKind::Slack { .. }))
         }
     };
     let once_per = match once_spec {

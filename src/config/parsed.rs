@@ -308,10 +308,16 @@ pub(super) fn missing_template(
 
 /// The only `port` destination, when there is exactly one.
 pub(super) fn only_port_destination(dests: &BTreeMap<String, DestinationConfig>) -> Option<String> {
-    let mut ports = dests
-        .values()
-        .filter(|d| matches!(d.kind, DestinationKind::Port { .. }));
-    match (ports.next(), ports.next()) {
+    only_destination(dests, |k| matches!(k, DestinationKind::Port { .. }))
+}
+
+/// The name of the one destination whose kind `is`, when there is exactly one.
+pub(super) fn only_destination(
+    dests: &BTreeMap<String, DestinationConfig>,
+    is: impl Fn(&DestinationKind) -> bool,
+) -> Option<String> {
+    let mut found = dests.values().filter(|d| is(&d.kind));
+    match (found.next(), found.next()) {
         (Some(d), None) => Some(d.name.clone()),
         _ => None,
     }

@@ -45,14 +45,13 @@ impl Port {
 
     /// A rule's operation on Port: an entity change, or an action run (see [`crate::acts`]).
     async fn act(&self, job: &Job, a: &PortAct) -> Result<Vec<NewJob>, DeliveryError> {
-        let from = (job.rule.as_str(), job.event_id.as_str());
         match &a.op {
             PortOp::Entity(c) => {
                 self.api.change_entity(c).await?;
                 tracing::info!(rule = %job.rule, blueprint = %c.blueprint, entity = %c.identifier, "changed a Port entity");
                 Ok(Vec::new())
             }
-            PortOp::Run(r) => self.run(job, a, r, from).await,
+            PortOp::Run(r) => self.run(job, a, r).await,
         }
     }
 
@@ -61,7 +60,6 @@ impl Port {
         job: &Job,
         a: &PortAct,
         r: &RunAction,
-        from: (&str, &str),
     ) -> Result<Vec<NewJob>, DeliveryError> {
         let click = a.click.as_ref();
         let notify = a.notify.as_deref();
@@ -72,7 +70,7 @@ impl Port {
             metrics::counter!("switchyard_port_actions_total", "outcome" => "not_allowed")
                 .increment(1);
             if let (Some(n), Some(url)) = (notify, click.and_then(|c| c.response_url.as_deref())) {
-                out.push(acts::ephemeral(n, from, url, acts::not_allowed(&r.action)));
+                out.push(acts::ephemeral(job, n, url, acts::not_allowed(&r.action)));
             }
             return Ok(out);
         }
@@ -83,7 +81,7 @@ impl Port {
                 Some(e) => Some(e),
                 None => {
                     let reason = "Slack did not give the clicker's email (the bot needs the `users:read.email` scope), so Port cannot check their permissions".to_string();
-                    return self.refused(job, a, r, &reason, from);
+                    return self.refused(job, a, r, &reason);
                 }
             },
         };
@@ -108,15 +106,15 @@ impl Port {
                 let link = acts::run_link(&run, &self.app_url);
                 if let Some(url) = &c.response_url {
                     out.push(acts::ephemeral(
+                        job,
                         n,
-                        from,
                         url,
                         acts::accepted(&r.action, &run_id),
                     ));
                 }
                 out.push(acts::thread_note(
+                    job,
                     n,
-                    from,
                     &c.channel,
                     &c.message_ts,
                     Some((&run_id, false)),
@@ -143,7 +141,7 @@ impl Port {
                 Ok(out)
             }
             Err(DeliveryError::Permanent(reason)) if notify.is_some() && click.is_some() => {
-                self.refused(job, a, r, &reason, from)
+                self.refused(job, a, r, &reason)
             }
             Err(e) => Err(e),
         }
@@ -157,7 +155,6 @@ impl Port {
         a: &PortAct,
         r: &RunAction,
         reason: &str,
-        from: (&str, &str),
     ) -> Result<Vec<NewJob>, DeliveryError> {
         let (Some(n), Some(c)) = (a.notify.as_deref(), a.click.as_ref()) else {
             return Err(DeliveryError::Permanent(reason.to_string()));
@@ -166,22 +163,21 @@ impl Port {
         metrics::counter!("switchyard_port_actions_total", "outcome" => "refused").increment(1);
         Ok(vec![
             acts::thread_note(
+                job,
                 n,
-                from,
                 &c.channel,
                 &c.message_ts,
                 None,
                 acts::refused(&r.action, c, reason),
             ),
             NewJob {
-                destination: job.destination.clone(),
-                rule: job.rule.clone(),
-                event_id: job.event_id.clone(),
-                target: Default::default(),
-                payload: Payload::Act(Box::new(a.clone())),
-                secret: job.secret,
-                throttle: None,
                 error: Some(reason.to_string()),
+                ..NewJob::follow_up(
+                    job,
+                    &job.destination,
+                    Default::default(),
+                    Payload::Act(Box::new(a.clone())),
+                )
             },
         ])
     }
@@ -194,19 +190,11 @@ impl Port {
                 .min(w.deadline),
             None => w.deadline,
         };
-        NewJob {
-            destination: job.destination.clone(),
-            rule: job.rule.clone(),
-            event_id: job.event_id.clone(),
-            target: crate::job::Target {
-                hold_until: Some(at),
-                ..Default::default()
-            },
-            payload: Payload::Watch(Box::new(w)),
-            secret: false,
-            throttle: None,
-            error: None,
-        }
+        let target = crate::job::Target {
+            hold_until: Some(at),
+            ..Default::default()
+        };
+        NewJob::follow_up(job, &job.destination, target, Payload::Watch(Box::new(w)))
     }
 
     /// Reads a followed run and tells the thread what changed; the end (or the timeout) closes
@@ -215,11 +203,10 @@ impl Port {
         let run = self.api.get_run(&w.run_id).await?;
         let status = run["status"].as_str().unwrap_or("");
         let link = acts::run_link(&run, &self.app_url);
-        let from = (job.rule.as_str(), job.event_id.as_str());
         let note = |msg: Value, close: bool| {
             acts::thread_note(
+                job,
                 &w.notify,
-                from,
                 &w.channel,
                 &w.thread_ts,
                 Some((&w.run_id, close)),

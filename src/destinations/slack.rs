@@ -154,54 +154,68 @@ impl SlackBot {
         Self::web_api_result(a.status, &a.headers, &a.body)
     }
 
-    /// The cache slot of a lookup (`key`: a lowercased email, or `id:<user id>`); callers of
-    /// the same key wait on one lookup. Past 10,000 entries, those nobody waits on are dropped.
-    fn slot(&self, key: String) -> Arc<tokio::sync::Mutex<Option<CacheEntry>>> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() > 10_000 {
-            cache.retain(|_, v| Arc::strong_count(v) > 1);
-        }
-        cache.entry(key).or_default().clone()
-    }
-
-    async fn user_id(&self, email: &str) -> Result<String, DeliveryError> {
-        let key = email.to_ascii_lowercase();
-        let slot = self.slot(key);
+    /// A cached lookup of a person (`key`: a lowercased email, or `id:<user id>`): a hit is kept
+    /// an hour, a permanent miss that `keep_miss` accepts five minutes, anything else not at all.
+    /// Callers of the same key wait on one lookup. Past 10,000 entries, those nobody waits on
+    /// are dropped.
+    async fn cached(
+        &self,
+        key: String,
+        keep_miss: impl Fn(&str) -> bool,
+        fetch: impl std::future::Future<Output = Result<String, DeliveryError>>,
+    ) -> Result<String, DeliveryError> {
+        let slot = {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() > 10_000 {
+                cache.retain(|_, v| Arc::strong_count(v) > 1);
+            }
+            cache.entry(key).or_default().clone()
+        };
         let mut entry = slot.lock().await;
         if let Some(e) = entry.as_ref().filter(|e| e.until > Instant::now()) {
             return e.user.clone().map_err(DeliveryError::Permanent);
         }
-        let req = self
-            .client
-            .get(format!("{}users.lookupByEmail", self.api_url))
-            .query(&[("email", email)]);
-        match self.call(req).await {
-            Ok(v) => {
-                let id = v["user"]["id"].as_str().unwrap_or("").to_string();
-                if id.is_empty() {
-                    return Err(DeliveryError::Transient {
-                        reason: "users.lookupByEmail answered without a user id".into(),
-                        retry_after: None,
-                    });
-                }
-                *entry = Some(CacheEntry {
-                    user: Ok(id.clone()),
-                    until: Instant::now() + Duration::from_secs(3600),
-                });
-                Ok(id)
-            }
-            Err(DeliveryError::Permanent(reason)) => {
-                let reason = format!("users.lookupByEmail: {reason}");
-                if reason.contains("users_not_found") || reason.contains("user_not_found") {
-                    *entry = Some(CacheEntry {
-                        user: Err(reason.clone()),
-                        until: Instant::now() + Duration::from_secs(300),
-                    });
-                }
-                Err(DeliveryError::Permanent(reason))
-            }
-            Err(e) => Err(e),
+        let found = fetch.await;
+        let keep = match &found {
+            Ok(v) => Some((Ok(v.clone()), 3600)),
+            Err(DeliveryError::Permanent(r)) if keep_miss(r) => Some((Err(r.clone()), 300)),
+            Err(_) => None,
+        };
+        if let Some((user, secs)) = keep {
+            *entry = Some(CacheEntry {
+                user,
+                until: Instant::now() + Duration::from_secs(secs),
+            });
         }
+        found
+    }
+
+    /// The user id of the person with `email` (`users.lookupByEmail`); only "no such user" is
+    /// remembered as a miss.
+    async fn user_id(&self, email: &str) -> Result<String, DeliveryError> {
+        let fetch = async {
+            let req = self
+                .client
+                .get(format!("{}users.lookupByEmail", self.api_url))
+                .query(&[("email", email)]);
+            // Permanent failures name the method; transient ones keep Slack's reason as it is.
+            let v = self.call(req).await.map_err(|e| match e {
+                DeliveryError::Permanent(r) => {
+                    DeliveryError::Permanent(format!("users.lookupByEmail: {r}"))
+                }
+                e => e,
+            })?;
+            match v["user"]["id"].as_str() {
+                Some(id) if !id.is_empty() => Ok(id.to_string()),
+                _ => Err(DeliveryError::Transient {
+                    reason: "users.lookupByEmail answered without a user id".into(),
+                    retry_after: None,
+                }),
+            }
+        };
+        let not_found = |r: &str| r.contains("users_not_found") || r.contains("user_not_found");
+        self.cached(email.to_ascii_lowercase(), not_found, fetch)
+            .await
     }
 }
 
@@ -357,34 +371,26 @@ impl SlackBot {
     }
 
     /// The email of the user with `id` (`users.info`, scope `users:read.email`), cached like
-    /// `users.lookupByEmail` answers.
+    /// `users.lookupByEmail` answers; every permanent miss (no email: the scope is missing) is
+    /// remembered.
     async fn email(&self, id: &str) -> Result<String, DeliveryError> {
-        let slot = self.slot(format!("id:{id}"));
-        let mut entry = slot.lock().await;
-        if let Some(e) = entry.as_ref().filter(|e| e.until > Instant::now()) {
-            return e.user.clone().map_err(DeliveryError::Permanent);
-        }
-        let req = self
-            .client
-            .get(format!("{}users.info", self.api_url))
-            .query(&[("user", id)]);
-        let v = self.call(req).await.map_err(|e| in_method("users.info", e));
-        let found = match v {
-            Ok(v) => match v["user"]["profile"]["email"].as_str() {
+        let fetch = async {
+            let req = self
+                .client
+                .get(format!("{}users.info", self.api_url))
+                .query(&[("user", id)]);
+            let v = self
+                .call(req)
+                .await
+                .map_err(|e| in_method("users.info", e))?;
+            match v["user"]["profile"]["email"].as_str() {
                 Some(e) if !e.is_empty() => Ok(e.to_string()),
-                _ => Err(
-                    "users.info: no email in the profile (the bot needs `users:read.email`)"
-                        .to_string(),
-                ),
-            },
-            Err(DeliveryError::Permanent(r)) => Err(r),
-            Err(e) => return Err(e),
+                _ => Err(DeliveryError::Permanent(
+                    "users.info: no email in the profile (the bot needs `users:read.email`)".into(),
+                )),
+            }
         };
-        *entry = Some(CacheEntry {
-            user: found.clone(),
-            until: Instant::now() + Duration::from_secs(if found.is_ok() { 3600 } else { 300 }),
-        });
-        found.map_err(DeliveryError::Permanent)
+        self.cached(format!("id:{id}"), |_| true, fetch).await
     }
 }
 

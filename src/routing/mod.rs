@@ -873,6 +873,13 @@ fn port_act(
             .map(|v| v.trim().to_string())
             .map_err(|e| format!("`{what}`: {e}"))
     };
+    // An optional field: absent, or rendered empty, is none.
+    let some_text = |what: &str, s: &Option<String>| -> Result<Option<String>, String> {
+        match s {
+            Some(s) => Ok(Some(text(what, s)?).filter(|v| !v.is_empty())),
+            None => Ok(None),
+        }
+    };
     let data = ctx.data();
     let click = (ev.event_type == "slack/block_actions")
         .then(|| {
@@ -912,10 +919,7 @@ fn port_act(
             }
             PortOp::Run(RunAction {
                 action,
-                entity: match entity {
-                    Some(e) => Some(text("entity", e)?).filter(|e| !e.is_empty()),
-                    None => None,
-                },
+                entity: some_text("entity", entity)?,
                 properties: t.render_strings(properties, ctx)?,
                 run_as,
                 allow: allow.clone(),
@@ -941,10 +945,7 @@ fn port_act(
                 identifier,
                 body: t.render_strings(body, ctx)?,
                 upsert: *upsert,
-                run_id: match run_id {
-                    Some(r) => Some(text("run_id", r)?).filter(|r| !r.is_empty()),
-                    None => None,
-                },
+                run_id: some_text("run_id", run_id)?,
             })
         }
     };

@@ -11,20 +11,10 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-/// Escapes text for HTML content and attribute values.
+/// Escapes text for HTML content and attribute values (`& < > " ' \` =`), with the escaper the
+/// templates already use.
 fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    handlebars::html_escape(s)
 }
 
 fn text(v: &Value) -> String {
