@@ -103,6 +103,21 @@ fn bad_jsonpath() {
     assert_one(d.path(), "bad-jsonpath", "rules.yaml", 10, 9);
 }
 
+/// The `condition` fuzz target found a path (`$["$\u`) that made the JSONPath parser panic;
+/// every path that ends inside a quoted name is now a `bad-jsonpath` diagnostic.
+#[test]
+fn jsonpath_ending_inside_a_string_is_a_diagnostic() {
+    for path in [r#"'$["$\u'"#, r#"'$["abc'"#, r#"'$[?@.a == "x'"#] {
+        let d = dir_with(
+            &format!("{RULE}    where:\n      - {path}\n    send: [{{ to: console, text: hi }}]\n"),
+            &[],
+        );
+        // Column 10: the path itself, after the YAML quote at column 9.
+        let e = assert_one(d.path(), "bad-jsonpath", "rules.yaml", 10, 10);
+        assert!(e.message.contains("unterminated string"), "{path}: {e:?}");
+    }
+}
+
 #[test]
 fn bad_regex_points_into_the_condition() {
     let d = dir_with(&format!("{RULE}    where:\n      - \"$.blueprint matches ([a-\"\n    send: [{{ to: console, text: hi }}]\n"), &[]);

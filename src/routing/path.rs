@@ -40,6 +40,46 @@ fn bounded(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses `text` with `serde_json_path`, which must never be reached with a path that ends
+/// inside a quoted name: its string parser reads `\u` escapes with a streaming combinator, and
+/// running out of input there hits an `unreachable!` (`$["$\u` panicked; found by the
+/// `condition` fuzz target). Such a path is refused here first ("unterminated string"), and the
+/// call is wrapped in `catch_unwind` so that any other input of that kind is an error too, not
+/// a panic: parsing is a pure function of `text`, so nothing is left half-changed by an unwind.
+fn parse_general(text: &str) -> Result<serde_json_path::JsonPath, String> {
+    if let Some(at) = unterminated_string(text) {
+        return Err(format!(
+            "unterminated string starting at position {at}: a quoted name or literal needs its closing quote"
+        ));
+    }
+    match std::panic::catch_unwind(|| serde_json_path::JsonPath::parse(text)) {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(e)) => Err(clean_error(&e.to_string())),
+        Err(_) => {
+            Err("the JSONPath parser could not read this path; check its quotes and escapes".into())
+        }
+    }
+}
+
+/// The character position of a quote (`'` or `"`) that is never closed, honouring backslash
+/// escapes inside quoted text; `None` when every string is closed.
+fn unterminated_string(text: &str) -> Option<usize> {
+    let mut open: Option<(char, usize)> = None;
+    let mut chars = text.chars().enumerate();
+    while let Some((i, c)) = chars.next() {
+        match open {
+            None if c == '\'' || c == '"' => open = Some((c, i)),
+            None => {}
+            Some(_) if c == '\\' => {
+                chars.next();
+            }
+            Some((q, _)) if c == q => open = None,
+            Some(_) => {}
+        }
+    }
+    open.map(|(_, at)| at)
+}
+
 /// A JSONPath ready to evaluate.
 #[derive(Debug, Clone)]
 pub struct JsonPathExpr {
@@ -66,8 +106,7 @@ enum Step {
 impl JsonPathExpr {
     /// Parses `text`. The error is the parser's message.
     pub fn compile(text: &str) -> Result<Self, String> {
-        let general =
-            serde_json_path::JsonPath::parse(text).map_err(|e| clean_error(&e.to_string()))?;
+        let general = parse_general(text)?;
         bounded(text)?;
         let steps = jsonpath_rust::parser::parse_json_path(text)
             .ok()
@@ -87,7 +126,7 @@ impl JsonPathExpr {
     /// The same path evaluated by the general engine only (tests compare the two).
     #[doc(hidden)]
     pub fn select_general<'a>(&self, root: &'a Value) -> Vec<&'a Value> {
-        match serde_json_path::JsonPath::parse(&self.text) {
+        match parse_general(&self.text) {
             Ok(p) => p.query(root).all(),
             Err(_) => Vec::new(),
         }
@@ -312,6 +351,28 @@ fn clean_error(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// The `condition` fuzz target's find: a path ending inside a `\u` escape made
+    /// `serde_json_path` reach `unreachable!`. Every path ending inside a quoted string is an
+    /// error now, and none panics.
+    #[test]
+    fn paths_ending_inside_a_string_are_errors_not_panics() {
+        for p in [
+            "$[\"$\\u",
+            "$[\"\\u",
+            "$['\\u00",
+            "$[\"\\uD83D\\u",
+            "$[\"abc",
+            "$['a\\'",
+            "$[?@.a == \"x",
+        ] {
+            let e = JsonPathExpr::compile(p).expect_err(p);
+            assert!(e.contains("unterminated string"), "{p}: {e}");
+        }
+        for p in ["$[\"a\\\"b\"]", "$['it\\'s']", "$[\"\\u00e9\"]"] {
+            assert!(JsonPathExpr::compile(p).is_ok(), "{p}");
+        }
+    }
 
     #[test]
     fn paths_that_grow_faster_than_the_event_are_refused() {
