@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 """End-to-end benchmark of switchyard against the floor, on 127.0.0.1 only.
 
-Runs, in one go: (a) the floor (a minimal forwarder: accept, answer 202, one POST to the sink)
+Runs, in one go: (a) the floor (a minimal forwarder: accept, answer 202, POST to the sink)
 and (b) switchyard with 100 rules, signature verification and the durable outbox, both at a
-fixed concurrency, in alternating rounds; (c) switchyard at a fixed rate of 5,000 events/s for
+fixed concurrency, in alternating rounds, once per event mix (`--mixes`): `default` (70% of
+events match nothing, 20% one rule, 10% three; the floor forwards one message per event),
+`one` (every event makes one message) and `three` (every event makes three; the floor forwards
+as many as switchyard delivers); (c) switchyard at a fixed rate of 5,000 events/s for
 the ingest-latency target; (d) a reload of 1,000 rules under load. Prints one Markdown table.
 Needs only python3 and the workspace's binaries (built first, in release mode).
 
-    bench/run.py [--seconds 15] [--rounds 3] [--concurrency 64] [--profile release|dist] [--skip-build]
+    bench/run.py [--seconds 15] [--rounds 3] [--concurrency 64] [--mixes default,one,three]
+                 [--profile release|dist] [--skip-build] [--binary PATH] [--only-mixes]
 
-`--seconds` is the load time per side, split into `--rounds` alternating rounds.
+`--seconds` is the load time per side and mix, split into `--rounds` alternating rounds.
+`--only-mixes` skips (c) and (d).
 """
 
 import argparse
@@ -78,8 +83,8 @@ def proc_stats(pid):
     return cpu, hwm, rss
 
 
-def loadgen(url, seconds, concurrency=None, rate=None, unsigned=False, start_seq=1):
-    args = [os.path.join(BIN, "loadgen"), "--url", url, "--secret", SECRET, "--duration", str(seconds), "--start-seq", str(start_seq)]
+def loadgen(url, seconds, concurrency=None, rate=None, unsigned=False, start_seq=1, mix="default"):
+    args = [os.path.join(BIN, "loadgen"), "--url", url, "--secret", SECRET, "--duration", str(seconds), "--start-seq", str(start_seq), "--mix", mix]
     if rate:
         args += ["--rate", str(rate)]
     else:
@@ -135,13 +140,14 @@ def stop(p):
             p.kill()
 
 
-def segment(sink, pid, url, seconds, concurrency, unsigned=False, start_seq=1):
+def segment(sink, pid, url, seconds, concurrency, unsigned=False, start_seq=1, mix="default", per_event=False):
     """One timed run against `url`: the load generator's and the sink's figures, and the CPU
-    seconds the process `pid` used meanwhile (until the last message arrived)."""
+    seconds the process `pid` used meanwhile (until the last message arrived). `per_event`:
+    one message per accepted event is expected (the default mix's floor)."""
     http_json(f"http://{sink}/reset", data=b"", method="POST")
     cpu0 = proc_stats(pid)[0]
-    lg = loadgen(url, seconds, concurrency=concurrency, unsigned=unsigned, start_seq=start_seq)
-    s = wait_delivered(sink, lg["accepted"] if unsigned else lg["expected_messages"])
+    lg = loadgen(url, seconds, concurrency=concurrency, unsigned=unsigned, start_seq=start_seq, mix=mix)
+    s = wait_delivered(sink, lg["accepted"] if per_event else lg["expected_messages"])
     return lg, s, proc_stats(pid)[0] - cpu0
 
 
@@ -165,6 +171,38 @@ def combine(runs, one_per_event=False):
     }
 
 
+MIX_TEXT = {
+    "default": "70% no match / 20% one rule / 10% three rules; the floor forwards one message per event",
+    "one": "every event matches one rule (one message per event); the floor forwards one",
+    "three": "every event matches three rules (three messages per event); the floor forwards three",
+}
+
+
+def report(args, results, rss0):
+    """One Markdown table per mix: the floor against switchyard."""
+    lat = lambda x: f"{x['latency_ms']['p50']:.2f} / {x['latency_ms']['p99']:.2f} / {x['latency_ms']['p999']:.2f} ms"
+    for mix, fl, sy, ratios, floor_hwm, hwm in results:
+        delivered_ratio = sy["per_s"] / fl["per_s"] if fl["per_s"] else 0
+        med = sorted(ratios)[len(ratios) // 2] if ratios else 0
+        rows = [
+            ("accepted events/s", f"{fl['accepted_per_s']:,.0f}", f"{sy['accepted_per_s']:,.0f}"),
+            ("delivered messages/s", f"{fl['per_s']:,.0f}", f"{sy['per_s']:,.0f}"),
+            ("messages delivered / expected", f"{fl['messages']:,} / {fl['expected']:,}", f"{sy['messages']:,} / {sy['expected']:,} (duplicates {sy['duplicates']})"),
+            ("ingest latency p50 / p99 / p99.9", lat(fl), lat(sy)),
+            ("end-to-end (sent → delivered) p50 / p99", f"{fl['e2e_ms']['p50']:.1f} / {fl['e2e_ms']['p99']:.1f} ms", f"{sy['e2e_ms']['p50']:.1f} / {sy['e2e_ms']['p99']:.1f} ms"),
+            ("peak RSS (so far)", f"{floor_hwm:.0f} MB", f"{hwm:.0f} MB (at start {rss0:.0f} MB)"),
+            ("CPU seconds per 1,000 events", f"{fl['cpu_per_1k']:.3f}", f"{sy['cpu_per_1k']:.3f}"),
+            ("throughput vs the floor (delivered messages)", "1.00", f"{delivered_ratio:.2f}; median round {med:.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"),
+            ("throughput vs the floor (accepted events)", "1.00", f"{sy['accepted_per_s'] / fl['accepted_per_s']:.2f}" if fl["accepted_per_s"] else "-"),
+        ]
+        print(f"\nmix `{mix}`: {MIX_TEXT.get(mix, mix)}. Concurrency {args.concurrency}, {args.rounds} alternating rounds of "
+              f"{args.seconds / args.rounds:.0f} s per side; latencies are the median round's\n")
+        print("| | floor | switchyard (100 rules, verify, durable outbox) |")
+        print("|---|---|---|")
+        for r in rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=15)
@@ -173,6 +211,8 @@ def main():
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--profile", default="release", help="cargo profile to build and measure (`dist`: the deployment build)")
     ap.add_argument("--binary", help="the switchyard binary to measure (default: the build's); for A/B runs against another commit")
+    ap.add_argument("--mixes", default="default,one,three", help="event mixes to compare with the floor, in order")
+    ap.add_argument("--only-mixes", action="store_true", help="skip the fixed-rate and reload parts")
     args = ap.parse_args()
     global BIN
     BIN = os.path.join(TARGET, args.profile)
@@ -189,25 +229,34 @@ def main():
         floor_p = start([os.path.join(BIN, "floor"), "--sink", f"http://{sink}/hook"])
         procs.append(floor_p)
         floor = first_line(floor_p)
+        kind_p = start([os.path.join(BIN, "floor"), "--sink", f"http://{sink}/hook", "--per-kind"])
+        procs.append(kind_p)
+        kind_floor = first_line(kind_p)
         p, port, _ = engine(tmp, 100, sink, "main", binary=args.binary)
         procs.append(p)
         rss0 = proc_stats(p.pid)[2]
         seg = args.seconds / args.rounds
-        floor_runs, sy_runs, ratios = [], [], []
         seq = 10_000_000
-        for r in range(args.rounds):
-            print(f"round {r + 1} of {args.rounds}: floor, then switchyard (100 rules, durable outbox)…", file=sys.stderr)
-            f = segment(sink, floor_p.pid, f"http://{floor}/hooks/port", seg, args.concurrency, unsigned=True)
-            e = segment(sink, p.pid, f"http://127.0.0.1:{port}/hooks/port", seg, args.concurrency, start_seq=seq)
-            seq = e[0]["next_seq"]
-            floor_runs.append(f)
-            sy_runs.append(e)
-            ratios.append(e[1]["per_s"] / f[1]["per_s"] if f[1]["per_s"] else 0)
-        floor_hwm = proc_stats(floor_p.pid)[1]
-        hwm = proc_stats(p.pid)[1]
+        results = []
+        for mix in args.mixes.split(","):
+            fp, furl = (floor_p, floor) if mix == "default" else (kind_p, kind_floor)
+            floor_runs, sy_runs, ratios = [], [], []
+            for r in range(args.rounds):
+                print(f"mix {mix}, round {r + 1} of {args.rounds}: floor, then switchyard (100 rules, durable outbox)…", file=sys.stderr)
+                f = segment(sink, fp.pid, f"http://{furl}/hooks/port", seg, args.concurrency, unsigned=True, start_seq=seq, mix=mix, per_event=mix == "default")
+                e = segment(sink, p.pid, f"http://127.0.0.1:{port}/hooks/port", seg, args.concurrency, start_seq=seq, mix=mix)
+                seq = e[0]["next_seq"]
+                floor_runs.append(f)
+                sy_runs.append(e)
+                ratios.append(e[1]["per_s"] / f[1]["per_s"] if f[1]["per_s"] else 0)
+            results.append((mix, combine(floor_runs, one_per_event=mix == "default"), combine(sy_runs), ratios,
+                            proc_stats(fp.pid)[1], proc_stats(p.pid)[1]))
         stop(floor_p)
+        stop(kind_p)
         stop(p)
-        fl, sy = combine(floor_runs, one_per_event=True), combine(sy_runs)
+        if args.only_mixes:
+            report(args, results, rss0)
+            return
 
         # (c) fixed rate 5,000/s for the latency target
         print("switchyard at 5,000 events/s…", file=sys.stderr)
@@ -240,25 +289,7 @@ def main():
             stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    delivered_ratio = sy["per_s"] / fl["per_s"] if fl["per_s"] else 0
-    lat = lambda x: f"{x['latency_ms']['p50']:.2f} / {x['latency_ms']['p99']:.2f} / {x['latency_ms']['p999']:.2f} ms"
-    rows = [
-        ("accepted events/s", f"{fl['accepted_per_s']:,.0f}", f"{sy['accepted_per_s']:,.0f}"),
-        ("delivered messages/s", f"{fl['per_s']:,.0f}", f"{sy['per_s']:,.0f}"),
-        ("messages delivered / expected", f"{fl['messages']:,} / {fl['expected']:,}", f"{sy['messages']:,} / {sy['expected']:,} (duplicates {sy['duplicates']})"),
-        ("ingest latency p50 / p99 / p99.9", lat(fl), lat(sy)),
-        ("end-to-end (sent → delivered) p50 / p99", f"{fl['e2e_ms']['p50']:.1f} / {fl['e2e_ms']['p99']:.1f} ms", f"{sy['e2e_ms']['p50']:.1f} / {sy['e2e_ms']['p99']:.1f} ms"),
-        ("peak RSS", f"{floor_hwm:.0f} MB", f"{hwm:.0f} MB (at start {rss0:.0f} MB)"),
-        ("CPU seconds per 1,000 events", f"{fl['cpu_per_1k']:.3f}", f"{sy['cpu_per_1k']:.3f}"),
-        ("throughput vs the floor (delivered messages)", "1.00", f"{delivered_ratio:.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"),
-        ("throughput vs the floor (accepted events)", "1.00", f"{sy['accepted_per_s'] / fl['accepted_per_s']:.2f}" if fl["accepted_per_s"] else "-"),
-    ]
-    print(f"\nconcurrency {args.concurrency}, {args.rounds} alternating rounds of {args.seconds / args.rounds:.0f} s per side, "
-          f"70% no match / 20% one rule / 10% three rules; latencies are the median round's\n")
-    print("| | floor | switchyard (100 rules, verify, durable outbox) |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    report(args, results, rss0)
     print(f"\nat a fixed 5,000 events/s: accepted {rate_lg['accepted_per_s']:,.0f}/s, ingest p50 / p99 / p99.9 = "
           f"{rate_lg['latency_us']['p50']/1000:.2f} / {rate_lg['latency_us']['p99']/1000:.2f} / {rate_lg['latency_us']['p999']/1000:.2f} ms, "
           f"delivered {rate_s['messages']:,} of {rate_lg['expected_messages']:,}, failed requests {rate_lg['failed']}")

@@ -1,7 +1,10 @@
 //! Shared pieces of the benchmark tools: the event mix and the bench rules.
 //!
 //! Events are Port changelog bodies for blueprint `BenchDeployment`. `kind` decides how many
-//! rules match: `none` (70%), `one` (20%), `three` (10%). Each body is unique (a sequence
+//! rules match: `none`, `one` or `three`. The [`Mix`] decides the kinds: the default mix is
+//! `none` 70%, `one` 20%, `three` 10% (most changes interest no rule); the `one` and `three`
+//! mixes make every event produce one or three messages (the path users care about: a change
+//! that someone must hear about). Each body is unique (a sequence
 //! number) and carries `sent_us`, the send time in microseconds since the epoch, which the
 //! message text repeats so the sink can measure end-to-end latency on the same clock.
 
@@ -23,12 +26,42 @@ pub async fn serve(listen: &str, app: axum::Router) {
     axum::serve(listener, app).await.expect("serve");
 }
 
+/// Which kinds of events a run sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mix {
+    /// 70% match nothing, 20% one rule, 10% three rules.
+    #[default]
+    Default,
+    /// Every event matches one rule: one message per event.
+    One,
+    /// Every event matches three rules: three messages per event.
+    Three,
+}
+
 /// The kind of the `seq`-th event in the 70/20/10 mix.
 pub fn kind_of(seq: u64) -> &'static str {
-    match seq % 10 {
-        0 => "three",
-        1 | 2 => "one",
-        _ => "none",
+    kind_in(Mix::Default, seq)
+}
+
+/// The kind of the `seq`-th event of `mix`.
+pub fn kind_in(mix: Mix, seq: u64) -> &'static str {
+    match mix {
+        Mix::One => "one",
+        Mix::Three => "three",
+        Mix::Default => match seq % 10 {
+            0 => "three",
+            1 | 2 => "one",
+            _ => "none",
+        },
+    }
+}
+
+/// The messages the rules make of an event of `kind`.
+pub fn messages_of(kind: &str) -> u64 {
+    match kind {
+        "three" => 3,
+        "one" => 1,
+        _ => 0,
     }
 }
 
@@ -38,7 +71,12 @@ pub fn kind_of(seq: u64) -> &'static str {
 /// machine with the engine it measures, so it should spend as little CPU per request as it
 /// can. A test checks that the text is the JSON [`event_value`] describes.
 pub fn event(seq: u64) -> Vec<u8> {
-    let kind = kind_of(seq);
+    event_in(Mix::Default, seq)
+}
+
+/// A changelog body for the `seq`-th event of `mix`.
+pub fn event_in(mix: Mix, seq: u64) -> Vec<u8> {
+    let kind = kind_in(mix, seq);
     let ident = seq % 5000;
     let prev = seq - seq.min(1);
     let sent = now_us();

@@ -13,22 +13,36 @@ struct Args {
     /// The sink URL.
     #[arg(long)]
     sink: String,
+    /// Forward as many messages as the engine's rules make of the event (three for a `three`
+    /// event, none for `none`), for the one- and three-message mixes. Without it, one message
+    /// per event, as the default mix's comparison has always been.
+    #[arg(long)]
+    per_kind: bool,
 }
 
 #[derive(Clone)]
 struct St {
     client: reqwest::Client,
     sink: String,
+    per_kind: bool,
 }
 
 async fn forward(State(st): State<St>, body: Bytes) -> StatusCode {
     // The same message the engine would send: the event's text first (for the e2e clock).
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let p = &v["diff"]["after"]["properties"];
-    let msg = serde_json::json!({"text": format!("{} {}", p["sent_us"], v["context"]["entity"]), "blocks": [{"elements": [{"text": format!("floor seq {}", p["seq"])}]}]});
-    tokio::spawn(async move {
-        let _ = st.client.post(&st.sink).json(&msg).send().await;
-    });
+    let n = if st.per_kind {
+        switchyard_bench::messages_of(p["kind"].as_str().unwrap_or(""))
+    } else {
+        1
+    };
+    for i in 0..n {
+        let msg = serde_json::json!({"text": format!("{} {}", p["sent_us"], v["context"]["entity"]), "blocks": [{"elements": [{"text": format!("floor seq {} #{i}", p["seq"])}]}]});
+        let st = st.clone();
+        tokio::spawn(async move {
+            let _ = st.client.post(&st.sink).json(&msg).send().await;
+        });
+    }
     StatusCode::ACCEPTED
 }
 
@@ -41,6 +55,7 @@ async fn main() {
             .build()
             .expect("client"),
         sink: a.sink,
+        per_kind: a.per_kind,
     };
     let app = axum::Router::new()
         .fallback(axum::routing::post(forward))

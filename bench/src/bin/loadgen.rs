@@ -30,6 +30,9 @@ struct Args {
     /// Sign nothing (for the floor forwarder).
     #[arg(long)]
     unsigned: bool,
+    /// Which events to send: the 70/20/10 mix, or one or three messages per event.
+    #[arg(long, value_enum, default_value_t = switchyard_bench::Mix::Default)]
+    mix: switchyard_bench::Mix,
 }
 
 /// What every request shares: the client, the target and the counters.
@@ -38,6 +41,7 @@ struct Load {
     url: String,
     secret: String,
     unsigned: bool,
+    mix: switchyard_bench::Mix,
     seq: AtomicU64,
     hist: Mutex<Histogram<u64>>,
     ok: AtomicU64,
@@ -49,7 +53,7 @@ impl Load {
     /// Sends the next event of the mix and records its outcome and latency.
     async fn send_one(&self) {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let body = switchyard_bench::event(n);
+        let body = switchyard_bench::event_in(self.mix, n);
         let mut req = self
             .client
             .post(&self.url)
@@ -67,11 +71,7 @@ impl Load {
         match r {
             Ok(resp) if resp.status().as_u16() == 202 => {
                 self.ok.fetch_add(1, Ordering::Relaxed);
-                let msgs = match switchyard_bench::kind_of(n) {
-                    "three" => 3,
-                    "one" => 1,
-                    _ => 0,
-                };
+                let msgs = switchyard_bench::messages_of(switchyard_bench::kind_in(self.mix, n));
                 self.expected_msgs.fetch_add(msgs, Ordering::Relaxed);
                 if let Ok(mut h) = self.hist.lock() {
                     let _ = h.record(us.max(1));
@@ -108,6 +108,7 @@ async fn main() {
         url: a.url.clone(),
         secret: a.secret.clone(),
         unsigned: a.unsigned,
+        mix: a.mix,
         seq: AtomicU64::new(a.start_seq),
         hist: Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
         ok: AtomicU64::new(0),
