@@ -11,6 +11,7 @@
 //! The data directory is locked while the store is open: two engines on one outbox would send
 //! each other's messages.
 
+mod dedup;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -62,8 +63,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   kind TEXT
 );
 CREATE INDEX IF NOT EXISTS dead_letters_dest ON dead_letters(destination, dead_at);
-CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedup_expires ON dedup(expires_at);
+CREATE TABLE IF NOT EXISTS dedup_keys (id INTEGER PRIMARY KEY, hash BLOB NOT NULL, expires_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS dedup_keys_expires ON dedup_keys(expires_at);
 CREATE TABLE IF NOT EXISTS throttle (key TEXT PRIMARY KEY, until INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_flushes (
   rule TEXT NOT NULL, grp TEXT NOT NULL, flushed_at INTEGER NOT NULL, PRIMARY KEY (rule, grp)
@@ -130,6 +131,9 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
 ///    job was replayed from; if it dies again, it is that dead letter again. (The tables of
 ///    keyed messages, silences and digest flushes are new tables, made by the schema.)
 ///
+/// 3. Dedup keys are logged append-only and looked up in memory (`dedup.rs`): the unexpired keys
+///    of the `dedup` table become their digests in `dedup_keys`, and `dedup` is dropped.
+///
 /// A message's kind is stored as NULL (it is nearly every row, and NULL costs the insert
 /// nothing); readers see `message`.
 fn migrate(c: &Connection) -> rusqlite::Result<()> {
@@ -142,6 +146,10 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
             c.execute_batch("ALTER TABLE outbox ADD COLUMN replay_of INTEGER")?;
         }
         c.execute_batch("PRAGMA user_version = 2")?;
+    }
+    if version < 3 {
+        dedup::migrate(c, now_ms())?;
+        c.execute_batch("PRAGMA user_version = 3")?;
     }
     // Grouped rules' items, found without a scan of the queue (needs `kind`, so after the
     // migrations that add it).
@@ -304,11 +312,13 @@ impl SqliteStore {
             .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
             .map_err(|e| StoreError::Open(e.to_string()))?;
         let pending = Arc::new(AtomicUsize::new(count as usize));
+        let dedup = dedup::Dedup::load(&conn, now_ms())
+            .map_err(|e| StoreError::Open(format!("cannot read the dedup window: {e}")))?;
         let (tx, rx) = mpsc::channel();
         let p2 = pending.clone();
         std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer(conn, rx, p2))
+            .spawn(move || writer(conn, rx, p2, dedup))
             .map_err(|e| StoreError::Open(format!("cannot start the outbox writer: {e}")))?;
         Ok(SqliteStore {
             reads: Arc::new(ReadPool::new(path.clone())),
@@ -844,6 +854,89 @@ mod tests {
             1
         );
         assert_eq!(ob.pending(), 3);
+    }
+
+    /// The window is durable: after a restart (the map rebuilt from `dedup_keys`) a key is
+    /// still a duplicate; two enqueues of one key in one batch accept one.
+    #[tokio::test]
+    async fn dedup_keys_survive_a_restart_and_a_shared_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hour = Duration::from_secs(3600);
+        {
+            let ob = Outbox::open(dir.path(), 100).expect("open");
+            let (a, b) = tokio::join!(
+                ob.enqueue(Some(("same".into(), hour)), vec![job("same")], None),
+                ob.enqueue(Some(("same".into(), hour)), vec![job("same")], None),
+            );
+            let dups = [&a, &b]
+                .iter()
+                .filter(|r| matches!(r, Ok(Enqueued::Duplicate)))
+                .count();
+            assert_eq!(dups, 1, "{a:?} {b:?}");
+            committed(
+                ob.enqueue(
+                    Some(("gone".into(), Duration::ZERO)),
+                    vec![job("gone")],
+                    None,
+                )
+                .await,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let ob = Outbox::open(dir.path(), 100).expect("reopen");
+        assert!(matches!(
+            ob.enqueue(Some(("same".into(), hour)), vec![job("same")], None)
+                .await,
+            Ok(Enqueued::Duplicate)
+        ));
+        // An expired key is not loaded: its event is accepted again.
+        committed(
+            ob.enqueue(Some(("gone".into(), hour)), vec![job("gone")], None)
+                .await,
+        );
+    }
+
+    /// A data directory from before schema 3 keeps its unexpired keys (as digests); the old
+    /// table is gone.
+    #[tokio::test]
+    async fn dedup_keys_of_the_old_table_are_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let far = now_ms() + 3_600_000;
+        {
+            let c = Connection::open(dir.path().join("switchyard.db")).expect("db");
+            c.execute_batch(
+                "CREATE TABLE dedup (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL) WITHOUT ROWID;
+                 PRAGMA user_version = 2;",
+            )
+            .expect("old schema");
+            c.execute("INSERT INTO dedup VALUES ('live', ?), ('dead', 1)", [far])
+                .expect("rows");
+        }
+        let ob = Outbox::open(dir.path(), 100).expect("open");
+        let hour = Duration::from_secs(3600);
+        assert!(matches!(
+            ob.enqueue(Some(("live".into(), hour)), vec![job("live")], None)
+                .await,
+            Ok(Enqueued::Duplicate)
+        ));
+        committed(
+            ob.enqueue(Some(("dead".into(), hour)), vec![job("dead")], None)
+                .await,
+        );
+        drop(ob);
+        let c = Connection::open(dir.path().join("switchyard.db")).expect("db");
+        let old: bool = c
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'dedup')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("query");
+        assert!(!old, "the old table is dropped");
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 3);
     }
 
     #[tokio::test]

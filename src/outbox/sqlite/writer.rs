@@ -1,5 +1,6 @@
 //! The writer thread: every change to the database, grouped into transactions.
 
+use super::dedup::Dedup;
 use super::*;
 use crate::job::{ReportSpec, RunReport, Tally, Target};
 use crate::outbox::{Attempt, KeyChange, KeyEffect};
@@ -47,7 +48,12 @@ pub(super) enum Cmd {
 pub(super) type AdminOp =
     Box<dyn FnOnce(&rusqlite::Transaction<'_>, i64) -> Result<Value, String> + Send>;
 
-pub(super) fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc<AtomicUsize>) {
+pub(super) fn writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Cmd>,
+    pending: Arc<AtomicUsize>,
+    mut dedup: Dedup,
+) {
     let mut full = true; // the schema opens the connection with synchronous=FULL
                          // Registered once (the server installs the recorder before it opens the outbox).
     let commits_full = metrics::counter!("switchyard_outbox_commits_total", "sync" => "full");
@@ -117,7 +123,7 @@ pub(super) fn writer(mut conn: Connection, rx: mpsc::Receiver<Cmd>, pending: Arc
         commands.increment(batch.len() as u64);
         // On failure every waiting caller of an enqueue, replay or purge gets an error, and
         // the outcomes of attempts come back to be committed again.
-        match apply(&mut conn, batch, &pending, tracked) {
+        match apply(&mut conn, batch, &pending, tracked, &mut dedup) {
             Ok(()) => {
                 if pause > RETRY_FIRST {
                     tracing::info!("the outbox commits again");
@@ -182,13 +188,18 @@ fn apply(
     batch: Vec<Cmd>,
     pending: &AtomicUsize,
     tracked: bool,
+    dedup: &mut Dedup,
 ) -> Result<(), (String, Vec<Cmd>)> {
     // Outcomes are applied by reference, so that they survive a failed transaction whole;
     // the rest is consumed (its callers are answered with the error).
     let (finishes, others): (Vec<Cmd>, Vec<Cmd>) = batch
         .into_iter()
         .partition(|c| matches!(c, Cmd::Finish { .. }));
-    match apply_tx(conn, others, &finishes, pending, tracked) {
+    let applied = apply_tx(conn, others, &finishes, pending, tracked, dedup);
+    if applied.is_err() {
+        dedup.rolled_back();
+    }
+    match applied {
         Ok(created) => {
             for (cmd, jobs) in finishes.into_iter().zip(created) {
                 if let Cmd::Finish {
@@ -211,6 +222,7 @@ fn apply_tx(
     finishes: &[Cmd],
     pending: &AtomicUsize,
     tracked: bool,
+    dedup: &mut Dedup,
 ) -> Result<Vec<Vec<Job>>, String> {
     let tx = conn.transaction().map_err(|e| e.to_string())?;
     let now = now_ms();
@@ -310,23 +322,16 @@ fn apply_tx(
     for cmd in others {
         match cmd {
             Cmd::Enqueue {
-                dedup,
+                dedup: dedup_key,
                 jobs,
                 tracker,
                 reply,
             } => {
-                if let Some((key, expires)) = &dedup {
-                    // One statement: a new key is inserted, an expired one renewed, a live one
-                    // left alone (no row changed: a duplicate).
-                    let changed = tx
-                        .exec_c(
-                            "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
-                             ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
-                             WHERE dedup.expires_at <= ?3",
-                            params![key, expires, now],
-                        )
+                if let Some((key, expires)) = &dedup_key {
+                    let fresh = dedup
+                        .claim(&tx, key, *expires, now)
                         .map_err(|e| e.to_string())?;
-                    if changed == 0 {
+                    if !fresh {
                         replies.push(Reply::Enqueue(reply, Ok(Enqueued::Duplicate)));
                         continue;
                     }
@@ -476,16 +481,19 @@ fn apply_tx(
             }
         }
     }
-    // Expired dedup keys are dropped now and then, inside the same transaction; the index on
-    // `expires_at` makes that a range delete of what expired, not a scan of every key.
-    if now % 64 == 0 {
-        tx.exec_c("DELETE FROM dedup WHERE expires_at < ?", [now])
+    // Expired dedup keys and message keys are dropped now and then, inside the same
+    // transaction; the indexes on `expires_at` make that a range delete of what expired, not a
+    // scan of every key.
+    let sweep = dedup.sweep_due();
+    if sweep {
+        tx.exec_c("DELETE FROM dedup_keys WHERE expires_at <= ?", [now])
             .map_err(|e| e.to_string())?;
         tx.exec_c("DELETE FROM message_keys WHERE expires_at < ?", [now])
             .map_err(|e| e.to_string())?;
     }
     match tx.commit() {
         Ok(()) => {
+            dedup.committed(sweep, now);
             if added >= 0 {
                 pending.fetch_add(added as usize, Ordering::Relaxed);
             } else {
