@@ -14,7 +14,10 @@ Needs only python3 and the workspace's binaries (built first, in release mode).
                  [--profile release|dist] [--skip-build] [--binary PATH] [--only-mixes]
 
 `--seconds` is the load time per side and mix, split into `--rounds` alternating rounds.
-`--only-mixes` skips (c) and (d).
+`--only-mixes` skips (c) and (d). `--guide` adds (e): the FastAPI listener of Port's guide
+(bench/guide/listener.py, one uvicorn worker, `slack_sdk`), the code switchyard replaces,
+against switchyard in alternating rounds of the `one` mix; it installs FastAPI, uvicorn and
+slack_sdk into target/bench-py first.
 """
 
 import argparse
@@ -171,6 +174,56 @@ def combine(runs, one_per_event=False):
     }
 
 
+def guide(args, tmp, sink, sy_pid, sy_port, seg, seq):
+    """(e) The guide's FastAPI listener against switchyard, alternating rounds of mix `one`."""
+    venv = os.path.join(TARGET, "bench-py")
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r",
+                    os.path.join(ROOT, "bench", "guide", "requirements.txt")], check=True)
+    gport = free_port()
+    env = dict(os.environ, PORT_CLIENT_SECRET=SECRET, SLACK_WEBHOOK_URL=f"http://{sink}/hook")
+    g = subprocess.Popen([py, "-m", "uvicorn", "listener:app", "--workers", "1", "--host", "127.0.0.1",
+                          "--port", str(gport), "--log-level", "warning", "--no-access-log"],
+                         cwd=os.path.join(ROOT, "bench", "guide"), env=env,
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "guide.log"), "w"))
+    try:
+        end = time.time() + 30
+        while time.time() < end:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{gport}/docs", timeout=1).read()
+                break
+            except Exception:
+                time.sleep(0.2)
+        g_runs, s_runs = [], []
+        for r in range(args.rounds):
+            print(f"guide, round {r + 1} of {args.rounds}: the FastAPI listener, then switchyard…", file=sys.stderr)
+            gr = segment(sink, g.pid, f"http://127.0.0.1:{gport}/hooks/port", seg, args.concurrency, start_seq=seq, mix="one")
+            seq = gr[0]["next_seq"]
+            sr = segment(sink, sy_pid, f"http://127.0.0.1:{sy_port}/hooks/port", seg, args.concurrency, start_seq=seq, mix="one")
+            seq = sr[0]["next_seq"]
+            g_runs.append(gr)
+            s_runs.append(sr)
+        return combine(g_runs), combine(s_runs), [s[1]["per_s"] / x[1]["per_s"] if x[1]["per_s"] else 0 for x, s in zip(g_runs, s_runs)], proc_stats(g.pid)[1]
+    finally:
+        stop(g)
+
+
+def print_guide(args, rows):
+    gl, sy, ratios, hwm = rows
+    med = sorted(ratios)[len(ratios) // 2] if ratios else 0
+    print(f"\nthe guide's FastAPI listener (one uvicorn worker, slack_sdk), mix `one`, {args.rounds} alternating rounds:\n")
+    print("| | FastAPI listener | switchyard |")
+    print("|---|---|---|")
+    print(f"| delivered messages/s | {gl['per_s']:,.0f} | {sy['per_s']:,.0f} |")
+    print(f"| messages delivered / expected | {gl['messages']:,} / {gl['expected']:,} | {sy['messages']:,} / {sy['expected']:,} |")
+    print(f"| ingest latency p50 / p99 | {gl['latency_ms']['p50']:.2f} / {gl['latency_ms']['p99']:.2f} ms | {sy['latency_ms']['p50']:.2f} / {sy['latency_ms']['p99']:.2f} ms |")
+    print(f"| CPU seconds per 1,000 events | {gl['cpu_per_1k']:.3f} | {sy['cpu_per_1k']:.3f} |")
+    print(f"| peak RSS | {hwm:.0f} MB | |")
+    print(f"| switchyard vs the listener (delivered messages) | 1.0 | {sy['per_s'] / gl['per_s'] if gl['per_s'] else 0:.1f}×; median round {med:.1f}× (rounds: {', '.join(f'{x:.1f}' for x in ratios)}) |")
+
+
 MIX_TEXT = {
     "default": "70% no match / 20% one rule / 10% three rules; the floor forwards one message per event",
     "one": "every event matches one rule (one message per event); the floor forwards one",
@@ -213,6 +266,7 @@ def main():
     ap.add_argument("--binary", help="the switchyard binary to measure (default: the build's); for A/B runs against another commit")
     ap.add_argument("--mixes", default="default,one,three", help="event mixes to compare with the floor, in order")
     ap.add_argument("--only-mixes", action="store_true", help="skip the fixed-rate and reload parts")
+    ap.add_argument("--guide", action="store_true", help="also measure the guide's FastAPI listener (mix one)")
     args = ap.parse_args()
     global BIN
     BIN = os.path.join(TARGET, args.profile)
@@ -251,11 +305,15 @@ def main():
                 ratios.append(e[1]["per_s"] / f[1]["per_s"] if f[1]["per_s"] else 0)
             results.append((mix, combine(floor_runs, one_per_event=mix == "default"), combine(sy_runs), ratios,
                             proc_stats(fp.pid)[1], proc_stats(p.pid)[1]))
+        if args.guide:
+            guide_rows = guide(args, tmp, sink, p.pid, port, seg, seq)
         stop(floor_p)
         stop(kind_p)
         stop(p)
         if args.only_mixes:
             report(args, results, rss0)
+            if args.guide:
+                print_guide(args, guide_rows)
             return
 
         # (c) fixed rate 5,000/s for the latency target
@@ -290,6 +348,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     report(args, results, rss0)
+    if args.guide:
+        print_guide(args, guide_rows)
     print(f"\nat a fixed 5,000 events/s: accepted {rate_lg['accepted_per_s']:,.0f}/s, ingest p50 / p99 / p99.9 = "
           f"{rate_lg['latency_us']['p50']/1000:.2f} / {rate_lg['latency_us']['p99']/1000:.2f} / {rate_lg['latency_us']['p999']/1000:.2f} ms, "
           f"delivered {rate_s['messages']:,} of {rate_lg['expected_messages']:,}, failed requests {rate_lg['failed']}")
