@@ -193,6 +193,31 @@ async fn a_duplicate_msg_id_is_sent_once() {
     assert_eq!(slack.on_path("/api/chat.postMessage").len(), 1);
 }
 
+/// The dedup window outlives the process: after kill -9 and a restart on the same data
+/// directory (the window rebuilt from the outbox's log), Coder's retry of a notification is
+/// still a duplicate, and `switchyard_dedup_keys` counts the key.
+#[tokio::test]
+async fn a_duplicate_msg_id_after_a_restart_is_still_sent_once() {
+    let slack = fake_web_api().await;
+    let mut e = engine(&slack, &[], true).await;
+    let body = fixture("coder/workspace-manually-updated.json");
+    let (s1, r1) = post_coder(&e, &body).await;
+    assert_eq!((s1, r1["dispatches"].as_i64()), (202, Some(1)));
+    slack.wait_for("/api/chat.postMessage", 1, 10).await;
+    e.kill();
+    e.spawn().await;
+    let metrics = e.get_text("/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l == "switchyard_dedup_keys 1"),
+        "{metrics}"
+    );
+    let (s2, r2) = post_coder(&e, &body).await;
+    assert_eq!(s2, 202);
+    assert_eq!(r2["duplicate"], true, "{r2}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(slack.on_path("/api/chat.postMessage").len(), 1);
+}
+
 #[tokio::test]
 async fn missing_fields_are_400_naming_the_field_and_a_bad_token_is_401() {
     let slack = fake_web_api().await;

@@ -112,6 +112,11 @@ const SERIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "switchyard_dedup_keys",
+        "Event ids held in the dedup windows (kept in memory, about 40 bytes each).",
+        Kind::Gauge,
+    ),
+    (
         "switchyard_reloads_total",
         "Loads of the rules, by outcome (ok, error).",
         Kind::Counter,
@@ -185,6 +190,7 @@ pub fn describe() {
         metrics::counter!(name).absolute(0);
     }
     metrics::gauge!("switchyard_connections_open").set(0.0);
+    metrics::gauge!("switchyard_dedup_keys").set(0.0);
 }
 
 /// The `process_*` series (`process_cpu_seconds_total`, `process_resident_memory_bytes`,

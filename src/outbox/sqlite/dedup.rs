@@ -11,8 +11,10 @@
 //! What it guarantees is unchanged: a key is durable in the transaction that accepts its
 //! event's jobs; after a restart the map is rebuilt from the log, so a redelivery within the
 //! window is still a duplicate. The map holds a 128-bit digest of each key (SHA-256,
-//! truncated), not the key: about 40 bytes per key in the window. Two different ids sharing a
-//! digest would have a chance of about 2⁻¹²⁸ per pair.
+//! truncated), not the key: about 40 bytes per key in the window (`switchyard_dedup_keys`
+//! counts them; a source with a large volume and the default 24 h window is the case to watch,
+//! and a shorter `dedup_window` is its remedy). Two different ids sharing a digest would have
+//! a chance of about 2⁻¹²⁸ per pair. Only events that queue something have a key at all.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -103,6 +105,11 @@ impl Dedup {
             self.seen.retain(|_, e| *e > now);
             self.last_sweep = Instant::now();
         }
+    }
+
+    /// Keys in the window (the `switchyard_dedup_keys` gauge).
+    pub(super) fn len(&self) -> usize {
+        self.seen.len()
     }
 
     /// The batch failed: nothing of it was stored.

@@ -60,6 +60,8 @@ pub(super) fn writer(
     let commits_normal = metrics::counter!("switchyard_outbox_commits_total", "sync" => "normal");
     let commands = metrics::counter!("switchyard_outbox_commands_total");
     let failures = metrics::counter!("switchyard_outbox_commit_failures_total");
+    let dedup_keys = metrics::gauge!("switchyard_dedup_keys");
+    dedup_keys.set(dedup.len() as f64);
     // Outcomes of attempts whose commit failed (disk full, database busy past its timeout).
     // They are not dropped: a delivered message whose outcome is lost would stay queued with
     // no worker and be sent again on the next start. They are committed again, first in every
@@ -125,6 +127,7 @@ pub(super) fn writer(
         // the outcomes of attempts come back to be committed again.
         match apply(&mut conn, batch, &pending, tracked, &mut dedup) {
             Ok(()) => {
+                dedup_keys.set(dedup.len() as f64);
                 if pause > RETRY_FIRST {
                     tracing::info!("the outbox commits again");
                 }
