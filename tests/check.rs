@@ -162,6 +162,29 @@ fn template_syntax_error() {
     assert!(e.message.contains("template `t`"));
 }
 
+/// A template the handlebars crate would take half a minute to compile (20,000 expressions in
+/// 340 KB; compiling is quadratic there) is refused before compiling, in its file, with the
+/// remedy; `check` answers at once instead of after 30 s.
+#[test]
+fn a_template_too_large_to_compile_in_bounded_time_is_an_error_in_its_file() {
+    let big = format!("{{\"text\": \"{}\"}}", "{{entity.title}} x".repeat(20_000));
+    let d = dir_with(
+        &format!("{RULE}    send: [{{ to: console, template: t }}]\n"),
+        &[("t", &big)],
+    );
+    let errs = errors(d.path());
+    let e = errs
+        .iter()
+        .find(|e| e.code == "template")
+        .unwrap_or_else(|| panic!("{errs:#?}"));
+    assert!(e.file.as_ref().unwrap().ends_with("t.hbs"), "{e:?}");
+    assert!(e.message.contains("split it into partials"), "{e:?}");
+    assert!(
+        !errs.iter().any(|e| e.code == "unknown-template"),
+        "reported once: {errs:#?}"
+    );
+}
+
 #[test]
 fn rendered_message_over_a_block_kit_limit() {
     let long = "x".repeat(160);
