@@ -24,8 +24,11 @@ use sha2::{Digest, Sha256};
 
 use super::Cached;
 
-/// How often expired keys are dropped (from the map and, in the same batch, from the log).
+/// How often expired keys are dropped (from the map and, starting in the same batch, from the
+/// log).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Most expired rows of the log deleted in one batch; more go with the next batches.
+pub(super) const SWEEP_ROWS: i64 = 2_000;
 
 /// A key's digest.
 pub(super) type KeyHash = [u8; 16];
@@ -46,6 +49,8 @@ pub(super) struct Dedup {
     /// forgotten if it fails (then nothing of it was stored).
     batch: HashMap<KeyHash, i64>,
     last_sweep: Instant,
+    /// The last sweep of the log stopped at [`SWEEP_ROWS`]: expired rows remain.
+    behind: bool,
 }
 
 impl Dedup {
@@ -67,6 +72,7 @@ impl Dedup {
             seen,
             batch: HashMap::new(),
             last_sweep: Instant::now(),
+            behind: true,
         })
     }
 
@@ -92,15 +98,25 @@ impl Dedup {
         Ok(true)
     }
 
-    /// Whether this batch should also drop expired keys from the log (every [`SWEEP_EVERY`]);
-    /// the map follows in [`Dedup::committed`].
+    /// Whether this batch sweeps (every [`SWEEP_EVERY`]): expired keys leave the map after
+    /// its commit, and the log's start to go.
     pub(super) fn sweep_due(&self) -> bool {
         self.last_sweep.elapsed() >= SWEEP_EVERY
     }
 
-    /// The batch committed: its keys are seen from now on; after a sweep, expired keys go.
-    pub(super) fn committed(&mut self, swept: bool, now: i64) {
+    /// Expired rows remain in the log from the last sweep (or since start): this batch deletes
+    /// more of them.
+    pub(super) fn rows_behind(&self) -> bool {
+        self.behind
+    }
+
+    /// The batch committed: its keys are seen from now on. `swept`: it was a sweep (expired
+    /// keys leave the map); `rows`: how many expired rows of the log it deleted, if it tried.
+    pub(super) fn committed(&mut self, swept: bool, rows: Option<usize>, now: i64) {
         self.seen.extend(self.batch.drain());
+        if let Some(n) = rows {
+            self.behind = n as i64 >= SWEEP_ROWS;
+        }
         if swept {
             self.seen.retain(|_, e| *e > now);
             self.last_sweep = Instant::now();

@@ -896,6 +896,57 @@ mod tests {
         );
     }
 
+    /// Expired rows of the dedup log go at most `SWEEP_ROWS` per batch (a day-old burst does not
+    /// hold one commit for long), and all of them go in the batches that follow.
+    #[tokio::test]
+    async fn expired_dedup_rows_are_swept_in_chunks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = 5_000;
+        {
+            let ob = Outbox::open(dir.path(), 100_000).expect("open");
+            let all = (0..n).map(|i| {
+                let ob = ob.clone();
+                async move {
+                    let key = format!("k{i}");
+                    ob.enqueue(Some((key.clone(), Duration::ZERO)), vec![job(&key)], None)
+                        .await
+                }
+            });
+            for r in futures_util::future::join_all(all).await {
+                committed(r);
+            }
+        }
+        let rows = |dir: &Path| -> i64 {
+            let c = Connection::open(dir.join("switchyard.db")).expect("db");
+            c.query_row("SELECT count(*) FROM dedup_keys", [], |r| r.get(0))
+                .expect("count")
+        };
+        assert!(rows(dir.path()) > 0);
+        // After a restart every row has expired; each batch takes at most SWEEP_ROWS of them.
+        let ob = Outbox::open(dir.path(), 100_000).expect("reopen");
+        let mut seen = vec![rows(dir.path())];
+        for i in 0..4 {
+            let key = format!("after-{i}");
+            committed(
+                ob.enqueue(
+                    Some((key.clone(), Duration::from_secs(60))),
+                    vec![job(&key)],
+                    None,
+                )
+                .await,
+            );
+            seen.push(rows(dir.path()));
+        }
+        for w in seen.windows(2) {
+            assert!(w[0] - w[1] <= dedup::SWEEP_ROWS, "{seen:?}");
+        }
+        assert_eq!(
+            *seen.last().expect("last"),
+            4,
+            "only the live keys remain: {seen:?}"
+        );
+    }
+
     /// A data directory from before schema 3 keeps its unexpired keys (as digests); the old
     /// table is gone.
     #[tokio::test]

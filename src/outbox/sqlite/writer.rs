@@ -486,17 +486,28 @@ fn apply_tx(
     }
     // Expired dedup keys and message keys are dropped now and then, inside the same
     // transaction; the indexes on `expires_at` make that a range delete of what expired, not a
-    // scan of every key.
+    // scan of every key. Dedup rows go at most SWEEP_ROWS per batch, so that a window's worth
+    // of keys expiring at once (a burst a day ago) does not hold one commit for long; the rest
+    // go with the following batches.
     let sweep = dedup.sweep_due();
-    if sweep {
-        tx.exec_c("DELETE FROM dedup_keys WHERE expires_at <= ?", [now])
+    let mut swept_rows = None;
+    if sweep || dedup.rows_behind() {
+        let n = tx
+            .exec_c(
+                "DELETE FROM dedup_keys WHERE id IN
+                   (SELECT id FROM dedup_keys WHERE expires_at <= ? LIMIT ?)",
+                params![now, super::dedup::SWEEP_ROWS],
+            )
             .map_err(|e| e.to_string())?;
+        swept_rows = Some(n);
+    }
+    if sweep {
         tx.exec_c("DELETE FROM message_keys WHERE expires_at < ?", [now])
             .map_err(|e| e.to_string())?;
     }
     match tx.commit() {
         Ok(()) => {
-            dedup.committed(sweep, now);
+            dedup.committed(sweep, swept_rows, now);
             if added >= 0 {
                 pending.fetch_add(added as usize, Ordering::Relaxed);
             } else {
