@@ -602,8 +602,15 @@ rules:
     assert_eq!(silences[0]["key"], "health:payments-api");
     assert_eq!(silences[0]["author"], "slack:UANA01");
 
-    // The next match of that key is silenced; another entity's is not.
-    let edits = slack.messages()[0].edits;
+    // The next match of that key is silenced; another entity's is not. Each click of the
+    // double click updates the message (the second without a new silence): wait for both
+    // updates, so that a late second one is not taken for the silenced match (on a loaded
+    // machine it can land after the first).
+    let edits = eventually(10, "both clicks' updates", || {
+        let n = slack.messages()[0].edits;
+        (n >= 2).then_some(n)
+    })
+    .await;
     send(&e, &change("payments-api", "Healthy", "Degraded", 2)).await;
     send(&e, &change("orders-api", "Healthy", "Degraded", 3)).await;
     eventually(10, "the other entity's alert", || {
