@@ -118,6 +118,20 @@ fn jsonpath_ending_inside_a_string_is_a_diagnostic() {
     }
 }
 
+/// The `condition` fuzz target's second find: nested filters made the JSONPath parser's time
+/// double per level (a 423-byte condition took 10 s, 24 levels a minute). Past six levels the
+/// path is a `bad-jsonpath` diagnostic, found by counting, at once.
+#[test]
+fn filters_nested_too_deep_are_a_diagnostic() {
+    let path = format!("'$[?{}@.a{} == 1]'", "@[?".repeat(23), "]".repeat(23));
+    let d = dir_with(
+        &format!("{RULE}    where:\n      - {path}\n    send: [{{ to: console, text: hi }}]\n"),
+        &[],
+    );
+    let e = assert_one(d.path(), "bad-jsonpath", "rules.yaml", 10, 10);
+    assert!(e.message.contains("filters nested 24 deep"), "{e:?}");
+}
+
 #[test]
 fn bad_regex_points_into_the_condition() {
     let d = dir_with(&format!("{RULE}    where:\n      - \"$.blueprint matches ([a-\"\n    send: [{{ to: console, text: hi }}]\n"), &[]);

@@ -47,6 +47,12 @@ fn bounded(text: &str) -> Result<(), String> {
 /// call is wrapped in `catch_unwind` so that any other input of that kind is an error too, not
 /// a panic: parsing is a pure function of `text`, so nothing is left half-changed by an unwind.
 fn parse_general(text: &str) -> Result<serde_json_path::JsonPath, String> {
+    let depth = filter_depth(text);
+    if depth > MAX_FILTER_DEPTH {
+        return Err(format!(
+            "filters nested {depth} deep; at most {MAX_FILTER_DEPTH} (the parser's time doubles with each level: 20 levels took 4 s)"
+        ));
+    }
     if let Some(at) = unterminated_string(text) {
         return Err(format!(
             "unterminated string starting at position {at}: a quoted name or literal needs its closing quote"
@@ -59,6 +65,47 @@ fn parse_general(text: &str) -> Result<serde_json_path::JsonPath, String> {
             Err("the JSONPath parser could not read this path; check its quotes and escapes".into())
         }
     }
+}
+
+/// How deeply filter selectors (`[?…]`) may nest. `serde_json_path` backtracks into every
+/// level, so parsing doubles with each one: 16 levels took 0.25 s, 20 took 4 s, 24 took 66 s
+/// (the `condition` fuzz target found a 423-byte condition that took 10 s). Paths in rules
+/// nest filters two or three deep; six parse in well under a millisecond.
+pub const MAX_FILTER_DEPTH: usize = 6;
+
+/// The deepest nesting of filter selectors in `text` (brackets inside quoted names do not
+/// count; one left open counts as if closed at the end).
+fn filter_depth(text: &str) -> usize {
+    let mut stack: Vec<bool> = Vec::new();
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(_) if c == '\\' => {
+                chars.next();
+            }
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '\'' | '"' => quote = Some(c),
+                '[' => {
+                    while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                        chars.next();
+                    }
+                    let filter = chars.peek() == Some(&'?');
+                    if filter {
+                        depth += 1;
+                        max = max.max(depth);
+                    }
+                    stack.push(filter);
+                }
+                ']' if stack.pop() == Some(true) => depth -= 1,
+                _ => {}
+            },
+        }
+    }
+    max
 }
 
 /// The character position of a quote (`'` or `"`) that is never closed, honouring backslash
@@ -372,6 +419,28 @@ mod tests {
         for p in ["$[\"a\\\"b\"]", "$['it\\'s']", "$[\"\\u00e9\"]"] {
             assert!(JsonPathExpr::compile(p).is_ok(), "{p}");
         }
+    }
+
+    /// The `condition` fuzz target's second find: nested filters make the parser's time double
+    /// per level (a 423-byte condition took 10 s). Past `MAX_FILTER_DEPTH` they are refused
+    /// before parsing; at it they parse.
+    #[test]
+    fn filters_nested_too_deep_are_refused_before_parsing() {
+        let nested = |d: usize| format!("$[?{}@.a{}]", "@[?".repeat(d - 1), "]".repeat(d - 1));
+        assert!(JsonPathExpr::compile(&nested(MAX_FILTER_DEPTH)).is_ok());
+        for p in [
+            nested(MAX_FILTER_DEPTH + 1),
+            nested(24),
+            format!("$[?{}1", "$[?(".repeat(40)),
+            format!("$[?{}", "$[ ?".repeat(30)),
+        ] {
+            let e = JsonPathExpr::compile(&p).expect_err(&p);
+            // Refused by counting (24 levels would parse for about a minute).
+            assert!(e.contains("filters nested"), "{p}: {e}");
+        }
+        // Brackets in quoted names are names, not filters.
+        assert_eq!(filter_depth("$['[?[?[?[?[?[?[?[?']"), 0);
+        assert_eq!(filter_depth("$.a[?@.b[?@.c == 1]]"), 2);
     }
 
     #[test]
