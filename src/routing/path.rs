@@ -47,13 +47,14 @@ fn bounded(text: &str) -> Result<(), String> {
 /// call is wrapped in `catch_unwind` so that any other input of that kind is an error too, not
 /// a panic: parsing is a pure function of `text`, so nothing is left half-changed by an unwind.
 fn parse_general(text: &str) -> Result<serde_json_path::JsonPath, String> {
-    let depth = filter_depth(text);
-    if depth > MAX_FILTER_DEPTH {
+    let shape = scan(text);
+    if shape.filter_depth > MAX_FILTER_DEPTH {
         return Err(format!(
-            "filters nested {depth} deep; at most {MAX_FILTER_DEPTH} (the parser's time doubles with each level: 20 levels took 4 s)"
+            "filters nested {} deep; at most {MAX_FILTER_DEPTH} (the parser's time doubles with each level: 20 levels took 4 s)",
+            shape.filter_depth
         ));
     }
-    if let Some(at) = unterminated_string(text) {
+    if let Some(at) = shape.unterminated {
         return Err(format!(
             "unterminated string starting at position {at}: a quoted name or literal needs its closing quote"
         ));
@@ -73,27 +74,35 @@ fn parse_general(text: &str) -> Result<serde_json_path::JsonPath, String> {
 /// nest filters two or three deep; six parse in well under a millisecond.
 pub const MAX_FILTER_DEPTH: usize = 6;
 
-/// The deepest nesting of filter selectors in `text` (brackets inside quoted names do not
-/// count; one left open counts as if closed at the end).
-fn filter_depth(text: &str) -> usize {
+/// What one pass over a path's text finds before it is parsed.
+struct Shape {
+    /// The deepest nesting of filter selectors (brackets inside quoted names do not count; one
+    /// left open counts as if closed at the end).
+    filter_depth: usize,
+    /// The character position of a quote (`'` or `"`) that is never closed, honouring
+    /// backslash escapes inside quoted text.
+    unterminated: Option<usize>,
+}
+
+fn scan(text: &str) -> Shape {
     let mut stack: Vec<bool> = Vec::new();
     let (mut depth, mut max) = (0usize, 0usize);
-    let mut quote: Option<char> = None;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match quote {
+    let mut open: Option<(char, usize)> = None;
+    let mut chars = text.chars().enumerate().peekable();
+    while let Some((i, c)) = chars.next() {
+        match open {
             Some(_) if c == '\\' => {
                 chars.next();
             }
-            Some(q) if c == q => quote = None,
+            Some((q, _)) if c == q => open = None,
             Some(_) => {}
             None => match c {
-                '\'' | '"' => quote = Some(c),
+                '\'' | '"' => open = Some((c, i)),
                 '[' => {
-                    while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    while chars.peek().is_some_and(|(_, c)| c.is_whitespace()) {
                         chars.next();
                     }
-                    let filter = chars.peek() == Some(&'?');
+                    let filter = chars.peek().is_some_and(|(_, c)| *c == '?');
                     if filter {
                         depth += 1;
                         max = max.max(depth);
@@ -105,26 +114,16 @@ fn filter_depth(text: &str) -> usize {
             },
         }
     }
-    max
+    Shape {
+        filter_depth: max,
+        unterminated: open.map(|(_, at)| at),
+    }
 }
 
-/// The character position of a quote (`'` or `"`) that is never closed, honouring backslash
-/// escapes inside quoted text; `None` when every string is closed.
-fn unterminated_string(text: &str) -> Option<usize> {
-    let mut open: Option<(char, usize)> = None;
-    let mut chars = text.chars().enumerate();
-    while let Some((i, c)) = chars.next() {
-        match open {
-            None if c == '\'' || c == '"' => open = Some((c, i)),
-            None => {}
-            Some(_) if c == '\\' => {
-                chars.next();
-            }
-            Some((q, _)) if c == q => open = None,
-            Some(_) => {}
-        }
-    }
-    open.map(|(_, at)| at)
+/// [`scan`]'s filter depth (tests).
+#[cfg(test)]
+fn scan_depth(text: &str) -> usize {
+    scan(text).filter_depth
 }
 
 /// A JSONPath ready to evaluate.
@@ -439,8 +438,8 @@ mod tests {
             assert!(e.contains("filters nested"), "{p}: {e}");
         }
         // Brackets in quoted names are names, not filters.
-        assert_eq!(filter_depth("$['[?[?[?[?[?[?[?[?']"), 0);
-        assert_eq!(filter_depth("$.a[?@.b[?@.c == 1]]"), 2);
+        assert_eq!(scan_depth("$['[?[?[?[?[?[?[?[?']"), 0);
+        assert_eq!(scan_depth("$.a[?@.b[?@.c == 1]]"), 2);
     }
 
     #[test]
