@@ -87,6 +87,40 @@ struct LimitArgs {
     max_body_mib_in_flight: usize,
 }
 
+/// The PostgreSQL URL of `--store` / `SWITCHYARD_DATABASE_URL`, or of the file
+/// `SWITCHYARD_DATABASE_URL_FILE` names (a mounted Secret); `None` for SQLite. The URL is a
+/// secret from here on: it is never printed.
+fn database_url(
+    store: Option<String>,
+) -> Result<Option<switchyard::config::secret::Secret>, String> {
+    use switchyard::config::secret::Secret;
+    let file = std::env::var_os("SWITCHYARD_DATABASE_URL_FILE").filter(|f| !f.is_empty());
+    let given = store.filter(|s| !s.trim().is_empty());
+    let url = match (given, file) {
+        (Some(_), Some(_)) => {
+            return Err("give the database URL once: --store (SWITCHYARD_DATABASE_URL) or SWITCHYARD_DATABASE_URL_FILE, not both".into())
+        }
+        (Some(s), None) => s.trim().to_string(),
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .map_err(|e| {
+                format!(
+                    "cannot read SWITCHYARD_DATABASE_URL_FILE {}: {e}",
+                    std::path::Path::new(&f).display()
+                )
+            })?
+            .trim()
+            .to_string(),
+        (None, None) => return Ok(None),
+    };
+    if url == "sqlite" {
+        return Ok(None);
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Some(Secret::new(url)));
+    }
+    Err("the store is `sqlite` or a `postgres://` URL (hint: postgres://user:password@host:5432/db)".into())
+}
+
 #[derive(clap::Args, Clone)]
 struct DlArgs {
     #[arg(long, default_value = "data", env = "SWITCHYARD_DATA_DIR")]
@@ -277,6 +311,15 @@ enum Command {
         /// Where the durable outbox and dead letters live.
         #[arg(long, default_value = "data", env = "SWITCHYARD_DATA_DIR")]
         data_dir: PathBuf,
+        /// The outbox: `sqlite` (the default: a file in --data-dir, one engine) or a
+        /// `postgres://user:password@host/db?sslmode=require` URL shared by several replicas.
+        /// Prefer the environment (SWITCHYARD_DATABASE_URL) or a file
+        /// (SWITCHYARD_DATABASE_URL_FILE) to the command line for a URL with a password.
+        #[arg(long, env = "SWITCHYARD_DATABASE_URL", hide_env_values = true)]
+        store: Option<String>,
+        /// PostgreSQL: how long after a replica's last heartbeat the others take over its jobs.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration, env = "SWITCHYARD_LEASE")]
+        lease: std::time::Duration,
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SWITCHYARD_LOG_FORMAT")]
         log_format: LogFormat,
         /// Deliveries waiting before new events are answered 503.
@@ -404,6 +447,8 @@ fn main() -> ExitCode {
             rules,
             listen,
             data_dir,
+            store,
+            lease,
             log_format,
             max_pending,
             grace_seconds,
@@ -415,10 +460,25 @@ fn main() -> ExitCode {
                 .ok()
                 .filter(|t| !t.is_empty())
                 .map(switchyard::config::secret::Secret::new);
+            let store = match database_url(store) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if lease < std::time::Duration::from_secs(1) {
+                eprintln!(
+                    "error: --lease must be at least 1s (heartbeats come five times per lease)"
+                );
+                return ExitCode::from(2);
+            }
             let cfg = switchyard::server::ServeConfig {
                 rules_dir: rules,
                 listen,
                 data_dir,
+                store,
+                lease,
                 max_pending,
                 admin_token,
                 grace: std::time::Duration::from_secs(grace_seconds),

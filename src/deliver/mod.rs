@@ -477,6 +477,54 @@ async fn or_stop<T>(
     }
 }
 
+/// Waits for the destination's pace (its rate limit, per channel for the Slack bot); false on
+/// shutdown. In a fleet the pace is the fleet's: each send reserves its slot in the shared
+/// store, so N replicas together keep to the rate one would. Should the store not answer, the
+/// replica paces on its own meanwhile (the rate then holds per replica).
+async fn paced(
+    inner: &Inner,
+    w: &Worker,
+    pace: Option<&String>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let key = match (&w.limiter, &w.keyed, pace) {
+        (Some(_), _, _) => Some(w.name.clone()),
+        (None, Some(_), Some(k)) => Some(format!("{}\u{1f}{k}", w.name)),
+        _ => None,
+    };
+    if let (Some(fleet), Some(key), Some(rate)) =
+        (inner.outbox.fleet(), &key, w.cfg.rate_per_second)
+    {
+        let interval_us = (1_000_000.0 / rate).round().max(1.0) as i64;
+        let burst = rate.ceil().clamp(1.0, 10_000.0) as i64;
+        match fleet.reserve(key, interval_us, burst).await {
+            Ok(at) => {
+                let wait = at - now_ms();
+                if wait <= 0 {
+                    return true;
+                }
+                return or_stop(stop, tokio::time::sleep(Duration::from_millis(wait as u64)))
+                    .await
+                    .is_some();
+            }
+            Err(e) => {
+                tracing::warn!(destination = %w.name, error = %e, "cannot reserve a send in the fleet's pace; pacing this replica alone meanwhile");
+            }
+        }
+    }
+    if let Some(l) = &w.limiter {
+        if or_stop(stop, l.until_ready()).await.is_none() {
+            return false;
+        }
+    }
+    if let (Some(k), Some(l)) = (pace, &w.keyed) {
+        if or_stop(stop, l.until_key_ready(k)).await.is_none() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Delivers `job` to its end: delivered, dead, or left pending at shutdown. `turn` is its key's
 /// name in [`KeyTurns`] (keyed jobs), as `submit` registered it.
 async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job, turn: Option<String>) {
@@ -505,6 +553,24 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job, turn: Option<String>) 
             return;
         }
     }
+    // In a fleet, also after the jobs of its key that other replicas hold.
+    if let (Some(fleet), Some(id)) = (inner.outbox.fleet(), &job.target.identity) {
+        loop {
+            match fleet.older_keyed(&w.name, &id.key, job.id).await {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(e) => {
+                    tracing::warn!(destination = %w.name, key = %id.key, error = %e, "cannot learn whether older jobs of this key are queued; asking again");
+                }
+            }
+            if or_stop(&mut stop, tokio::time::sleep(Duration::from_millis(200)))
+                .await
+                .is_none()
+            {
+                return;
+            }
+        }
+    }
     // Sent outside its window: held until the window opens (the time is stored with the job,
     // so a restart keeps holding it).
     if let Some(until) = job.target.hold_until {
@@ -525,15 +591,8 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job, turn: Option<String>) 
     let mut retrying = (attempts > 0).then(|| Counted::retrying(&w));
     let pace = w.dest.pace_key(&job);
     loop {
-        if let Some(l) = &w.limiter {
-            if or_stop(&mut stop, l.until_ready()).await.is_none() {
-                return;
-            }
-        }
-        if let (Some(k), Some(l)) = (&pace, &w.keyed) {
-            if or_stop(&mut stop, l.until_key_ready(k)).await.is_none() {
-                return;
-            }
+        if !paced(&inner, &w, pace.as_ref(), &mut stop).await {
+            return;
         }
         let Some(Ok(permit)) = or_stop(&mut stop, w.permits.acquire()).await else {
             return;

@@ -11,9 +11,11 @@
 //! - An event id already seen within its dedup window is not enqueued again.
 //! - When a tracked event's last job finishes, its run report is created in the same commit.
 //!
-//! The store is SQLite ([`sqlite`]) by default: one file under the data directory. Another
-//! store (PostgreSQL, for several replicas) is one more implementation of [`Store`].
+//! The store is SQLite ([`sqlite`]) by default: one file under the data directory. For several
+//! replicas it is PostgreSQL ([`postgres`]): every table is shared, and the replicas coordinate
+//! through it ([`Fleet`]: heartbeats, job leases, fleet-wide pacing).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -263,6 +265,62 @@ pub enum KeyEffect {
     Close,
 }
 
+/// A replica of a fleet sharing one store, as its heartbeat row records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    /// Its id: the host name and a random suffix, new at every start.
+    pub id: String,
+    pub host: String,
+    pub version: String,
+    /// Unix ms.
+    pub started_at: i64,
+    /// Its last heartbeat, unix ms.
+    pub seen_at: i64,
+    /// Jobs it holds (delivering them, or waiting to retry them).
+    pub holding: i64,
+}
+
+/// Coordination between replicas that share a store. A store that one engine owns alone
+/// (SQLite, whose data directory is locked) has no fleet: its engine holds every job, and its
+/// rate limits are its own.
+///
+/// The lease model: a replica holds the jobs it accepted (or took over) for as long as its
+/// heartbeat is fresher than the lease. One heartbeat renews every job it holds. A replica whose
+/// heartbeat is older than the lease is dead: the next replica to beat takes its jobs, with
+/// `FOR UPDATE SKIP LOCKED` so two survivors never take the same job. A replica that is only
+/// slow keeps beating, so its jobs stay its own.
+pub trait Fleet: Send + Sync {
+    /// This replica's id.
+    fn replica(&self) -> &str;
+    /// The lease: how long after its last heartbeat a replica's jobs are taken over.
+    fn lease(&self) -> Duration;
+    /// Records this replica alive and takes over the jobs of dead replicas (and jobs given back
+    /// at a clean shutdown); returns those jobs, oldest first, to deliver.
+    fn beat(&self) -> BoxFut<'_, Result<Vec<Job>, StoreError>>;
+    /// Reserves the next send of a fleet-wide pace (`key`: a destination, or a destination's
+    /// channel), one per `interval_us` microseconds with bursts of `burst`: the unix ms at
+    /// which the caller may send.
+    fn reserve(
+        &self,
+        key: &str,
+        interval_us: i64,
+        burst: i64,
+    ) -> BoxFut<'_, Result<i64, StoreError>>;
+    /// Whether a job of `destination` with message key `key` older than `id` is still queued
+    /// anywhere in the fleet (keyed jobs go in the order they were accepted).
+    fn older_keyed(
+        &self,
+        destination: &str,
+        key: &str,
+        id: i64,
+    ) -> BoxFut<'_, Result<bool, StoreError>>;
+    /// The replicas alive now.
+    fn replicas(&self) -> BoxFut<'_, Result<Vec<Replica>, StoreError>>;
+    /// Gives back every job this replica holds and removes its heartbeat (a clean stop), so
+    /// another replica takes them at its next heartbeat rather than after the lease.
+    fn release(&self) -> BoxFut<'_, Result<usize, StoreError>>;
+}
+
 /// A boxed future (stores are trait objects).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -334,6 +392,10 @@ pub trait Store: Send + Sync + 'static {
     fn replay(&self, ids: Vec<i64>) -> BoxFut<'_, Result<Replayed, StoreError>>;
     /// Deletes the dead letters matching `f`; returns how many.
     fn purge(&self, f: DeadLetterFilter) -> BoxFut<'_, Result<usize, StoreError>>;
+    /// The store's fleet, when several replicas share it.
+    fn fleet(&self) -> Option<&dyn Fleet> {
+        None
+    }
 }
 
 /// Handle to the outbox. Cheap to clone.
@@ -349,6 +411,28 @@ impl Outbox {
     pub fn open(data_dir: &Path, max_pending: usize) -> Result<Outbox, StoreError> {
         let store = sqlite::SqliteStore::open(data_dir)?;
         Ok(Outbox::new(Arc::new(store), max_pending))
+    }
+
+    /// Opens the store `store` names: a `postgres://` (or `postgresql://`) URL for PostgreSQL
+    /// shared by replicas (`lease` is their lease), or `None` for SQLite in `data_dir`.
+    pub async fn open_store(
+        store: Option<&crate::config::secret::Secret>,
+        data_dir: &Path,
+        max_pending: usize,
+        lease: Duration,
+    ) -> Result<Outbox, StoreError> {
+        match store {
+            Some(url) => {
+                let pg = postgres::PgStore::connect(url, lease).await?;
+                Ok(Outbox::new(Arc::new(pg), max_pending))
+            }
+            None => Outbox::open(data_dir, max_pending),
+        }
+    }
+
+    /// The fleet this engine is part of (a shared store), if any.
+    pub fn fleet(&self) -> Option<&dyn Fleet> {
+        self.store.fleet()
     }
 
     /// An outbox over any store.
@@ -483,6 +567,16 @@ impl Outbox {
     pub async fn purge(&self, filter: DeadLetterFilter) -> Result<usize, StoreError> {
         self.store.purge(filter).await
     }
+}
+
+/// The 128-bit digest a dedup key is stored as (SHA-256, truncated): the same for every store,
+/// whatever the key's length.
+pub(crate) fn key_digest(key: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let full = sha2::Sha256::digest(key.as_bytes());
+    let mut h = [0u8; 16];
+    h.copy_from_slice(&full[..16]);
+    h
 }
 
 /// Current unix time in milliseconds.

@@ -175,6 +175,25 @@ pub(super) async fn status_json(st: &AppState) -> Value {
         .collect();
     let reload = st.reload.lock().map(|r| r.clone()).ok();
     let uptime = st.started.elapsed();
+    let shared_queue: i64 = pending.values().sum();
+    let store = match st.outbox.fleet() {
+        None => json!({"kind": "sqlite", "location": st.outbox.location()}),
+        Some(f) => {
+            let replicas = match f.replicas().await {
+                Ok(r) => json!(r),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            json!({
+                "kind": "postgres",
+                "location": st.outbox.location(),
+                "replica": f.replica(),
+                "lease_seconds": f.lease().as_secs_f64(),
+                // Every replica's pending jobs, from the shared database.
+                "queue_depth": shared_queue,
+                "replicas": replicas,
+            })
+        }
+    };
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "commit": env!("SWITCHYARD_GIT_COMMIT"),
@@ -188,6 +207,7 @@ pub(super) async fn status_json(st: &AppState) -> Value {
         "destinations": destinations,
         "schedules": schedules,
         "queue_depth": st.outbox.pending(),
+        "store": store,
         "throttle": {
             "suppressed_since_start": st.pipeline.throttled(),
             "active_keys": summary.active_throttles,

@@ -47,6 +47,11 @@ pub struct ServeConfig {
     pub rules_dir: PathBuf,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL: the outbox is that database, shared with the other replicas, and
+    /// `data_dir` is not used. `None`: SQLite in `data_dir`.
+    pub store: Option<Secret>,
+    /// PostgreSQL: how long after a replica's last heartbeat its jobs are taken over.
+    pub lease: Duration,
     /// Most deliveries waiting before new events get 503.
     pub max_pending: usize,
     /// Token for `/-/…` admin endpoints; `None` disables them.
@@ -146,7 +151,13 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
             }
         });
     }
-    let outbox = Outbox::open(&cfg.data_dir, cfg.max_pending)?;
+    let outbox = Outbox::open_store(
+        cfg.store.as_ref(),
+        &cfg.data_dir,
+        cfg.max_pending,
+        cfg.lease,
+    )
+    .await?;
     let rules = Arc::new(ArcSwap::new(rs.clone()));
     let deliverer = Deliverer::new(outbox.clone(), rules.clone())?;
     deliverer.configure(&rs);
@@ -197,7 +208,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
             Some(why) => tracing::warn!(source = %name, "{why}; POST /hooks/{name} answers 503"),
         }
     }
-    tracing::info!(%addr, rules = rs.rules.len(), data = %cfg.data_dir.display(), "switchyard listening on http://{addr}");
+    tracing::info!(%addr, rules = rs.rules.len(), data = %state.outbox.location(), "switchyard listening on http://{addr}");
+    if let Some(f) = state.outbox.fleet() {
+        tracing::info!(replica = %f.replica(), lease_s = f.lease().as_secs_f64(), "sharing the outbox with the other replicas");
+        tokio::spawn(heartbeat(state.outbox.clone(), deliverer.clone()));
+    }
     reload::spawn_triggers(state.clone());
     tokio::spawn(crate::sources::schedule::run(state.pipeline.clone()));
     tokio::spawn(crate::digest::run(state.pipeline.clone()));
@@ -220,6 +235,16 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     #[cfg(feature = "kafka")]
     state.kafka.shutdown().await;
     let clean = deliverer.shutdown(cfg.grace).await;
+    if let (true, Some(f)) = (clean, state.outbox.fleet()) {
+        // Every attempt has finished and recorded its outcome: the jobs still held (waiting
+        // for a retry or their pace) go back to the fleet now, not after the lease.
+        match f.release().await {
+            Ok(n) => tracing::info!(jobs = n, "gave this replica's jobs back to the fleet"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot give this replica's jobs back; the other replicas take them after the lease")
+            }
+        }
+    }
     if clean {
         tracing::info!(
             "stopped; undelivered messages stay queued in {}",
@@ -229,6 +254,35 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         tracing::warn!("grace period over with attempts still running; their messages stay queued and are retried on the next start");
     }
     Ok(())
+}
+
+/// A fleet replica's heartbeat: several times per lease it renews the lease of every job it
+/// holds and takes over the jobs of replicas that stopped beating, then delivers them.
+async fn heartbeat(outbox: Outbox, deliverer: Deliverer) {
+    let Some(lease) = outbox.fleet().map(|f| f.lease()) else {
+        return;
+    };
+    let every = (lease / 5).max(Duration::from_millis(200));
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(f) = outbox.fleet() else { return };
+        match f.beat().await {
+            Ok(jobs) => {
+                if failing {
+                    tracing::info!("heartbeat recorded again");
+                    failing = false;
+                }
+                deliverer.submit(jobs);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = %e, "cannot record this replica's heartbeat; past the lease the other replicas take over its jobs");
+                }
+                failing = true;
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -640,10 +694,14 @@ async fn handle(
         Err(EnqueueError::Storage(e)) => {
             m.count(Verdict::Error);
             tracing::error!(source = %source, error = %e, "cannot commit to the outbox");
-            reject(
+            // Nothing was stored, so nothing is acknowledged; the sender keeps the event and
+            // retries (Port and Coder do), by when the store may be back.
+            (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the outbox cannot be written; retry later",
+                [(header::RETRY_AFTER, "5")],
+                Json(json!({"accepted": false, "reason": "the outbox cannot be written; retry later"})),
             )
+                .into_response()
         }
     }
 }

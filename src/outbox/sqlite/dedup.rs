@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
-use sha2::{Digest, Sha256};
 
 use super::Cached;
 
@@ -35,10 +34,7 @@ pub(super) type KeyHash = [u8; 16];
 
 /// The digest of a dedup key.
 pub(super) fn digest(key: &str) -> KeyHash {
-    let full = Sha256::digest(key.as_bytes());
-    let mut h = [0u8; 16];
-    h.copy_from_slice(&full[..16]);
-    h
+    crate::outbox::key_digest(key)
 }
 
 /// The writer's view of the window: committed keys, and those of the batch being applied.

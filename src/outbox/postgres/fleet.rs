@@ -1,0 +1,284 @@
+//! The fleet: heartbeats, job leases and fleet-wide pacing, through the shared database.
+//!
+//! Why leases ride on the heartbeat rather than on each job: a replica renews every job it
+//! holds with one write every few seconds, whatever its backlog; a per-job expiry would cost a
+//! write per held job per renewal. A job is taken over when its owner's heartbeat is older than
+//! the lease, or when it has no owner (given back at a clean stop, or replayed while no engine
+//! ran). Times that replicas compare (heartbeats, pace slots) are the database's clock, so a
+//! replica whose clock drifts cannot declare a live one dead or overrun a pace.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::{job_row, pg, BoxFut, Job, PgStore, StoreError, JOB_COLUMNS};
+use crate::outbox::{Fleet, Replica};
+
+/// The database's clock, in unix ms.
+const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+/// The database's clock, in unix µs (pace slots: a fast destination's interval is under 1 ms).
+const DB_NOW_US: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
+
+/// Most jobs taken over in one heartbeat; the next heartbeat takes more.
+const CLAIM_BATCH: i64 = 1000;
+
+/// Every this many heartbeats, expired dedup keys, throttles, message keys, pace rows and long
+/// dead replicas are swept.
+const SWEEP_EVERY_BEATS: u64 = 10;
+
+/// Most expired rows of one table deleted in one sweep.
+const SWEEP_ROWS: i64 = 5000;
+
+/// This replica.
+pub(super) struct Me {
+    pub(super) id: String,
+    host: String,
+    lease: Duration,
+    beats: AtomicU64,
+}
+
+impl Me {
+    pub(super) fn new(lease: Duration) -> Me {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "switchyard".into());
+        let suffix: u32 = rand::random();
+        Me {
+            id: format!("{host}-{suffix:08x}"),
+            host,
+            lease,
+            beats: AtomicU64::new(0),
+        }
+    }
+
+    fn lease_ms(&self) -> i64 {
+        self.lease.as_millis().min(i64::MAX as u128) as i64
+    }
+}
+
+impl PgStore {
+    async fn beat_tx(&self) -> Result<Vec<Job>, String> {
+        let c = self.client().await?;
+        let lease = self.me.lease_ms();
+        let previous = c
+            .query_opt(
+                &format!("SELECT {DB_NOW} - seen_at FROM replicas WHERE id = $1"),
+                &[&self.me.id],
+            )
+            .await
+            .map_err(pg)?;
+        if let Some(age) = previous.and_then(|r| r.get::<_, Option<i64>>(0)) {
+            if age > lease {
+                tracing::warn!(
+                    replica = %self.me.id,
+                    silent_ms = age,
+                    "this replica's heartbeat was older than the lease: other replicas may have taken over its jobs, and may send some of them again"
+                );
+            }
+        }
+        c.execute(
+            &format!(
+                "INSERT INTO replicas (id, host, started_at, seen_at, version) VALUES ($1, $2, {DB_NOW}, {DB_NOW}, $3)
+                 ON CONFLICT (id) DO UPDATE SET seen_at = EXCLUDED.seen_at"
+            ),
+            &[&self.me.id, &self.me.host, &env!("CARGO_PKG_VERSION")],
+        )
+        .await
+        .map_err(pg)?;
+        let dead: Vec<String> = c
+            .query(
+                &format!("SELECT id FROM replicas WHERE seen_at < {DB_NOW} - $1 AND id <> $2"),
+                &[&lease, &self.me.id],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let st = c
+            .prepare_cached(&format!(
+                "UPDATE outbox SET lease_owner = $1 WHERE id IN (
+                   SELECT id FROM outbox
+                   WHERE kind IS DISTINCT FROM 'group' AND (lease_owner IS NULL OR lease_owner = ANY($2))
+                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 RETURNING {JOB_COLUMNS}"
+            ))
+            .await
+            .map_err(pg)?;
+        let mut jobs: Vec<Job> = c
+            .query(&st, &[&self.me.id, &dead, &CLAIM_BATCH])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(job_row)
+            .collect();
+        jobs.sort_by_key(|j| j.id);
+        if !jobs.is_empty() {
+            self.add_pending(jobs.len() as isize);
+            tracing::info!(
+                replica = %self.me.id,
+                jobs = jobs.len(),
+                from = ?dead,
+                "took over jobs no live replica holds"
+            );
+        }
+        if self
+            .me
+            .beats
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SWEEP_EVERY_BEATS)
+        {
+            self.sweep(&c).await?;
+        }
+        Ok(jobs)
+    }
+
+    /// Drops what expired. Bounded per table, so a day's worth of dedup keys expiring at once
+    /// is spread over several sweeps.
+    async fn sweep(&self, c: &deadpool_postgres::Client) -> Result<(), String> {
+        for table in ["dedup", "throttle", "message_keys"] {
+            let column = match table {
+                "throttle" => "until",
+                _ => "expires_at",
+            };
+            c.execute(
+                &format!(
+                    "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {column} <= {DB_NOW} LIMIT $1))"
+                ),
+                &[&SWEEP_ROWS],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        // A pace slot a minute in the past holds nothing back.
+        c.execute(
+            &format!("DELETE FROM pace WHERE tat < {DB_NOW_US} - 60000000"),
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+        // Replicas dead for an hour whose jobs were all taken over.
+        c.execute(
+            &format!(
+                "DELETE FROM replicas r WHERE r.seen_at < {DB_NOW} - 3600000
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.lease_owner = r.id)"
+            ),
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+}
+
+impl Fleet for PgStore {
+    fn replica(&self) -> &str {
+        &self.me.id
+    }
+
+    fn lease(&self) -> Duration {
+        self.me.lease
+    }
+
+    fn beat(&self) -> BoxFut<'_, Result<Vec<Job>, StoreError>> {
+        Box::pin(super::bounded(self.beat_tx()))
+    }
+
+    fn reserve(
+        &self,
+        key: &str,
+        interval_us: i64,
+        burst: i64,
+    ) -> BoxFut<'_, Result<i64, StoreError>> {
+        let key = key.to_string();
+        Box::pin(super::bounded(async move {
+            // GCRA: `tat` is the theoretical arrival time of the next send. A send may go at
+            // `tat - interval - (burst - 1) * interval` or now, whichever is later, and moves
+            // `tat` on by one interval. One row per key, updated under its row lock, so
+            // replicas reserving at once get successive slots.
+            let c = self.client().await?;
+            let st = c
+                .prepare_cached(&format!(
+                    "INSERT INTO pace (key, tat) VALUES ($1, {DB_NOW_US} + $2)
+                     ON CONFLICT (key) DO UPDATE SET tat = GREATEST(pace.tat, {DB_NOW_US}) + $2
+                     RETURNING tat, {DB_NOW_US}"
+                ))
+                .await
+                .map_err(pg)?;
+            let row = c.query_one(&st, &[&key, &interval_us]).await.map_err(pg)?;
+            let (tat, db_now): (i64, i64) = (row.get(0), row.get(1));
+            let slot = tat - interval_us - (burst.max(1) - 1) * interval_us;
+            Ok(crate::outbox::now_ms() + (slot - db_now).max(0) / 1000)
+        }))
+    }
+
+    fn older_keyed(
+        &self,
+        destination: &str,
+        key: &str,
+        id: i64,
+    ) -> BoxFut<'_, Result<bool, StoreError>> {
+        let (destination, key) = (destination.to_string(), key.to_string());
+        Box::pin(super::bounded(async move {
+            let c = self.client().await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE destination = $1 AND ident_key = $2 AND id < $3)",
+                )
+                .await
+                .map_err(pg)?;
+            Ok(c.query_one(&st, &[&destination, &key, &id])
+                .await
+                .map_err(pg)?
+                .get(0))
+        }))
+    }
+
+    fn replicas(&self) -> BoxFut<'_, Result<Vec<Replica>, StoreError>> {
+        Box::pin(super::bounded(async move {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT r.id, r.host, r.version, r.started_at, r.seen_at,
+                           (SELECT count(*) FROM outbox o WHERE o.lease_owner = r.id)
+                         FROM replicas r WHERE r.seen_at >= {DB_NOW} - $1 ORDER BY r.started_at, r.id"
+                    ),
+                    &[&self.me.lease_ms()],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(rows
+                .iter()
+                .map(|r| Replica {
+                    id: r.get(0),
+                    host: r.get(1),
+                    version: r.get(2),
+                    started_at: r.get(3),
+                    seen_at: r.get(4),
+                    holding: r.get(5),
+                })
+                .collect())
+        }))
+    }
+
+    fn release(&self) -> BoxFut<'_, Result<usize, StoreError>> {
+        Box::pin(super::bounded(async move {
+            let c = self.client().await?;
+            let n = c
+                .execute(
+                    "UPDATE outbox SET lease_owner = NULL WHERE lease_owner = $1",
+                    &[&self.me.id],
+                )
+                .await
+                .map_err(pg)?;
+            c.execute("DELETE FROM replicas WHERE id = $1", &[&self.me.id])
+                .await
+                .map_err(pg)?;
+            self.pending.store(0, Ordering::Relaxed);
+            Ok(n as usize)
+        }))
+    }
+}

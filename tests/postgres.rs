@@ -1,0 +1,653 @@
+//! Several replicas on one PostgreSQL: the real engine binary, three at a time on 127.0.0.1,
+//! sharing a database made for each test (and dropped after it) on the PostgreSQL server at
+//! `SWITCHYARD_TEST_PG` (default `postgres://postgres@127.0.0.1:5432/test`). Where no server
+//! answers, the tests say they were skipped, except under CI, where they fail.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::slack::FakeSlack;
+use common::{eventually, fixture, Engine, Fake, Received};
+use serde_json::{json, Value};
+
+const SECRET: &str = "fleet-port-secret";
+const HOOK: &str = "/hook";
+const CODER_TOKEN: &str = "fleet-coder-token";
+
+fn server_url() -> String {
+    std::env::var("SWITCHYARD_TEST_PG")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A database of its own for one test, dropped (with its connections) when the test ends.
+struct TestDb {
+    name: String,
+    /// The URL the engines use.
+    url: String,
+}
+
+async fn admin() -> Option<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(&server_url(), tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    Some(client)
+}
+
+impl TestDb {
+    /// `None` (the test is skipped) when no PostgreSQL server answers, outside CI.
+    async fn new() -> Option<TestDb> {
+        let Some(client) = admin().await else {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("no PostgreSQL server at {} (CI needs one)", server_url());
+            }
+            eprintln!(
+                "postgres test skipped: no PostgreSQL server at {} (set SWITCHYARD_TEST_PG)",
+                server_url()
+            );
+            return None;
+        };
+        let name = format!(
+            "switchyard_test_{}_{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let base = server_url();
+        let url = match base.rfind('/') {
+            Some(i) if i > "postgres://".len() => format!("{}/{name}", &base[..i]),
+            _ => format!("{base}/{name}"),
+        };
+        Some(TestDb { name, url })
+    }
+
+    async fn query_i64(&self, sql: &str) -> i64 {
+        let (c, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Some(c) = admin().await {
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A distinct changelog body per `seq`, for entity `entity`.
+fn event(seq: usize, entity: &str) -> Vec<u8> {
+    let mut v: Value =
+        serde_json::from_slice(&fixture("port/changelog-update-cpu-spike.json")).unwrap();
+    v["context"]["entity"] = json!(entity);
+    v["diff"]["after"]["identifier"] = json!(entity);
+    v["diff"]["after"]["properties"]["seq"] = json!(seq);
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn sources() -> &'static str {
+    "sources:\n  port: { port: { client_secret: \"${PORT_CLIENT_SECRET}\" } }\n  coder: { coder: { token: \"${CODER_WEBHOOK_TOKEN}\" } }\n"
+}
+
+/// Starts `n` replicas on `rules` sharing `db`, all at once (their migrations race, under the
+/// advisory lock).
+async fn fleet(db: &TestDb, n: usize, rules: &str, env: &[(&str, &str)]) -> Vec<Engine> {
+    let mut starting = Vec::new();
+    for _ in 0..n {
+        let (tmp, dir) = Engine::workspace(&[("rules.yaml", rules)], false);
+        let mut all: Vec<(String, String)> = vec![
+            ("PORT_CLIENT_SECRET".into(), SECRET.into()),
+            ("CODER_WEBHOOK_TOKEN".into(), CODER_TOKEN.into()),
+            ("SWITCHYARD_DATABASE_URL".into(), db.url.clone()),
+            ("SWITCHYARD_LEASE".into(), "2s".into()),
+            ("SWITCHYARD_GRACE_SECONDS".into(), "2".into()),
+        ];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        starting.push(tokio::spawn(async move {
+            let env: Vec<(&str, &str)> =
+                all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            Engine::start(tmp, dir, &env).await
+        }));
+    }
+    let mut out = Vec::new();
+    for s in starting {
+        out.push(s.await.unwrap());
+    }
+    out
+}
+
+fn texts(received: &[Received]) -> Vec<String> {
+    received
+        .iter()
+        .map(|r| r.json()["text"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Posts a Port event to the replicas in turn, starting at `first`, as a load balancer would:
+/// a replica that does not answer (killed) is skipped. `Some(index)` of the replica that
+/// accepted it (202), `None` when none did.
+async fn post_spread(engines: &[Engine], first: usize, body: &[u8]) -> Option<usize> {
+    for k in 0..engines.len() {
+        let i = (first + k) % engines.len();
+        let e = &engines[i];
+        if e.child.is_none() {
+            continue;
+        }
+        let sig_ts = chrono::Utc::now().timestamp_millis().to_string();
+        let sig = switchyard::sources::port::sign(SECRET, &sig_ts, body);
+        let r = reqwest::Client::new()
+            .post(e.url("/hooks/port"))
+            .header("content-type", "application/json")
+            .header("x-port-timestamp", &sig_ts)
+            .header("x-port-signature", &sig)
+            .body(body.to_vec())
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            if r.status() == 202 {
+                return Some(i);
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_deliver_every_accepted_event_after_one_is_killed_while_slack_fails() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let failing = Arc::new(AtomicBool::new(true));
+    let f = failing.clone();
+    let slack = Fake::start(move |_, _| {
+        if f.load(Ordering::Relaxed) {
+            (503, vec![], "unavailable".into())
+        } else {
+            (200, vec![], "ok".into())
+        }
+    })
+    .await;
+    let rules = format!(
+        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    retry_initial: 50ms\n    retry_max: 300ms\n    rate_per_second: 1000\n    max_attempts: 100000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
+        sources(),
+        slack.url(HOOK)
+    );
+    let mut engines = fleet(&db, 3, &rules, &[]).await;
+    let status = engines[0].get_json("/status").await;
+    assert_eq!(status["store"]["kind"], "postgres", "{status}");
+    assert_eq!(
+        status["store"]["replicas"].as_array().map(Vec::len),
+        Some(3),
+        "every replica's heartbeat is visible: {status}"
+    );
+
+    // A burst spread over the replicas; replica 1 is killed (-9) in the middle of it, with
+    // the jobs it accepted leased to it and failing.
+    let mut accepted = Vec::new();
+    let mut by_replica = [0usize; 3];
+    for seq in 0..240 {
+        if seq == 120 {
+            engines[1].kill();
+        }
+        if let Some(i) = post_spread(&engines, seq % 3, &event(seq, "svc")).await {
+            accepted.push(seq);
+            by_replica[i] += 1;
+        }
+    }
+    assert_eq!(accepted.len(), 240, "every event found a live replica");
+    assert!(
+        by_replica[1] >= 30,
+        "the killed replica held jobs: {by_replica:?}"
+    );
+    // Slack recovers: the survivors deliver their own jobs and, after the lease, the dead one's.
+    failing.store(false, Ordering::Relaxed);
+    let want: HashSet<String> = accepted.iter().map(|s| format!("m {s}")).collect();
+    let delivered = eventually(60, "every accepted event's message", || {
+        let ok: Vec<Received> = slack
+            .on_path(HOOK)
+            .into_iter()
+            .filter(|r| !texts(std::slice::from_ref(r))[0].is_empty())
+            .collect();
+        let got: HashSet<String> = texts(&ok).into_iter().collect();
+        want.is_subset(&got).then_some(ok)
+    })
+    .await;
+    eprintln!(
+        "fleet kill test: {} requests to Slack in all (failures included) for {} messages; accepted by replica {by_replica:?}",
+        delivered.len(),
+        want.len()
+    );
+    eventually(30, "an empty shared queue", || {
+        (common::block_on(db.query_i64("SELECT count(*) FROM outbox")) == 0).then_some(())
+    })
+    .await;
+    let log = engines[0].logs() + &engines[2].logs();
+    assert!(
+        log.contains("took over jobs no live replica holds"),
+        "a survivor took over the killed replica's jobs"
+    );
+    for e in engines.iter_mut() {
+        e.terminate();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_delivered_during_a_kill_is_sent_at_most_once_more() {
+    // The at-least-once window: Slack answered 200, the outcome is not committed yet. A kill in
+    // that window is the only way to a duplicate; each message is delivered, and duplicates
+    // are at most the attempts in flight at the kill (the destination's concurrency, 4).
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let slack = Fake::start(|_, _| (200, vec![], "ok".into())).await;
+    let rules = format!(
+        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    retry_initial: 50ms\n    retry_max: 300ms\n    rate_per_second: 1000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
+        sources(),
+        slack.url(HOOK)
+    );
+    let mut engines = fleet(&db, 3, &rules, &[]).await;
+    let mut accepted = 0;
+    for seq in 0..300 {
+        if seq == 150 {
+            engines[2].kill();
+        }
+        if post_spread(&engines, seq % 3, &event(seq, "svc"))
+            .await
+            .is_some()
+        {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 300);
+    let want: HashSet<String> = (0..300).map(|s| format!("m {s}")).collect();
+    eventually(60, "every message", || {
+        let got: HashSet<String> = texts(&slack.on_path(HOOK)).into_iter().collect();
+        want.is_subset(&got).then_some(())
+    })
+    .await;
+    eventually(30, "an empty shared queue", || {
+        (common::block_on(db.query_i64("SELECT count(*) FROM outbox")) == 0).then_some(())
+    })
+    .await;
+    let all = texts(&slack.on_path(HOOK));
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in &all {
+        *counts.entry(t.as_str()).or_default() += 1;
+    }
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    eprintln!(
+        "at-least-once window: {duplicates} duplicate(s) of 300 messages after a kill -9 mid-burst"
+    );
+    assert!(
+        duplicates <= 4,
+        "{duplicates} duplicates: more than the attempts one replica has in flight"
+    );
+    for e in engines.iter_mut() {
+        e.terminate();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_coder_msg_id_posted_to_two_replicas_is_sent_once() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let slack = Fake::start(|r: &Received, _| {
+        let ok = |v: Value| {
+            (
+                200,
+                vec![("content-type".to_string(), "application/json".to_string())],
+                v.to_string(),
+            )
+        };
+        match r.path.as_str() {
+            "/api/users.lookupByEmail" => ok(json!({"ok": true, "user": {"id": "U05LHPP95C"}})),
+            "/api/chat.postMessage" => {
+                ok(json!({"ok": true, "channel": "D1", "ts": "1789999760.000200"}))
+            }
+            _ => (404, vec![], "not found".into()),
+        }
+    })
+    .await;
+    let rules = format!(
+        "{}destinations:\n  bot:\n    slack: {{ token: \"xoxb-fleet\", api_url: \"{}\" }}\nrules:\n  - id: dm\n    on: coder/notification\n    send: [{{ to: bot, user_email: \"{{{{user.email}}}}\", text: \"coder {{{{user.email}}}}\" }}]\n",
+        sources(),
+        slack.url("/api/")
+    );
+    let mut engines = fleet(&db, 2, &rules, &[]).await;
+    let body = fixture("coder/workspace-deleted.json");
+    let path = format!("/hooks/coder/{CODER_TOKEN}");
+    let headers = [("content-type", "application/json")];
+    // The same notification (Coder's retry) to both replicas at once.
+    let (a, b) = tokio::join!(
+        engines[0].post(&path, &body, &headers),
+        engines[1].post(&path, &body, &headers)
+    );
+    assert_eq!((a.0, b.0), (202, 202), "{} {}", a.1, b.1);
+    let dispatched =
+        a.1["dispatches"].as_u64().unwrap_or(0) + b.1["dispatches"].as_u64().unwrap_or(0);
+    assert_eq!(
+        dispatched, 1,
+        "one replica queued it, the other saw a duplicate: {} {}",
+        a.1, b.1
+    );
+    assert!(a.1["duplicate"] == true || b.1["duplicate"] == true);
+    slack.wait_for("/api/chat.postMessage", 1, 10).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(slack.on_path("/api/chat.postMessage").len(), 1);
+    // Later, to the other replica again: still a duplicate (the window is shared).
+    let (s, r) = engines[1].post(&path, &body, &headers).await;
+    assert_eq!((s, r["duplicate"].clone()), (202, json!(true)), "{r}");
+    for e in engines.iter_mut() {
+        e.terminate();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttle_holds_across_replicas() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let slack = Fake::slack_ok().await;
+    let rules = format!(
+        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    rate_per_second: 1000\nrules:\n  - id: hot\n    on: port/entity.updated\n    throttle: {{ key: \"{{{{entity.identifier}}}}\", window: 1h }}\n    send: [{{ to: alerts, text: \"hot {{{{entity.identifier}}}}\" }}]\n",
+        sources(),
+        slack.url(HOOK)
+    );
+    let mut engines = fleet(&db, 3, &rules, &[]).await;
+    let mut results = Vec::new();
+    for (i, e) in engines.iter().enumerate() {
+        let (_, r) = e.post_port("port", SECRET, &event(i, "svc-t")).await;
+        results.push((r["dispatches"].clone(), r["throttled"].clone()));
+    }
+    assert_eq!(
+        results,
+        vec![
+            (json!(1), json!(0)),
+            (json!(0), json!(1)),
+            (json!(0), json!(1))
+        ],
+        "the first replica's send holds the key for all of them"
+    );
+    let (_, other) = engines[2]
+        .post_port("port", SECRET, &event(9, "svc-other"))
+        .await;
+    assert_eq!(other["dispatches"], 1, "another key is not throttled");
+    slack.wait_for(HOOK, 2, 10).await;
+    let status = engines[1].get_json("/status").await;
+    assert_eq!(status["throttle"]["active_keys"], 2, "{status}");
+    for e in engines.iter_mut() {
+        e.terminate();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schedule_fires_once_per_tick_across_the_fleet() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let slack = Fake::slack_ok().await;
+    let rules = format!(
+        "{}schedules:\n  every-second: {{ cron: \"* * * * * *\" }}\ndestinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    rate_per_second: 1000\nrules:\n  - id: tick\n    on: schedule/every-second\n    send: [{{ to: alerts, text: \"tick {{{{tick}}}}\" }}]\n",
+        sources(),
+        slack.url(HOOK)
+    );
+    let mut engines = fleet(&db, 3, &rules, &[]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for e in engines.iter_mut() {
+        e.terminate();
+    }
+    let ticks = texts(&slack.on_path(HOOK));
+    let distinct: HashSet<&String> = ticks.iter().collect();
+    assert!(ticks.len() >= 3, "the schedule fired: {ticks:?}");
+    assert_eq!(
+        ticks.len(),
+        distinct.len(),
+        "each tick fired once, not once per replica: {ticks:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slack_pace_of_one_per_second_per_channel_holds_for_the_fleet() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let slack = FakeSlack::start().await;
+    // The Slack bot's default pace: 1 message per second per channel.
+    let rules = format!(
+        "{}destinations:\n  bot:\n    slack: {{ token: \"xoxb-fleet\", api_url: \"{}\" }}\nrules:\n  - id: page\n    on: port/entity.updated\n    send: [{{ to: bot, channel: \"#ops\", text: \"p {{{{after.properties.seq}}}}\" }}]\n",
+        sources(),
+        slack.api_url()
+    );
+    let mut engines = fleet(&db, 3, &rules, &[]).await;
+    let started = Instant::now();
+    let bodies: Vec<Vec<u8>> = (0..6).map(|seq| event(seq, "svc")).collect();
+    let mut posts = Vec::new();
+    for (seq, body) in bodies.iter().enumerate() {
+        posts.push(engines[seq % 3].post_port("port", SECRET, body));
+    }
+    for (s, r) in futures_util::future::join_all(posts).await {
+        assert_eq!(s, 202, "{r}");
+    }
+    let sent = eventually(30, "six messages", || {
+        let m = slack.fake.on_path("/api/chat.postMessage");
+        (m.len() >= 6).then_some(m)
+    })
+    .await;
+    let mut at: Vec<Instant> = sent.iter().map(|r| r.at).collect();
+    at.sort();
+    let gaps: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    eprintln!(
+        "fleet pace: gaps between sends to #ops {gaps:?} ms, all within {:?}",
+        started.elapsed()
+    );
+    // One per second for the fleet (a burst of one): five intervals take five seconds, whichever
+    // replicas sent them. Three replicas pacing alone would send three at once.
+    let span = (at[5] - at[0]).as_millis();
+    assert!(span >= 4_800, "six sends spanned {span} ms: gaps {gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g >= 800),
+        "no two sends closer than the pace allows: {gaps:?}"
+    );
+    for e in engines.iter_mut() {
+        e.terminate();
+    }
+}
+
+/// A TCP proxy between the engine and PostgreSQL that can be cut (every connection closed,
+/// new ones refused at once) and restored, to take the database away from a running engine.
+struct Cuttable {
+    addr: std::net::SocketAddr,
+    cut: Arc<AtomicBool>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Cuttable {
+    async fn start(to: std::net::SocketAddr) -> Cuttable {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, g) = (cut.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if c.load(Ordering::Relaxed) {
+                    drop(inbound);
+                    continue;
+                }
+                let born = g.load(Ordering::Relaxed);
+                let g = g.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    let watch = async {
+                        while g.load(Ordering::Relaxed) == born {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = copy => {},
+                        _ = watch => {},
+                    }
+                });
+            }
+        });
+        Cuttable {
+            addr,
+            cut,
+            generation,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_unreachable_answers_503_with_retry_after_and_delivery_resumes() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let pg_addr: std::net::SocketAddr = {
+        let u = server_url();
+        let host_port = u
+            .split('@')
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or("127.0.0.1:5432")
+            .to_string();
+        tokio::net::lookup_host(host_port)
+            .await
+            .unwrap()
+            .next()
+            .unwrap()
+    };
+    let proxy = Cuttable::start(pg_addr).await;
+    let via_proxy = db
+        .url
+        .replacen(&pg_addr.to_string(), &proxy.addr.to_string(), 1)
+        .replacen(
+            &format!("localhost:{}", pg_addr.port()),
+            &proxy.addr.to_string(),
+            1,
+        );
+    assert_ne!(via_proxy, db.url, "the URL goes through the proxy");
+    let failing = Arc::new(AtomicBool::new(true));
+    let f = failing.clone();
+    let slack = Fake::start(move |_, _| {
+        if f.load(Ordering::Relaxed) {
+            (503, vec![], "unavailable".into())
+        } else {
+            (200, vec![], "ok".into())
+        }
+    })
+    .await;
+    let rules = format!(
+        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    retry_initial: 50ms\n    retry_max: 200ms\n    rate_per_second: 1000\n    max_attempts: 100000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
+        sources(),
+        slack.url(HOOK)
+    );
+    let (tmp, dir) = Engine::workspace(&[("rules.yaml", rules.as_str())], false);
+    let mut e = Engine::start(
+        tmp,
+        dir,
+        &[
+            ("PORT_CLIENT_SECRET", SECRET),
+            ("SWITCHYARD_DATABASE_URL", via_proxy.as_str()),
+            ("SWITCHYARD_LEASE", "2s"),
+        ],
+    )
+    .await;
+    // Accepted while the database is there; Slack fails, so the job stays queued.
+    let (s, r) = e.post_port("port", SECRET, &event(1, "svc")).await;
+    assert_eq!(s, 202, "{r}");
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The database is gone: nothing is acknowledged.
+    let started = Instant::now();
+    let ts = chrono::Utc::now().timestamp_millis().to_string();
+    let resp = reqwest::Client::new()
+        .post(e.url("/hooks/port"))
+        .header("content-type", "application/json")
+        .header("x-port-timestamp", &ts)
+        .header(
+            "x-port-signature",
+            switchyard::sources::port::sign(SECRET, &ts, &event(2, "svc")),
+        )
+        .body(event(2, "svc"))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    assert_eq!(body["accepted"], false, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "answered within the call bound: {:?}",
+        started.elapsed()
+    );
+    // Slack recovers while the database is still away: the first message goes out, and its
+    // outcome waits for the database.
+    failing.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.restore();
+    let (s, r) = e.post_port("port", SECRET, &event(3, "svc")).await;
+    assert_eq!(s, 202, "accepted again once the database is back: {r}");
+    eventually(30, "messages 1 and 3", || {
+        let t = texts(&slack.on_path(HOOK));
+        (t.contains(&"m 1".to_string()) && t.contains(&"m 3".to_string())).then_some(())
+    })
+    .await;
+    assert!(
+        !texts(&slack.on_path(HOOK)).contains(&"m 2".to_string()),
+        "the refused event was not queued"
+    );
+    eventually(30, "an empty shared queue", || {
+        (common::block_on(db.query_i64("SELECT count(*) FROM outbox")) == 0).then_some(())
+    })
+    .await;
+    e.terminate();
+}
