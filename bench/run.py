@@ -18,6 +18,14 @@ Needs only python3 and the workspace's binaries (built first, in release mode).
 (bench/guide/listener.py, one uvicorn worker, `slack_sdk`), the code switchyard replaces,
 against switchyard in alternating rounds of the `one` mix; it installs FastAPI, uvicorn and
 slack_sdk into target/bench-py first.
+
+`--store postgres://user@host:5432/db` measures the PostgreSQL store instead (and only that),
+mix `one`, in alternating rounds: the SQLite engine, one replica on PostgreSQL, and two
+replicas on PostgreSQL sharing the database (the load generator splits its connections over
+them). The database `db` is dropped and made anew first. Besides throughput it reports the
+database's own cost from `pg_stat_database` (commits per second, rows written per message) and
+the at-least-once window: how long a delivered message waits for its outcome's commit
+(`switchyard_outcome_commit_seconds`). Needs `psql`.
 """
 
 import argparse
@@ -108,14 +116,16 @@ def wait_delivered(sink, expected, secs=60):
     return http_json(f"http://{sink}/stats")
 
 
-def engine(tmp, rules_n, sink, name, wrap=(), ready_secs=30, binary=None):
+def engine(tmp, rules_n, sink, name, wrap=(), ready_secs=30, binary=None, store=None):
     """Starts `switchyard serve` on `rules_n` bench rules sending to `sink`; `wrap` is a command
-    to run it under (valgrind, for bench/instructions.py)."""
+    to run it under (valgrind, for bench/instructions.py); `store` a PostgreSQL URL."""
     rules = os.path.join(tmp, f"rules-{name}")
     subprocess.run([os.path.join(BIN, "benchrules"), rules, str(rules_n), f"http://{sink}/hook"], check=True)
     data = os.path.join(tmp, f"data-{name}")
     port = free_port()
     env = dict(os.environ, PORT_CLIENT_SECRET=SECRET, SWITCHYARD_LOG="warn", SWITCHYARD_ADMIN_TOKEN="bench-admin")
+    if store:
+        env["SWITCHYARD_DATABASE_URL"] = store
     log = open(os.path.join(tmp, f"{name}.log"), "w")
     p = subprocess.Popen(
         [*wrap, binary or os.path.join(BIN, "switchyard"), "serve", "--rules", rules, "--data-dir", data, "--listen", f"127.0.0.1:{port}", "--no-watch"],
@@ -224,6 +234,141 @@ def print_guide(args, rows):
     print(f"| switchyard vs the listener (delivered messages) | 1.0 | {sy['per_s'] / gl['per_s'] if gl['per_s'] else 0:.1f}×; median round {med:.1f}× (rounds: {', '.join(f'{x:.1f}' for x in ratios)}) |")
 
 
+def psql(url, sql):
+    out = subprocess.run(["psql", url, "-Atc", sql], capture_output=True, text=True, check=True).stdout
+    return out.strip()
+
+
+def pg_counts(url):
+    """(commits, rows written) of the database so far, from pg_stat_database."""
+    time.sleep(1.2)  # backends report their counts at most once a second
+    row = psql(url, "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted FROM pg_stat_database WHERE datname = current_database()")
+    c, w = row.split("|")
+    return int(c), int(w)
+
+
+def commit_window(port):
+    """The outcome-commit histogram's (count, sum) from an engine's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    count = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("switchyard_outcome_commit_seconds_count"):
+            count += float(line.split()[-1])
+        elif line.startswith("switchyard_outcome_commit_seconds_sum"):
+            total += float(line.split()[-1])
+    return count, total
+
+
+def window_quantile(port, q):
+    """A quantile of the outcome-commit histogram, from its buckets (upper bound of the bucket)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith("switchyard_outcome_commit_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    for le, n in buckets:
+        if n >= q * total:
+            return le
+    return None
+
+
+def multi_segment(sink, pids, urls, seconds, concurrency, start_seq):
+    """Like `segment`, with the load split over `urls` (one load generator each, run at once)."""
+    import threading
+    http_json(f"http://{sink}/reset", data=b"", method="POST")
+    cpu0 = sum(proc_stats(p)[0] for p in pids)
+    out = [None] * len(urls)
+
+    def run(i):
+        out[i] = loadgen(urls[i], seconds, concurrency=max(1, concurrency // len(urls)), start_seq=start_seq + i * 5_000_000, mix="one")
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(urls))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    accepted = sum(lg["accepted"] for lg in out)
+    s = wait_delivered(sink, accepted)
+    lg = dict(out[0])
+    lg["accepted"] = accepted
+    lg["expected_messages"] = sum(x["expected_messages"] for x in out)
+    lg["latency_us"] = {q: max(x["latency_us"][q] for x in out) for q in ("p50", "p99", "p999")}
+    lg["next_seq"] = start_seq + len(urls) * 5_000_000
+    return lg, s, sum(proc_stats(p)[0] for p in pids) - cpu0
+
+
+def store_bench(args, tmp, sink):
+    """SQLite against one and two PostgreSQL replicas, alternating rounds of mix `one`."""
+    url = args.store
+    base, _, dbname = url.rpartition("/")
+    dbname = dbname.split("?")[0]
+    admin = f"{base}/postgres"
+    psql(admin, f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+    psql(admin, f"CREATE DATABASE {dbname}")
+    procs = []
+    try:
+        lite, lite_port, _ = engine(tmp, 100, sink, "sqlite", binary=args.binary)
+        procs.append(lite)
+        pg1, pg1_port, _ = engine(tmp, 100, sink, "pg1", binary=args.binary, store=url)
+        procs.append(pg1)
+        pg2, pg2_port, _ = engine(tmp, 100, sink, "pg2", binary=args.binary, store=url)
+        procs.append(pg2)
+        seg = args.seconds / args.rounds
+        seq = 40_000_000
+        rows = {"sqlite": [], "pg1": [], "pg2": []}
+        db = []
+        for r in range(args.rounds):
+            print(f"store, round {r + 1} of {args.rounds}: SQLite, one PostgreSQL replica, two…", file=sys.stderr)
+            e = segment(sink, lite.pid, f"http://127.0.0.1:{lite_port}/hooks/port", seg, args.concurrency, start_seq=seq, mix="one")
+            seq = e[0]["next_seq"]
+            rows["sqlite"].append(e)
+            c0 = pg_counts(url)
+            e = segment(sink, pg1.pid, f"http://127.0.0.1:{pg1_port}/hooks/port", seg, args.concurrency, start_seq=seq, mix="one")
+            c1 = pg_counts(url)
+            seq = e[0]["next_seq"]
+            rows["pg1"].append(e)
+            db.append((c1[0] - c0[0], c1[1] - c0[1], e[1]["messages"], e[0]["seconds"]))
+            e = multi_segment(sink, [pg1.pid, pg2.pid], [f"http://127.0.0.1:{pg1_port}/hooks/port", f"http://127.0.0.1:{pg2_port}/hooks/port"], seg, args.concurrency, seq)
+            seq = e[0]["next_seq"]
+            rows["pg2"].append(e)
+        win = commit_window(pg1_port)
+        lite_win = commit_window(lite_port)
+        quant = {q: window_quantile(pg1_port, q) for q in (0.5, 0.99)}
+        lite_quant = {q: window_quantile(lite_port, q) for q in (0.5, 0.99)}
+        rss = {"sqlite": proc_stats(lite.pid)[1], "pg1": proc_stats(pg1.pid)[1], "pg2": max(proc_stats(pg1.pid)[1], proc_stats(pg2.pid)[1])}
+    finally:
+        for p in procs:
+            stop(p)
+    lite_c, one, two = combine(rows["sqlite"]), combine(rows["pg1"]), combine(rows["pg2"])
+    r1 = [b[1]["per_s"] / a[1]["per_s"] for a, b in zip(rows["sqlite"], rows["pg1"]) if a[1]["per_s"]]
+    r2 = [b[1]["per_s"] / a[1]["per_s"] for a, b in zip(rows["sqlite"], rows["pg2"]) if a[1]["per_s"]]
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else 0
+    commits = sum(d[0] for d in db)
+    written = sum(d[1] for d in db)
+    msgs = sum(d[2] for d in db)
+    secs = sum(d[3] for d in db)
+    print(f"
+stores, mix `one` (one message per event), 100 rules, concurrency {args.concurrency}, {args.rounds} alternating rounds of {seg:.0f} s each; latencies are the median round's
+")
+    print("| | SQLite (one engine) | PostgreSQL, one replica | PostgreSQL, two replicas |")
+    print("|---|---|---|---|")
+    print(f"| delivered messages/s | {lite_c['per_s']:,.0f} | {one['per_s']:,.0f} | {two['per_s']:,.0f} |")
+    print(f"| vs SQLite, median round | 1.00 | {med(r1):.2f} (rounds: {', '.join(f'{x:.2f}' for x in r1)}) | {med(r2):.2f} (rounds: {', '.join(f'{x:.2f}' for x in r2)}) |")
+    print(f"| messages delivered / expected | {lite_c['messages']:,} / {lite_c['expected']:,} (dup {lite_c['duplicates']}) | {one['messages']:,} / {one['expected']:,} (dup {one['duplicates']}) | {two['messages']:,} / {two['expected']:,} (dup {two['duplicates']}) |")
+    lat = lambda x: f"{x['latency_ms']['p50']:.2f} / {x['latency_ms']['p99']:.2f} ms"
+    print(f"| ingest latency p50 / p99 | {lat(lite_c)} | {lat(one)} | {lat(two)} |")
+    print(f"| engine CPU seconds per 1,000 events | {lite_c['cpu_per_1k']:.3f} | {one['cpu_per_1k']:.3f} | {two['cpu_per_1k']:.3f} (both) |")
+    print(f"| peak RSS | {rss['sqlite']:.0f} MB | {rss['pg1']:.0f} MB | {rss['pg2']:.0f} MB (the larger) |")
+    fmt_q = lambda qs: " / ".join("-" if v is None else (f"≤ {v * 1000:.0f} ms" if v != float('inf') else "> 30 s") for v in qs.values())
+    print(f"| at-least-once window (Slack answered → outcome committed) mean; p50 / p99 bucket | {lite_win[1] / max(lite_win[0], 1) * 1000:.2f} ms; {fmt_q(lite_quant)} | {win[1] / max(win[0], 1) * 1000:.2f} ms; {fmt_q(quant)} | |")
+    print(f"
+the database's cost (one replica): {commits / secs:,.0f} commits/s, {commits / max(msgs, 1):.2f} commits and {written / max(msgs, 1):.2f} rows written per delivered message (pg_stat_database)")
+
+
 MIX_TEXT = {
     "default": "70% no match / 20% one rule / 10% three rules; the floor forwards one message per event",
     "one": "every event matches one rule (one message per event); the floor forwards one",
@@ -267,6 +412,7 @@ def main():
     ap.add_argument("--mixes", default="default,one,three", help="event mixes to compare with the floor, in order")
     ap.add_argument("--only-mixes", action="store_true", help="skip the fixed-rate and reload parts")
     ap.add_argument("--guide", action="store_true", help="also measure the guide's FastAPI listener (mix one)")
+    ap.add_argument("--store", help="a postgres:// URL: measure SQLite against one and two PostgreSQL replicas (only that)")
     args = ap.parse_args()
     global BIN
     BIN = os.path.join(TARGET, args.profile)
@@ -277,6 +423,13 @@ def main():
     sink_p = start([os.path.join(BIN, "sink")])
     sink = first_line(sink_p)
     procs = [sink_p]
+    if args.store:
+        try:
+            store_bench(args, tmp, sink)
+        finally:
+            stop(sink_p)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         # (a) the floor and (b) switchyard, in alternating rounds: this VM's speed drifts by 10% and
         # more within minutes, and alternating gives both sides the same share of the drift.

@@ -134,6 +134,70 @@ fn the_kubernetes_manifests_validate() {
     assert!(report.valid, "{:#?}", report.diagnostics);
 }
 
+/// The fleet variant: a Deployment of several replicas on the PostgreSQL store, with the
+/// database URL from a Secret, built from the base (its rules, Service, PDB, ServiceMonitor).
+#[test]
+fn the_fleet_manifests_validate_and_replace_the_statefulset() {
+    let k = root().join("deploy/kubernetes/fleet");
+    let dep = std::fs::read_to_string(k.join("deployment.yaml")).unwrap();
+    for must in [
+        "kind: Deployment",
+        "SWITCHYARD_DATABASE_URL_FILE",
+        "secretName: switchyard-database",
+        "maxUnavailable: 0",
+    ] {
+        assert!(dep.contains(must), "deployment.yaml lacks {must}");
+    }
+    // The same templates as the StatefulSet mounts.
+    for t in std::fs::read_dir(root().join("deploy/kubernetes/base/rules/templates")).unwrap() {
+        let name = t.unwrap().file_name().to_string_lossy().to_string();
+        assert!(
+            dep.contains(&format!("key: {name}"))
+                && dep.contains(&format!("path: templates/{name}")),
+            "the Deployment does not mount {name} under templates/"
+        );
+    }
+    match tool("kubernetes-validate") {
+        Some(kv) => {
+            let out = Command::new(kv)
+                .arg("--strict")
+                .arg(k.join("deployment.yaml"))
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success() && text.contains("passed"), "{text}");
+        }
+        None => skipped("kubernetes-validate"),
+    }
+    // Rendered (kubectl's kustomize): the Deployment in, the StatefulSet out.
+    match tool("kubectl") {
+        Some(kubectl) => {
+            let out = Command::new(kubectl)
+                .args(["kustomize"])
+                .arg(&k)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("kind: Deployment"), "{text}");
+            assert!(!text.contains("kind: StatefulSet"), "{text}");
+            assert!(text.contains("minAvailable: 2"), "{text}");
+            assert!(
+                text.contains("kind: ServiceMonitor") && text.contains("name: switchyard-rules")
+            );
+        }
+        None => skipped("kubectl kustomize"),
+    }
+}
+
 /// The example alerting rules load in Prometheus (`promtool check rules`) and fire as their
 /// unit tests say (`promtool test rules`): a stuck destination, dead letters, a failed reload,
 /// Kafka lag and the rest.

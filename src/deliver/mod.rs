@@ -64,6 +64,8 @@ struct Worker {
 /// This destination's metric handles, registered once (not looked up per message).
 struct WorkerMetrics {
     duration: metrics::Histogram,
+    /// Answer to committed outcome: the at-least-once window.
+    commit: metrics::Histogram,
     delivered: metrics::Counter,
     retry: metrics::Counter,
     dead: metrics::Counter,
@@ -75,6 +77,7 @@ impl WorkerMetrics {
         let d = name.to_string();
         WorkerMetrics {
             duration: metrics::histogram!("switchyard_delivery_duration_seconds", "destination" => d.clone()),
+            commit: metrics::histogram!("switchyard_outcome_commit_seconds", "destination" => d.clone()),
             delivered: metrics::counter!("switchyard_deliveries_total", "destination" => d.clone(), "outcome" => "delivered"),
             retry: metrics::counter!("switchyard_deliveries_total", "destination" => d.clone(), "outcome" => "retry"),
             dead: metrics::counter!("switchyard_deliveries_total", "destination" => d.clone(), "outcome" => "dead_letter"),
@@ -686,7 +689,12 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job, turn: Option<String>) 
             _ => None,
         };
         let again = matches!(outcome, Outcome::Retry { .. });
+        let answered = Instant::now();
+        let delivered = matches!(outcome, Outcome::Delivered { .. });
         let created = inner.outbox.finish(job.id, outcome).await;
+        if delivered {
+            w.metrics.commit.record(answered.elapsed().as_secs_f64());
+        }
         if !created.is_empty() {
             Deliverer {
                 inner: inner.clone(),

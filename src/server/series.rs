@@ -92,6 +92,11 @@ const SERIES: &[(&str, &str, Kind)] = &[
         Kind::Histogram,
     ),
     (
+        "switchyard_outcome_commit_seconds",
+        "Time from a destination's answer to the commit of the attempt's outcome, by destination: the at-least-once window, in which a crash sends a delivered message again.",
+        Kind::Histogram,
+    ),
+    (
         "switchyard_ingest_duration_seconds",
         "Time from a request's arrival to its durable commit.",
         Kind::Histogram,
