@@ -651,3 +651,285 @@ async fn postgres_unreachable_answers_503_with_retry_after_and_delivery_resumes(
     .await;
     e.terminate();
 }
+
+// ---- The store itself, through the library: what the engine tests above do not reach. ----
+
+mod store {
+    use super::TestDb;
+    use serde_json::json;
+    use std::time::Duration;
+    use switchyard::config::secret::Secret;
+    use switchyard::job::{GroupItem, Identity, KeyAction, NewJob, Payload, ReportSpec, Target};
+    use switchyard::outbox::postgres::PgStore;
+    use switchyard::outbox::{
+        DeadLetterFilter, Enqueued, Fleet, Job, KeyChange, KeyEffect, NewTracker, Outcome, Store,
+    };
+
+    async fn open(db: &TestDb, lease_ms: u64) -> PgStore {
+        PgStore::connect(
+            &Secret::new(db.url.clone()),
+            Duration::from_millis(lease_ms),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn job(event: &str, text: &str) -> NewJob {
+        NewJob {
+            destination: "alerts".into(),
+            rule: "r".into(),
+            event_id: event.into(),
+            target: Target::default(),
+            payload: Payload::Message(json!({"text": text})),
+            secret: false,
+            throttle: None,
+            error: None,
+        }
+    }
+
+    fn committed(e: Enqueued) -> Vec<Job> {
+        match e {
+            Enqueued::Committed(jobs, _) => jobs,
+            Enqueued::Duplicate => panic!("a duplicate"),
+        }
+    }
+
+    fn delivered() -> Outcome {
+        Outcome::Delivered {
+            follow_ups: vec![],
+            message: true,
+            key: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_letters_replay_under_their_old_id_and_purge() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let s = open(&db, 5_000).await;
+        let j = committed(s.enqueue(None, vec![job("e1", "a")], None).await.unwrap());
+        s.finish(
+            j[0].id,
+            Outcome::Retry {
+                error: "503".into(),
+            },
+        )
+        .await;
+        s.finish(
+            j[0].id,
+            Outcome::Dead {
+                error: "gone".into(),
+            },
+        )
+        .await;
+        let dead = s.dead_letters(DeadLetterFilter::default()).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].attempts.len(), 2, "{:?}", dead[0].attempts);
+        assert_eq!(dead[0].last_error, "gone");
+        let id = dead[0].id;
+        let r = s.replay(vec![id, 999]).await.unwrap();
+        assert_eq!(r.requeued.len(), 1);
+        assert_eq!(r.skipped.len(), 1);
+        s.finish(
+            r.jobs[0].id,
+            Outcome::Dead {
+                error: "again".into(),
+            },
+        )
+        .await;
+        let dead = s.dead_letters(DeadLetterFilter::default()).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            dead[0].id, id,
+            "a replayed message that dies again keeps its id"
+        );
+        assert_eq!(dead[0].attempts.len(), 3, "both lives' attempts");
+        assert!(s.dead_letter(id).await.unwrap().is_some());
+        assert_eq!(s.purge(DeadLetterFilter::default()).await.unwrap(), 1);
+        assert_eq!(s.pending(), 0);
+        // A secret message's dead letter keeps no text.
+        let mut secret = job("e2", "code 123456");
+        secret.secret = true;
+        let j = committed(s.enqueue(None, vec![secret], None).await.unwrap());
+        s.finish(j[0].id, Outcome::Dead { error: "no".into() })
+            .await;
+        let dead = s.dead_letters(DeadLetterFilter::default()).await.unwrap();
+        assert!(!dead[0].message.to_string().contains("123456"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_silences_and_run_reports_are_shared() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let (a, b) = (open(&db, 5_000).await, open(&db, 5_000).await);
+        // A keyed message opened through one replica is seen by the other.
+        let mut keyed = job("k1", "up");
+        keyed.target.identity = Some(Identity {
+            key: "health:api".into(),
+            action: KeyAction::Post,
+            ttl_secs: 3600,
+        });
+        let j = committed(a.enqueue(None, vec![keyed], None).await.unwrap());
+        assert!(b
+            .older_keyed("alerts", "health:api", j[0].id + 1)
+            .await
+            .unwrap());
+        let open_key = KeyChange {
+            destination: "alerts".into(),
+            key: "health:api".into(),
+            change: KeyEffect::Open {
+                channel: "C1".into(),
+                ts: "1.2".into(),
+                ttl_ms: 3_600_000,
+            },
+        };
+        a.finish(
+            j[0].id,
+            Outcome::Delivered {
+                follow_ups: vec![],
+                message: true,
+                key: Some(open_key),
+            },
+        )
+        .await;
+        assert!(!b
+            .older_keyed("alerts", "health:api", j[0].id + 1)
+            .await
+            .unwrap());
+        let k = b
+            .message_key("alerts", "health:api")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((k.channel.as_str(), k.ts.as_str()), ("C1", "1.2"));
+        assert_eq!(b.open_keys(10).await.unwrap().len(), 1);
+        // Silences.
+        let sil = a
+            .add_silence(
+                serde_json::from_value(json!({"rule": "r", "author": "ops", "comment": "deploy"}))
+                    .unwrap(),
+                0,
+                i64::MAX / 2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(b.silences(0).await.unwrap().len(), 1);
+        let ended = b.expire_silence(sil.id).await.unwrap().unwrap();
+        assert!(ended.ends_at < i64::MAX / 2);
+        assert_eq!(a.silences(0).await.unwrap().len(), 0);
+        // A run tracker: the report comes when the last of its jobs finishes, on whichever
+        // replica that is.
+        let tracker = NewTracker {
+            destination: "port".into(),
+            run_id: "run_1".into(),
+            report: ReportSpec {
+                rule: "r".into(),
+                ..Default::default()
+            },
+            fail: None,
+        };
+        let jobs = committed(
+            a.enqueue(
+                None,
+                vec![job("run-ev", "x"), job("run-ev", "y")],
+                Some(("run-ev".into(), tracker)),
+            )
+            .await
+            .unwrap(),
+        );
+        assert!(a.finish(jobs[0].id, delivered()).await.is_empty());
+        let report = b.finish(jobs[1].id, delivered()).await;
+        assert_eq!(report.len(), 1, "the report job");
+        match &report[0].payload {
+            Payload::Report(r) => {
+                assert_eq!((r.run_id.as_str(), r.tally.delivered), ("run_1", 2))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_is_flushed_by_one_replica_only() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let (a, b) = (open(&db, 5_000).await, open(&db, 5_000).await);
+        let item = |n: i64| NewJob {
+            payload: Payload::Group(Box::new(GroupItem {
+                rule: "g".into(),
+                group: "team-a".into(),
+                event: json!({"n": n}),
+            })),
+            rule: "g".into(),
+            ..job(&format!("g{n}"), "")
+        };
+        committed(a.enqueue(None, vec![item(1), item(2)], None).await.unwrap());
+        let groups = b.pending_groups().await.unwrap();
+        assert_eq!((groups.len(), groups[0].items), (1, 2));
+        let items = b.group_items("g", "team-a").await.unwrap();
+        assert_eq!(items[1].1, json!({"n": 2}));
+        let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
+        let (x, y) = tokio::join!(
+            a.flush_group(
+                "g".into(),
+                "team-a".into(),
+                ids.clone(),
+                vec![job("d", "digest")]
+            ),
+            b.flush_group("g".into(), "team-a".into(), ids, vec![job("d", "digest")])
+        );
+        let made = x.unwrap().len() + y.unwrap().len();
+        assert_eq!(made, 1, "one digest, not one per replica");
+        assert!(a.pending_groups().await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_go_to_another_replica_after_the_lease_or_at_once_when_given_back() {
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let a = open(&db, 1_000).await;
+        let b = open(&db, 1_000).await;
+        let mine = committed(a.enqueue(None, vec![job("l1", "x")], None).await.unwrap());
+        // A is alive (beating): B takes nothing.
+        a.beat().await.unwrap();
+        assert!(b.beat().await.unwrap().is_empty());
+        // A stops beating: after the lease, B takes its job, with its attempts.
+        a.finish(
+            mine[0].id,
+            Outcome::Retry {
+                error: "503".into(),
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        let taken = b.beat().await.unwrap();
+        assert_eq!(
+            taken.iter().map(|j| j.id).collect::<Vec<_>>(),
+            vec![mine[0].id]
+        );
+        assert_eq!(taken[0].attempts, 1);
+        assert!(b.beat().await.unwrap().is_empty(), "taken once");
+        // B gives its jobs back at a clean stop: a third replica takes them at once.
+        let c = open(&db, 60_000).await;
+        assert_eq!(b.release().await.unwrap(), 1);
+        let again = c.beat().await.unwrap();
+        assert_eq!(again.len(), 1);
+        let alive: Vec<String> = c
+            .replicas()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert!(alive.contains(&c.replica().to_string()));
+        assert!(
+            !alive.contains(&b.replica().to_string()),
+            "a released replica is gone"
+        );
+        // Migrations are idempotent: a fourth replica opens the migrated database.
+        open(&db, 1_000).await;
+    }
+}

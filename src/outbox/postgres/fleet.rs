@@ -59,6 +59,12 @@ impl Me {
 }
 
 impl PgStore {
+    /// Writes this replica's heartbeat row.
+    pub(super) async fn register(&self) -> Result<(), String> {
+        let c = self.client().await?;
+        upsert(&c, &self.me).await
+    }
+
     async fn beat_tx(&self) -> Result<Vec<Job>, String> {
         let c = self.client().await?;
         let lease = self.me.lease_ms();
@@ -78,15 +84,7 @@ impl PgStore {
                 );
             }
         }
-        c.execute(
-            &format!(
-                "INSERT INTO replicas (id, host, started_at, seen_at, version) VALUES ($1, $2, {DB_NOW}, {DB_NOW}, $3)
-                 ON CONFLICT (id) DO UPDATE SET seen_at = EXCLUDED.seen_at"
-            ),
-            &[&self.me.id, &self.me.host, &env!("CARGO_PKG_VERSION")],
-        )
-        .await
-        .map_err(pg)?;
+        upsert(&c, &self.me).await?;
         let dead: Vec<String> = c
             .query(
                 &format!("SELECT id FROM replicas WHERE seen_at < {DB_NOW} - $1 AND id <> $2"),
@@ -171,6 +169,19 @@ impl PgStore {
         .map_err(pg)?;
         Ok(())
     }
+}
+
+async fn upsert(c: &deadpool_postgres::Client, me: &Me) -> Result<(), String> {
+    c.execute(
+        &format!(
+            "INSERT INTO replicas (id, host, started_at, seen_at, version) VALUES ($1, $2, {DB_NOW}, {DB_NOW}, $3)
+             ON CONFLICT (id) DO UPDATE SET seen_at = EXCLUDED.seen_at"
+        ),
+        &[&me.id, &me.host, &env!("CARGO_PKG_VERSION")],
+    )
+    .await
+    .map(|_| ())
+    .map_err(pg)
 }
 
 impl Fleet for PgStore {

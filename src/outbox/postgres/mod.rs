@@ -259,6 +259,11 @@ impl PgStore {
         bounded(store.migrate())
             .await
             .map_err(|e| StoreError::Open(format!("cannot open the database {location}: {e}")))?;
+        // Registered before it holds any job: every owner of a job has a heartbeat row (until
+        // its jobs are gone), which is how the others find the jobs of a replica that died.
+        bounded(store.register())
+            .await
+            .map_err(|e| StoreError::Open(format!("cannot register in {location}: {e}")))?;
         Ok(store)
     }
 
