@@ -125,6 +125,11 @@ fn database_url(
 struct DlArgs {
     #[arg(long, default_value = "data", env = "SWITCHYARD_DATA_DIR")]
     data_dir: PathBuf,
+    /// The PostgreSQL outbox of a fleet (`postgres://…`; also SWITCHYARD_DATABASE_URL or
+    /// SWITCHYARD_DATABASE_URL_FILE), instead of --data-dir. Works while the replicas run:
+    /// replayed messages are taken by a replica at its next heartbeat.
+    #[arg(long, env = "SWITCHYARD_DATABASE_URL", hide_env_values = true)]
+    store: Option<String>,
     /// A running server's base URL (e.g. http://127.0.0.1:8080); uses its admin API.
     #[arg(long, env = "SWITCHYARD_SERVER")]
     server: Option<String>,
@@ -167,12 +172,28 @@ enum DeadLetterAction {
     },
 }
 
+impl DeadLetterAction {
+    /// The arguments every action has.
+    fn args(&self) -> &DlArgs {
+        match self {
+            DeadLetterAction::List { args, .. }
+            | DeadLetterAction::Show { args, .. }
+            | DeadLetterAction::Replay { args, .. }
+            | DeadLetterAction::Purge { args } => args,
+        }
+    }
+}
+
 /// Where `switchyard silence` acts: a running server's admin API, or a stopped engine's data
 /// directory.
 #[derive(clap::Args, Clone)]
 struct SilenceWhere {
     #[arg(long, default_value = "data", env = "SWITCHYARD_DATA_DIR")]
     data_dir: PathBuf,
+    /// The PostgreSQL outbox of a fleet (`postgres://…`; also SWITCHYARD_DATABASE_URL or
+    /// SWITCHYARD_DATABASE_URL_FILE), instead of --data-dir. Works while the replicas run.
+    #[arg(long, env = "SWITCHYARD_DATABASE_URL", hide_env_values = true)]
+    store: Option<String>,
     /// A running server's base URL (e.g. http://127.0.0.1:8080); uses its admin API
     /// (`SWITCHYARD_ADMIN_TOKEN`).
     #[arg(long, env = "SWITCHYARD_SERVER")]

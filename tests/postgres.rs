@@ -652,6 +652,111 @@ async fn postgres_unreachable_answers_503_with_retry_after_and_delivery_resumes(
     e.terminate();
 }
 
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env_remove("SWITCHYARD_DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_replays_a_fleets_dead_letters_and_silences_every_replica() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let broken = Arc::new(AtomicBool::new(true));
+    let b = broken.clone();
+    let slack = Fake::start(move |_, _| {
+        if b.load(Ordering::Relaxed) {
+            (404, vec![], "no_service".into())
+        } else {
+            (200, vec![], "ok".into())
+        }
+    })
+    .await;
+    let rules = format!(
+        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    rate_per_second: 1000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
+        sources(),
+        slack.url(HOOK)
+    );
+    let mut engines = fleet(&db, 2, &rules, &[]).await;
+    let (s, r) = engines[0].post_port("port", SECRET, &event(1, "svc")).await;
+    assert_eq!(s, 202, "{r}");
+    eventually(10, "a dead letter", || {
+        (common::block_on(db.query_i64("SELECT count(*) FROM dead_letters")) == 1).then_some(())
+    })
+    .await;
+    let (ok, listed) = cli(&[
+        "dead-letters",
+        "list",
+        "--store",
+        &db.url,
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{listed}");
+    assert!(
+        listed.contains("no_service") || listed.contains("404"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains("postgres://"),
+        "the URL is not printed: {listed}"
+    );
+    // Fixed: replayed from the command line, delivered by a running replica.
+    broken.store(false, Ordering::Relaxed);
+    let (ok, out) = cli(&["dead-letters", "replay", "--store", &db.url]);
+    assert!(ok, "{out}");
+    eventually(15, "the replayed message", || {
+        texts(&slack.on_path(HOOK))
+            .iter()
+            .any(|t| t == "m 1")
+            .then_some(())
+    })
+    .await;
+    // A silence added from the command line holds on every replica within a heartbeat.
+    let (ok, out) = cli(&[
+        "silence",
+        "add",
+        "--store",
+        &db.url,
+        "--rule",
+        "any",
+        "--for",
+        "1h",
+        "--author",
+        "ops",
+        "--rules",
+        engines[0].rules.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for (i, e) in engines.iter().enumerate() {
+        let (s, r) = e.post_port("port", SECRET, &event(10 + i, "svc")).await;
+        assert_eq!(
+            (s, r["dispatches"].clone()),
+            (202, json!(0)),
+            "replica {i}: {r}"
+        );
+    }
+    let (ok, out) = cli(&["silence", "list", "--store", &db.url]);
+    assert!(ok && out.contains("ops"), "{out}");
+    let (ok, out) = cli(&["dead-letters", "list", "--store", "mysql://x"]);
+    assert!(!ok && out.contains("postgres://"), "a clear refusal: {out}");
+    for e in engines.iter_mut() {
+        e.terminate();
+    }
+}
+
 // ---- The store itself, through the library: what the engine tests above do not reach. ----
 
 mod store {

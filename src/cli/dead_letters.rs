@@ -103,7 +103,22 @@ fn db(a: &DlArgs) -> Result<std::path::PathBuf, String> {
     Ok(p)
 }
 
+/// The fleet's PostgreSQL outbox when `--store` (or its environment) names one.
+fn fleet_outbox(a: &DlArgs) -> Result<Option<(Outbox, tokio::runtime::Runtime)>, String> {
+    let Some(url) = crate::database_url(a.store.clone())? else {
+        return Ok(None);
+    };
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let outbox = rt.block_on(Outbox::open_tool(Some(&url), &a.data_dir))?;
+    Ok(Some((outbox, rt)))
+}
+
 fn go(action: DeadLetterAction) -> Result<(), String> {
+    if action.args().server.is_none() {
+        if let Some((outbox, rt)) = fleet_outbox(action.args())? {
+            return rt.block_on(fleet(&outbox, action));
+        }
+    }
     match action {
         DeadLetterAction::List { args, format } => {
             let list: Vec<DeadLetter> = match &args.server {
@@ -195,6 +210,49 @@ fn go(action: DeadLetterAction) -> Result<(), String> {
                 println!("purged {n}");
             }
         },
+    }
+    Ok(())
+}
+
+/// A dead-letter command on a fleet's PostgreSQL outbox.
+async fn fleet(outbox: &Outbox, action: DeadLetterAction) -> Result<(), String> {
+    match action {
+        DeadLetterAction::List { args, format } => {
+            print_list(&outbox.dead_letters(filter(&args)?).await?, format);
+        }
+        DeadLetterAction::Show { id, .. } => {
+            let d = outbox
+                .dead_letter(id)
+                .await?
+                .ok_or_else(|| format!("no dead letter {id}"))?;
+            println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
+        }
+        DeadLetterAction::Replay { args, ids } => {
+            let ids = if ids.is_empty() {
+                outbox
+                    .dead_letters(filter(&args)?)
+                    .await?
+                    .into_iter()
+                    .map(|d| d.id)
+                    .collect()
+            } else {
+                ids
+            };
+            let done = outbox.replay(ids).await?;
+            let requeued: Vec<(i64, String)> = done
+                .requeued
+                .iter()
+                .map(|(d, j)| (*d, j.to_string()))
+                .collect();
+            print_replay(
+                &requeued,
+                &done.skipped,
+                "a running replica takes them at its next heartbeat",
+            );
+        }
+        DeadLetterAction::Purge { args } => {
+            println!("purged {}", outbox.purge(filter(&args)?).await?);
+        }
     }
     Ok(())
 }

@@ -31,14 +31,18 @@ fn when(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Runs `f` on the outbox of a stopped engine's data directory.
+/// Runs `f` on the outbox of a stopped engine's data directory, or on a fleet's PostgreSQL
+/// database (`--store`; the replicas may run: they read silences from it).
 fn offline<T>(
     at: &SilenceWhere,
     f: impl FnOnce(Outbox) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>>>>,
 ) -> Result<T, String> {
-    let outbox = Outbox::open(&at.data_dir, usize::MAX)?;
+    let store = crate::database_url(at.store.clone())?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-    rt.block_on(f(outbox))
+    rt.block_on(async {
+        let outbox = Outbox::open_tool(store.as_ref(), &at.data_dir).await?;
+        f(outbox).await
+    })
 }
 
 fn show(s: &Silence) {

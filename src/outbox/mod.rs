@@ -430,6 +430,22 @@ impl Outbox {
         }
     }
 
+    /// The outbox a command-line tool acts on while no engine is asked (`--server`): the
+    /// PostgreSQL database `store` names (as a tool, not a replica), or SQLite in `data_dir`
+    /// (which must not be in use).
+    pub async fn open_tool(
+        store: Option<&crate::config::secret::Secret>,
+        data_dir: &Path,
+    ) -> Result<Outbox, StoreError> {
+        match store {
+            Some(url) => {
+                let pg = postgres::PgStore::connect_tool(url).await?;
+                Ok(Outbox::new(Arc::new(pg), usize::MAX))
+            }
+            None => Outbox::open(data_dir, usize::MAX),
+        }
+    }
+
     /// The fleet this engine is part of (a shared store), if any.
     pub fn fleet(&self) -> Option<&dyn Fleet> {
         self.store.fleet()

@@ -211,7 +211,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     tracing::info!(%addr, rules = rs.rules.len(), data = %state.outbox.location(), "switchyard listening on http://{addr}");
     if let Some(f) = state.outbox.fleet() {
         tracing::info!(replica = %f.replica(), lease_s = f.lease().as_secs_f64(), "sharing the outbox with the other replicas");
-        tokio::spawn(heartbeat(state.outbox.clone(), deliverer.clone()));
+        tokio::spawn(heartbeat(state.clone()));
     }
     reload::spawn_triggers(state.clone());
     tokio::spawn(crate::sources::schedule::run(state.pipeline.clone()));
@@ -256,9 +256,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// A fleet replica's heartbeat: several times per lease it renews the lease of every job it
-/// holds and takes over the jobs of replicas that stopped beating, then delivers them.
-async fn heartbeat(outbox: Outbox, deliverer: Deliverer) {
+/// A fleet replica's heartbeat: five times per lease it renews the lease of every job it
+/// holds, takes over the jobs of replicas that stopped beating and delivers them, and reads the
+/// silences again (another replica, or a Snooze click it answered, may have added one).
+async fn heartbeat(state: Arc<AppState>) {
+    let (outbox, deliverer) = (&state.outbox, &state.deliverer);
     let Some(lease) = outbox.fleet().map(|f| f.lease()) else {
         return;
     };
@@ -274,6 +276,9 @@ async fn heartbeat(outbox: Outbox, deliverer: Deliverer) {
                     failing = false;
                 }
                 deliverer.submit(jobs);
+                if let Err(e) = state.pipeline.load_silences().await {
+                    tracing::warn!(error = %e, "cannot read the fleet's silences; those in force stay");
+                }
             }
             Err(e) => {
                 if !failing {

@@ -34,10 +34,18 @@ pub(super) struct Me {
     host: String,
     lease: Duration,
     beats: AtomicU64,
+    /// A command-line tool (dead letters, silences), not a replica: it holds no job, so what
+    /// it queues (a replay) is taken by a running replica at its next heartbeat.
+    pub(super) tool: bool,
 }
 
 impl Me {
-    pub(super) fn new(lease: Duration) -> Me {
+    /// The owner of the jobs this process queues.
+    pub(super) fn owner(&self) -> Option<&str> {
+        (!self.tool).then_some(self.id.as_str())
+    }
+
+    pub(super) fn new(lease: Duration, tool: bool) -> Me {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
             .or_else(|| std::env::var("HOSTNAME").ok())
@@ -50,6 +58,7 @@ impl Me {
             host,
             lease,
             beats: AtomicU64::new(0),
+            tool,
         }
     }
 
@@ -61,6 +70,9 @@ impl Me {
 impl PgStore {
     /// Writes this replica's heartbeat row.
     pub(super) async fn register(&self) -> Result<(), String> {
+        if self.me.tool {
+            return Ok(());
+        }
         let c = self.client().await?;
         upsert(&c, &self.me).await
     }

@@ -223,6 +223,17 @@ impl PgStore {
     /// Connects to the database `url` names, runs the migrations (under an advisory lock, so
     /// replicas started together take turns), and registers this replica's heartbeat.
     pub async fn connect(url: &Secret, lease: Duration) -> Result<PgStore, StoreError> {
+        PgStore::open(url, lease, false).await
+    }
+
+    /// Connects as a command-line tool (`dead-letters`, `silence` without `--server`): not a
+    /// replica, so it holds no job and does not show in `/status`; jobs it queues (a replay)
+    /// are taken by a running replica at its next heartbeat.
+    pub async fn connect_tool(url: &Secret) -> Result<PgStore, StoreError> {
+        PgStore::open(url, Duration::from_secs(15), true).await
+    }
+
+    async fn open(url: &Secret, lease: Duration, tool: bool) -> Result<PgStore, StoreError> {
         let (url, verify) = ssl_verify(url.expose());
         let mut cfg = tokio_postgres::Config::from_str(&url).map_err(|e| {
             // The parser's message names the part it refused, never the password's value.
@@ -253,7 +264,7 @@ impl PgStore {
         let store = PgStore {
             pool,
             location: location.clone(),
-            me: fleet::Me::new(lease),
+            me: fleet::Me::new(lease, tool),
             pending: Arc::new(AtomicUsize::new(0)),
         };
         bounded(store.migrate())
@@ -437,7 +448,7 @@ impl PgStore {
             _ => None,
         };
         let ident = j.target.identity.as_ref().map(|i| i.key.as_str());
-        let owner = grp.is_none().then_some(self.me.id.as_str());
+        let owner = if grp.is_none() { self.me.owner() } else { None };
         let st = tx
             .prepare_cached(
                 "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind, grp, ident_key, tracked, lease_owner)
@@ -711,7 +722,7 @@ impl PgStore {
                 .query_one(
                     "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind, attempt_log, replay_of, ident_key, lease_owner)
                      VALUES ($1, $2, $3, $4, $5, false, $6, $7, $8, $9, $10, $11) RETURNING id",
-                    &[&destination, &rule, &event_id, &target, &message, &now, &stored, &log, &id, &ident, &self.me.id],
+                    &[&destination, &rule, &event_id, &target, &message, &now, &stored, &log, &id, &ident, &self.me.owner()],
                 )
                 .await
                 .map_err(pg)?
@@ -734,7 +745,12 @@ impl PgStore {
             });
         }
         tx.commit().await.map_err(pg)?;
-        self.add_pending(done.jobs.len() as isize);
+        if self.me.tool {
+            // Nobody here delivers them: a running replica takes them at its next heartbeat.
+            done.jobs.clear();
+        } else {
+            self.add_pending(done.jobs.len() as isize);
+        }
         Ok(done)
     }
 
