@@ -351,9 +351,7 @@ def store_bench(args, tmp, sink):
     written = sum(d[1] for d in db)
     msgs = sum(d[2] for d in db)
     secs = sum(d[3] for d in db)
-    print(f"
-stores, mix `one` (one message per event), 100 rules, concurrency {args.concurrency}, {args.rounds} alternating rounds of {seg:.0f} s each; latencies are the median round's
-")
+    print(f"\nstores, mix `one` (one message per event), 100 rules, concurrency {args.concurrency}, {args.rounds} alternating rounds of {seg:.0f} s each; latencies are the median round's\n")
     print("| | SQLite (one engine) | PostgreSQL, one replica | PostgreSQL, two replicas |")
     print("|---|---|---|---|")
     print(f"| delivered messages/s | {lite_c['per_s']:,.0f} | {one['per_s']:,.0f} | {two['per_s']:,.0f} |")
@@ -365,8 +363,7 @@ stores, mix `one` (one message per event), 100 rules, concurrency {args.concurre
     print(f"| peak RSS | {rss['sqlite']:.0f} MB | {rss['pg1']:.0f} MB | {rss['pg2']:.0f} MB (the larger) |")
     fmt_q = lambda qs: " / ".join("-" if v is None else (f"≤ {v * 1000:.0f} ms" if v != float('inf') else "> 30 s") for v in qs.values())
     print(f"| at-least-once window (Slack answered → outcome committed) mean; p50 / p99 bucket | {lite_win[1] / max(lite_win[0], 1) * 1000:.2f} ms; {fmt_q(lite_quant)} | {win[1] / max(win[0], 1) * 1000:.2f} ms; {fmt_q(quant)} | |")
-    print(f"
-the database's cost (one replica): {commits / secs:,.0f} commits/s, {commits / max(msgs, 1):.2f} commits and {written / max(msgs, 1):.2f} rows written per delivered message (pg_stat_database)")
+    print(f"\nthe database's cost (one replica): {commits / secs:,.0f} commits/s, {commits / max(msgs, 1):.2f} commits and {written / max(msgs, 1):.2f} rows written per delivered message (pg_stat_database)")
 
 
 MIX_TEXT = {

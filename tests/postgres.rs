@@ -469,6 +469,18 @@ async fn a_slack_pace_of_one_per_second_per_channel_holds_for_the_fleet() {
     // One per second for the fleet (a burst of one): five intervals take five seconds, whichever
     // replicas sent them. Three replicas pacing alone would send three at once.
     let span = (at[5] - at[0]).as_millis();
+    if span < 4_800 {
+        for e in &engines {
+            eprintln!(
+                "{}",
+                e.logs()
+                    .lines()
+                    .filter(|l| l.contains("pace") || l.contains("ERROR"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
     assert!(span >= 4_800, "six sends spanned {span} ms: gaps {gaps:?}");
     assert!(
         gaps.iter().all(|g| *g >= 800),

@@ -57,6 +57,9 @@ struct Worker {
     limiter: Option<DefaultDirectRateLimiter>,
     keyed: Option<DefaultKeyedRateLimiter<String>>,
     permits: Semaphore,
+    /// In a fleet: per pace key, the next slot reserved in the shared pace (unix µs) and how
+    /// many of its block are left.
+    fleet_slots: tokio::sync::Mutex<HashMap<String, (i64, i64)>>,
     stats: Mutex<DestinationStats>,
     metrics: WorkerMetrics,
 }
@@ -115,6 +118,7 @@ impl Worker {
                 None
             },
             permits: Semaphore::new(cfg.concurrency as usize),
+            fleet_slots: tokio::sync::Mutex::new(HashMap::new()),
             stats: Mutex::new(DestinationStats {
                 kind: cfg.kind.name(),
                 ..Default::default()
@@ -490,28 +494,22 @@ async fn paced(
     pace: Option<&String>,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
-    let key = match (&w.limiter, &w.keyed, pace) {
-        (Some(_), _, _) => Some(w.name.clone()),
-        (None, Some(_), Some(k)) => Some(format!("{}\u{1f}{k}", w.name)),
-        _ => None,
-    };
-    if let (Some(fleet), Some(key), Some(rate)) =
-        (inner.outbox.fleet(), &key, w.cfg.rate_per_second)
-    {
-        let interval_us = (1_000_000.0 / rate).round().max(1.0) as i64;
-        let burst = rate.ceil().clamp(1.0, 10_000.0) as i64;
-        match fleet.reserve(key, interval_us, burst).await {
-            Ok(at) => {
-                let wait = at - now_ms();
+    if let (Some(fleet), Some(rate)) = (inner.outbox.fleet(), w.cfg.rate_per_second) {
+        let key = match (&w.limiter, &w.keyed, pace) {
+            (Some(_), _, _) => Some(w.name.clone()),
+            (None, Some(_), Some(k)) => Some(format!("{}\u{1f}{k}", w.name)),
+            _ => None,
+        };
+        if let Some(key) = key {
+            // `None`: the store did not answer, and this replica paces alone meanwhile.
+            if let Some(at) = fleet_slot(fleet, w, key, rate).await {
+                let wait = at - chrono::Utc::now().timestamp_micros();
                 if wait <= 0 {
                     return true;
                 }
-                return or_stop(stop, tokio::time::sleep(Duration::from_millis(wait as u64)))
+                return or_stop(stop, tokio::time::sleep(Duration::from_micros(wait as u64)))
                     .await
                     .is_some();
-            }
-            Err(e) => {
-                tracing::warn!(destination = %w.name, error = %e, "cannot reserve a send in the fleet's pace; pacing this replica alone meanwhile");
             }
         }
     }
@@ -526,6 +524,41 @@ async fn paced(
         }
     }
     true
+}
+
+/// The time (unix µs) of this send's slot in the fleet's pace for `key`; `None` when the store
+/// cannot reserve one now. Slots are reserved a tenth of a second's worth at a time (one at a
+/// time below 20/s), so a fast destination costs the database one write per block, not one per
+/// send; a block left unused is dropped once it falls behind, since its slots are the fleet's
+/// past, not to be spent on top of the others' present ones.
+async fn fleet_slot(
+    fleet: &dyn crate::outbox::Fleet,
+    w: &Worker,
+    key: String,
+    rate: f64,
+) -> Option<i64> {
+    let interval_us = (1_000_000.0 / rate).round().max(1.0) as i64;
+    let burst = rate.ceil().clamp(1.0, 10_000.0) as i64;
+    let block = (rate / 10.0).floor().clamp(1.0, 1_000.0) as i64;
+    let mut blocks = w.fleet_slots.lock().await;
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let b = blocks.entry(key.clone()).or_insert((0, 0));
+    if b.1 > 0 && b.0 < now_us - interval_us {
+        b.1 = 0;
+    }
+    if b.1 == 0 {
+        match fleet.reserve(&key, interval_us, burst, block).await {
+            Ok(first) => *b = (first, block),
+            Err(e) => {
+                tracing::warn!(destination = %w.name, error = %e, "cannot reserve a send in the fleet's pace; pacing this replica alone meanwhile");
+                return None;
+            }
+        }
+    }
+    let at = b.0;
+    b.0 += interval_us;
+    b.1 -= 1;
+    Some(at)
 }
 
 /// Delivers `job` to its end: delivered, dead, or left pending at shutdown. `turn` is its key's

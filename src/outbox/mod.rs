@@ -297,14 +297,15 @@ pub trait Fleet: Send + Sync {
     /// Records this replica alive and takes over the jobs of dead replicas (and jobs given back
     /// at a clean shutdown); returns those jobs, oldest first, to deliver.
     fn beat(&self) -> BoxFut<'_, Result<Vec<Job>, StoreError>>;
-    /// Reserves the next send of a fleet-wide pace (`key`: a destination, or a destination's
-    /// channel), one per `interval_us` microseconds with bursts of `burst`: the unix ms at
-    /// which the caller may send.
+    /// Reserves the next `count` sends of a fleet-wide pace (`key`: a destination, or a
+    /// destination's channel), one per `interval_us` microseconds with bursts of `burst`: the
+    /// unix time (µs, this host's clock) of the first; the others follow one interval apart.
     fn reserve(
         &self,
         key: &str,
         interval_us: i64,
         burst: i64,
+        count: i64,
     ) -> BoxFut<'_, Result<i64, StoreError>>;
     /// Whether a job of `destination` with message key `key` older than `id` is still queued
     /// anywhere in the fleet (keyed jobs go in the order they were accepted).

@@ -78,7 +78,8 @@ impl PgStore {
     }
 
     async fn beat_tx(&self) -> Result<Vec<Job>, String> {
-        let c = self.client().await?;
+        // A heartbeat or a takeover lost in a crash is made again by the next one.
+        let c = self.lazy_client().await?;
         let lease = self.me.lease_ms();
         let previous = c
             .query_opt(
@@ -214,26 +215,33 @@ impl Fleet for PgStore {
         key: &str,
         interval_us: i64,
         burst: i64,
+        count: i64,
     ) -> BoxFut<'_, Result<i64, StoreError>> {
         let key = key.to_string();
         Box::pin(super::bounded(async move {
             // GCRA: `tat` is the theoretical arrival time of the next send. A send may go at
-            // `tat - interval - (burst - 1) * interval` or now, whichever is later, and moves
-            // `tat` on by one interval. One row per key, updated under its row lock, so
-            // replicas reserving at once get successive slots.
-            let c = self.client().await?;
+            // `tat - (burst - 1) * interval` or now, whichever is later, and moves `tat` on by
+            // one interval; `count` sends move it on by `count` intervals. One row per key,
+            // updated under its row lock, so replicas reserving at once get successive slots.
+            // Losing this row's latest value in a crash costs nothing but a shorter wait, so
+            // it is written on the connections that do not wait for the WAL flush.
+            let c = self.lazy_client().await?;
             let st = c
                 .prepare_cached(&format!(
-                    "INSERT INTO pace (key, tat) VALUES ($1, {DB_NOW_US} + $2)
-                     ON CONFLICT (key) DO UPDATE SET tat = GREATEST(pace.tat, {DB_NOW_US}) + $2
+                    "INSERT INTO pace (key, tat) VALUES ($1, {DB_NOW_US} + $2::bigint * $3::bigint)
+                     ON CONFLICT (key) DO UPDATE SET tat = GREATEST(pace.tat, {DB_NOW_US}) + $2::bigint * $3::bigint
                      RETURNING tat, {DB_NOW_US}"
                 ))
                 .await
                 .map_err(pg)?;
-            let row = c.query_one(&st, &[&key, &interval_us]).await.map_err(pg)?;
+            let count = count.max(1);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&key, &interval_us, &count];
+            let row = c.query_one(&st, &params).await.map_err(pg)?;
             let (tat, db_now): (i64, i64) = (row.get(0), row.get(1));
-            let slot = tat - interval_us - (burst.max(1) - 1) * interval_us;
-            Ok(crate::outbox::now_ms() + (slot - db_now).max(0) / 1000)
+            let first = (tat - count * interval_us - (burst.max(1) - 1) * interval_us).max(db_now);
+            let local_now = chrono::Utc::now().timestamp_micros();
+            Ok(local_now + (first - db_now))
         }))
     }
 
