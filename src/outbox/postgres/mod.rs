@@ -17,6 +17,7 @@
 //! When the database cannot be reached, calls fail with [`StoreError::Database`] (the webhook is
 //! answered 503 with `Retry-After`); outcomes of deliveries are retried until they commit.
 
+mod batch;
 mod fleet;
 mod schema;
 
@@ -69,6 +70,8 @@ pub struct PgStore {
     location: String,
     /// This replica.
     me: fleet::Me,
+    /// Group commit of accepted events and delivered jobs.
+    batches: batch::Batches,
     /// Jobs this replica holds.
     pending: Arc<AtomicUsize>,
 }
@@ -284,11 +287,18 @@ impl PgStore {
             None => "-c synchronous_commit=off".to_string(),
         };
         lazy_cfg.options(&options);
+        let me = fleet::Me::new(lease, tool);
+        let (durable, lazy) = (pool(cfg, POOL_SIZE)?, pool(lazy_cfg, POOL_SIZE)?);
         let store = PgStore {
-            pool: pool(cfg, POOL_SIZE)?,
-            lazy: pool(lazy_cfg, POOL_SIZE)?,
+            batches: batch::Batches::start(
+                durable.clone(),
+                lazy.clone(),
+                me.owner().map(str::to_string),
+            ),
+            pool: durable,
+            lazy,
             location: location.clone(),
-            me: fleet::Me::new(lease, tool),
+            me,
             pending: Arc::new(AtomicUsize::new(0)),
         };
         bounded(store.migrate())
@@ -372,131 +382,6 @@ impl PgStore {
         }
     }
 
-    /// The usual event (jobs without throttles or errors, no run tracker): its dedup key and
-    /// its jobs in one statement, committed on its own. One round trip instead of four.
-    async fn enqueue_one_statement(
-        &self,
-        dedup: Option<(String, i64)>,
-        jobs: Vec<NewJob>,
-    ) -> Result<Enqueued, String> {
-        let now = now_ms();
-        let n = jobs.len();
-        let mut destination = Vec::with_capacity(n);
-        let mut rule = Vec::with_capacity(n);
-        let mut event_id = Vec::with_capacity(n);
-        let mut target = Vec::with_capacity(n);
-        let mut message = Vec::with_capacity(n);
-        let mut secret = Vec::with_capacity(n);
-        let mut kind = Vec::with_capacity(n);
-        let mut grp: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut ident: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut owner: Vec<Option<&str>> = Vec::with_capacity(n);
-        for j in &jobs {
-            destination.push(j.destination.as_str());
-            rule.push(j.rule.as_str());
-            event_id.push(j.event_id.as_str());
-            target.push(serde_json::to_string(&j.target).unwrap_or_default());
-            message.push(j.payload.to_text());
-            secret.push(j.secret);
-            kind.push(stored_kind(&j.payload));
-            let g = match &j.payload {
-                Payload::Group(g) => Some(g.group.as_str()),
-                _ => None,
-            };
-            grp.push(g);
-            ident.push(j.target.identity.as_ref().map(|i| i.key.as_str()));
-            owner.push(if g.is_none() { self.me.owner() } else { None });
-        }
-        const INSERT: &str = "INSERT INTO outbox (destination, rule, event_id, target, message, secret, created_at, kind, grp, ident_key, lease_owner)
-             SELECT t.destination, t.rule, t.event_id, t.target, t.message, t.secret, $1, t.kind, t.grp, t.ident_key, t.owner
-             FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[], $8::text[], $9::text[], $10::text[], $11::text[])
-               WITH ORDINALITY AS t(destination, rule, event_id, target, message, secret, kind, grp, ident_key, owner, n)";
-        let c = self.client().await?;
-        let rows = match &dedup {
-            Some((key, expires)) => {
-                let st = c
-                    .prepare_cached(&format!(
-                        "WITH d AS (INSERT INTO dedup (hash, expires_at) VALUES ($12, $13)
-                           ON CONFLICT (hash) DO UPDATE SET expires_at = EXCLUDED.expires_at WHERE dedup.expires_at <= $1
-                           RETURNING 1)
-                         {INSERT} WHERE EXISTS (SELECT 1 FROM d) ORDER BY t.n RETURNING id"
-                    ))
-                    .await
-                    .map_err(pg)?;
-                let hash = super::key_digest(key);
-                c.query(
-                    &st,
-                    &[
-                        &now,
-                        &destination,
-                        &rule,
-                        &event_id,
-                        &target,
-                        &message,
-                        &secret,
-                        &kind,
-                        &grp,
-                        &ident,
-                        &owner,
-                        &&hash[..],
-                        expires,
-                    ],
-                )
-                .await
-                .map_err(pg)?
-            }
-            None => {
-                let st = c
-                    .prepare_cached(&format!("{INSERT} ORDER BY t.n RETURNING id"))
-                    .await
-                    .map_err(pg)?;
-                c.query(
-                    &st,
-                    &[
-                        &now,
-                        &destination,
-                        &rule,
-                        &event_id,
-                        &target,
-                        &message,
-                        &secret,
-                        &kind,
-                        &grp,
-                        &ident,
-                        &owner,
-                    ],
-                )
-                .await
-                .map_err(pg)?
-            }
-        };
-        if rows.is_empty() {
-            return Ok(Enqueued::Duplicate);
-        }
-        // Ids come from the sequence in the order the rows were inserted (`ORDER BY t.n`).
-        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        ids.sort_unstable();
-        let out: Vec<Job> = jobs
-            .into_iter()
-            .zip(ids)
-            .zip(target.into_iter().zip(message))
-            .map(|((j, id), (_, text))| Job {
-                id,
-                destination: j.destination,
-                rule: j.rule,
-                event_id: j.event_id,
-                target: j.target,
-                payload: j.payload,
-                text: Bytes::from(text),
-                secret: j.secret,
-                created_at: now,
-                attempts: 0,
-            })
-            .collect();
-        self.add_pending(held(&out));
-        Ok(Enqueued::Committed(out, 0))
-    }
-
     async fn enqueue_tx(
         &self,
         dedup: Option<(String, i64)>,
@@ -509,7 +394,12 @@ impl PgStore {
                 .iter()
                 .all(|j| j.throttle.is_none() && j.error.is_none())
         {
-            return self.enqueue_one_statement(dedup, jobs).await;
+            // The usual event: committed with the others of the moment (`batch.rs`).
+            let r = self.batches.accept(dedup, jobs).await?;
+            if let Enqueued::Committed(jobs, _) = &r {
+                self.add_pending(held(jobs));
+            }
+            return Ok(r);
         }
         let now = now_ms();
         let mut c = self.client().await?;
@@ -662,8 +552,8 @@ impl PgStore {
 
     /// Records an outcome; `Ok(None)` when the short path does not apply.
     async fn finish_fast(&self, id: i64, outcome: &Outcome) -> Result<Option<Vec<Job>>, String> {
-        // A delivered job with nothing to follow and no tracker (nearly every one): one
-        // statement, committed on its own.
+        // A delivered job with nothing to follow and no tracker (nearly every one): deleted
+        // with the others of the moment (`batch.rs`).
         let Outcome::Delivered {
             follow_ups,
             key: None,
@@ -675,13 +565,7 @@ impl PgStore {
         if !follow_ups.is_empty() {
             return Ok(None);
         }
-        let c = self.lazy_client().await?;
-        let st = c
-            .prepare_cached("DELETE FROM outbox WHERE id = $1 AND NOT tracked")
-            .await
-            .map_err(pg)?;
-        let n = c.execute(&st, &[&id]).await.map_err(pg)?;
-        if n == 1 {
+        if self.batches.done(id).await? {
             self.add_pending(-1);
             return Ok(Some(Vec::new()));
         }
