@@ -299,6 +299,29 @@ async fn a_run_message_is_reported_to_port_like_the_http_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_engine_loses_nothing_and_sends_nothing_twice() {
     let Some(b) = broker() else { return };
+    killed_engine_loses_nothing(&b, &[]).await;
+}
+
+/// The same on the PostgreSQL store: offsets are stored only after the commit in PostgreSQL,
+/// and the restarted engine (a new replica) takes the killed one's jobs after the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_engine_on_postgres_loses_nothing_and_sends_nothing_twice() {
+    let Some(b) = broker() else { return };
+    let Some(db) = common::pg::TestDb::new().await else {
+        return;
+    };
+    killed_engine_loses_nothing(
+        &b,
+        &[
+            ("SWITCHYARD_DATABASE_URL", db.url.as_str()),
+            ("SWITCHYARD_LEASE", "2s"),
+        ],
+    )
+    .await;
+}
+
+async fn killed_engine_loses_nothing(b: &str, env: &[(&str, &str)]) {
+    let b = b.to_string();
     let org = unique("org_k");
     let topic = format!("{org}.change.log");
     create_topics(&b, None, &[&topic, &format!("{org}.runs")]).await;
@@ -311,7 +334,7 @@ async fn a_killed_engine_loses_nothing_and_sends_nothing_twice() {
         "      security_protocol: PLAINTEXT\n",
         "      security_protocol: PLAINTEXT\n      instance_id: engine-1\n",
     );
-    let mut e = start_engine(&yaml, &[]).await;
+    let mut e = start_engine(&yaml, env).await;
     produce(&b, None, &topic, (0..500).map(change).collect()).await;
     eventually(60, "some messages consumed", || {
         let s = common::block_on(e.get_json("/status"));

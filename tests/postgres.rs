@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::pg::{server_url, TestDb};
 use common::slack::FakeSlack;
 use common::{eventually, fixture, Engine, Fake, Received};
 use serde_json::{json, Value};
@@ -17,87 +18,6 @@ use serde_json::{json, Value};
 const SECRET: &str = "fleet-port-secret";
 const HOOK: &str = "/hook";
 const CODER_TOKEN: &str = "fleet-coder-token";
-
-fn server_url() -> String {
-    std::env::var("SWITCHYARD_TEST_PG")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A database of its own for one test, dropped (with its connections) when the test ends.
-struct TestDb {
-    name: String,
-    /// The URL the engines use.
-    url: String,
-}
-
-async fn admin() -> Option<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(&server_url(), tokio_postgres::NoTls)
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    Some(client)
-}
-
-impl TestDb {
-    /// `None` (the test is skipped) when no PostgreSQL server answers, outside CI.
-    async fn new() -> Option<TestDb> {
-        let Some(client) = admin().await else {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("no PostgreSQL server at {} (CI needs one)", server_url());
-            }
-            eprintln!(
-                "postgres test skipped: no PostgreSQL server at {} (set SWITCHYARD_TEST_PG)",
-                server_url()
-            );
-            return None;
-        };
-        let name = format!(
-            "switchyard_test_{}_{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        );
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let base = server_url();
-        let url = match base.rfind('/') {
-            Some(i) if i > "postgres://".len() => format!("{}/{name}", &base[..i]),
-            _ => format!("{base}/{name}"),
-        };
-        Some(TestDb { name, url })
-    }
-
-    async fn query_i64(&self, sql: &str) -> i64 {
-        let (c, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        c.query_one(sql, &[]).await.unwrap().get(0)
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Some(c) = admin().await {
-                    let _ = c
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
 
 /// A distinct changelog body per `seq`, for entity `entity`.
 fn event(seq: usize, entity: &str) -> Vec<u8> {
@@ -772,7 +692,7 @@ async fn the_cli_replays_a_fleets_dead_letters_and_silences_every_replica() {
 // ---- The store itself, through the library: what the engine tests above do not reach. ----
 
 mod store {
-    use super::TestDb;
+    use crate::common::pg::TestDb;
     use serde_json::json;
     use std::time::Duration;
     use switchyard::config::secret::Secret;

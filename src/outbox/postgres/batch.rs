@@ -20,8 +20,10 @@ use crate::outbox::{key_digest, now_ms, Enqueued};
 
 /// Most requests in one batch.
 const MAX_BATCH: usize = 512;
-/// Batches of one kind in the database at once.
-const LANES: usize = 2;
+/// Accept batches in the database at once.
+const ACCEPT_LANES: usize = 2;
+/// Delete batches in the database at once.
+const DONE_LANES: usize = 2;
 
 /// An event to accept: its dedup key (digest, expiry) and its jobs.
 struct Accept {
@@ -52,13 +54,15 @@ impl Batches {
         let accept_rx = Arc::new(Mutex::new(accept_rx));
         let done_rx = Arc::new(Mutex::new(done_rx));
         let owner: Arc<Option<String>> = Arc::new(owner);
-        for _ in 0..LANES {
+        for _ in 0..ACCEPT_LANES {
             let (rx, pool, owner) = (accept_rx.clone(), durable.clone(), owner.clone());
             tokio::spawn(async move {
                 while let Some(batch) = gather(&rx).await {
                     accept_batch(&pool, owner.as_deref(), batch).await;
                 }
             });
+        }
+        for _ in 0..DONE_LANES {
             let (rx, pool) = (done_rx.clone(), lazy.clone());
             tokio::spawn(async move {
                 while let Some(batch) = gather(&rx).await {
