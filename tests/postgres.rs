@@ -970,3 +970,44 @@ mod store {
         open(&db, 1_000).await;
     }
 }
+
+#[test]
+fn a_bad_database_url_is_refused_clearly_without_its_password() {
+    let (tmp, dir) = Engine::workspace(&[], true);
+    for (url, says) in [
+        ("postgres://u:s3cretpw@127.0.0.1:badport/db", "does not parse"),
+        ("postgres://u:s3cretpw@127.0.0.1:1/db", "postgres://u@127.0.0.1:1/db"),
+        ("mysql://u:s3cretpw@127.0.0.1/db", "postgres://"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--rules"])
+            .arg(&dir)
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .env("SWITCHYARD_DATABASE_URL", url)
+            .env("PORT_CLIENT_SECRET", SECRET)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{url}: {text}");
+        assert!(text.contains(says), "{url}: {text}");
+        assert!(!text.contains("s3cretpw"), "the password leaked: {text}");
+    }
+    // The URL from a file (a mounted Secret), and not both at once.
+    let file = tmp.path().join("url");
+    std::fs::write(&file, "postgres://u:s3cretpw@127.0.0.1:1/db\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--rules"])
+        .arg(&dir)
+        .env("SWITCHYARD_DATABASE_URL_FILE", &file)
+        .env("SWITCHYARD_DATABASE_URL", "postgres://x@127.0.0.1/db")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && text.contains("not both"), "{text}");
+    assert!(!text.contains("s3cretpw"), "{text}");
+}
