@@ -125,6 +125,11 @@ async fn three_replicas_deliver_every_accepted_event_after_one_is_killed_while_s
         Some(3),
         "every replica's heartbeat is visible: {status}"
     );
+    let page = engines[0].get_html("/status").await;
+    assert!(page.contains("<h2 id=store>Replicas</h2>"), "{page}");
+    for r in status["store"]["replicas"].as_array().unwrap() {
+        assert!(page.contains(r["id"].as_str().unwrap()), "{page}");
+    }
 
     // A burst spread over the replicas; replica 1 is killed (-9) in the middle of it, with
     // the jobs it accepted leased to it and failing.
@@ -975,8 +980,14 @@ mod store {
 fn a_bad_database_url_is_refused_clearly_without_its_password() {
     let (tmp, dir) = Engine::workspace(&[], true);
     for (url, says) in [
-        ("postgres://u:s3cretpw@127.0.0.1:badport/db", "does not parse"),
-        ("postgres://u:s3cretpw@127.0.0.1:1/db", "postgres://u@127.0.0.1:1/db"),
+        (
+            "postgres://u:s3cretpw@127.0.0.1:badport/db",
+            "does not parse",
+        ),
+        (
+            "postgres://u:s3cretpw@127.0.0.1:1/db",
+            "postgres://u@127.0.0.1:1/db",
+        ),
         ("mysql://u:s3cretpw@127.0.0.1/db", "postgres://"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))

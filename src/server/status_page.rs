@@ -116,6 +116,7 @@ pub fn render(v: &Value) -> String {
     groups(&mut h, &v["groups"]);
     schedules(&mut h, &v["schedules"]);
     kafka(&mut h, &v["kafka"]);
+    store(&mut h, &v["store"]);
     rules(&mut h, &v["rules"]);
     let _ = write!(h, "<script>{SCRIPT}</script></body></html>");
     h
@@ -338,6 +339,50 @@ fn schedules(h: &mut String, s: &Value) {
             text(&s["timezone"]),
             time(&s["next_run"]),
             text(&s["next_run_local"]),
+        );
+    }
+    h.push_str("</table>");
+}
+
+/// The store; for a fleet on PostgreSQL, the replicas alive and the shared queue.
+fn store(h: &mut String, s: &Value) {
+    if s["kind"] != "postgres" {
+        let _ = write!(
+            h,
+            "<h2 id=store>Store</h2><p class=meta>SQLite, <code>{}</code> (this engine alone)</p>",
+            text(&s["location"])
+        );
+        return;
+    }
+    let _ = write!(
+        h,
+        "<h2 id=store>Replicas</h2><p class=meta>PostgreSQL <code>{}</code> · this replica <code>{}</code> · lease {} s · <b>{}</b> queued across the fleet</p>",
+        text(&s["location"]),
+        text(&s["replica"]),
+        text(&s["lease_seconds"]),
+        num(&s["queue_depth"]),
+    );
+    let Some(list) = s["replicas"].as_array() else {
+        let _ = write!(
+            h,
+            "<p class=err>cannot read the replicas: {}</p>",
+            text(&s["replicas"]["error"])
+        );
+        return;
+    };
+    h.push_str("<table><tr><th>replica</th><th>host</th><th>version</th><th>started</th><th>last heartbeat</th><th class=n>holding</th></tr>");
+    for r in list {
+        let me = r["id"] == s["replica"];
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=n>{}</td></tr>",
+            text(&r["id"]),
+            if me { " (this one)" } else { "" },
+            text(&r["host"]),
+            text(&r["version"]),
+            time(&r["started_at"]),
+            time(&r["seen_at"]),
+            num(&r["holding"]),
         );
     }
     h.push_str("</table>");
