@@ -589,6 +589,62 @@ async fn postgres_unreachable_answers_503_with_retry_after_and_delivery_resumes(
     e.terminate();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_stopped_with_sigterm_gives_its_messages_back_at_once() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let failing = Arc::new(AtomicBool::new(true));
+    let f = failing.clone();
+    let slack = Fake::start(move |_, _| {
+        if f.load(Ordering::Relaxed) {
+            (503, vec![], "unavailable".into())
+        } else {
+            (200, vec![], "ok".into())
+        }
+    })
+    .await;
+    let rules = format!(
+        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    retry_initial: 50ms\n    retry_max: 300ms\n    rate_per_second: 1000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
+        sources(),
+        slack.url(HOOK)
+    );
+    // A lease of a minute: only the hand-back can move the messages within the test.
+    let mut engines = fleet(&db, 2, &rules, &[("SWITCHYARD_LEASE", "60s")]).await;
+    for seq in 0..5 {
+        let (s, r) = engines[0]
+            .post_port("port", SECRET, &event(seq, "svc"))
+            .await;
+        assert_eq!(s, 202, "{r}");
+    }
+    engines[0].terminate();
+    assert!(
+        engines[0]
+            .logs()
+            .contains("gave this replica's jobs back to the fleet jobs=5"),
+        "{}",
+        engines[0].logs()
+    );
+    failing.store(false, Ordering::Relaxed);
+    let started = Instant::now();
+    // Taken at the other replica's next heartbeat (every fifth of the lease: 12 s here).
+    eventually(20, "the five messages, from the other replica", || {
+        let ok: Vec<Received> = slack
+            .on_path(HOOK)
+            .into_iter()
+            .filter(|r| r.at >= started)
+            .collect();
+        let t: HashSet<String> = texts(&ok).into_iter().collect();
+        (0..5).all(|s| t.contains(&format!("m {s}"))).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "well within the lease of 60 s"
+    );
+    engines[1].terminate();
+}
+
 fn cli(args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)

@@ -209,10 +209,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
         }
     }
     tracing::info!(%addr, rules = rs.rules.len(), data = %state.outbox.location(), "switchyard listening on http://{addr}");
-    if let Some(f) = state.outbox.fleet() {
+    let beating = state.outbox.fleet().map(|f| {
         tracing::info!(replica = %f.replica(), lease_s = f.lease().as_secs_f64(), "sharing the outbox with the other replicas");
-        tokio::spawn(heartbeat(state.clone()));
-    }
+        tokio::spawn(heartbeat(state.clone()))
+    });
     reload::spawn_triggers(state.clone());
     tokio::spawn(crate::sources::schedule::run(state.pipeline.clone()));
     tokio::spawn(crate::digest::run(state.pipeline.clone()));
@@ -234,7 +234,13 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), String> {
     state.ready.store(false, Ordering::Relaxed);
     #[cfg(feature = "kafka")]
     state.kafka.shutdown().await;
+    // The heartbeat goes on while attempts finish (their jobs stay this replica's), and stops
+    // before the jobs are given back: a later one would take them again.
     let clean = deliverer.shutdown(cfg.grace).await;
+    if let Some(b) = beating {
+        b.abort();
+        let _ = b.await;
+    }
     if let (true, Some(f)) = (clean, state.outbox.fleet()) {
         // Every attempt has finished and recorded its outcome: the jobs still held (waiting
         // for a retry or their pace) go back to the fleet now, not after the lease.
