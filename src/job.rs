@@ -449,6 +449,25 @@ impl NewJob {
     }
 }
 
+impl NewJob {
+    /// The job as stored: its id, the payload's stored text (what a message sends as it is),
+    /// and when it was accepted.
+    pub fn stored(self, id: i64, text: String, created_at: i64) -> Job {
+        Job {
+            id,
+            destination: self.destination,
+            rule: self.rule,
+            event_id: self.event_id,
+            target: self.target,
+            payload: self.payload,
+            text: Bytes::from(text),
+            secret: self.secret,
+            created_at,
+            attempts: 0,
+        }
+    }
+}
+
 /// A persisted job awaiting delivery.
 #[derive(Debug, Clone)]
 pub struct Job {

@@ -6,20 +6,15 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{dead_letters, eventually, fixture, free_addr, Engine, Fake};
+use common::{dead_letters, eventually, free_addr, Engine, Fake};
 use serde_json::{json, Value};
 
 const SECRET: &str = "live-port-secret";
 const HOOK: &str = "/hook";
 
-/// A distinct changelog body per `seq` (so dedup does not merge them), for entity `entity`.
+/// A distinct changelog body per `seq`, for entity `entity`.
 fn event(seq: usize, entity: &str) -> Vec<u8> {
-    let mut v: Value =
-        serde_json::from_slice(&fixture("port/changelog-update-cpu-spike.json")).unwrap();
-    v["context"]["entity"] = json!(entity);
-    v["diff"]["after"]["identifier"] = json!(entity);
-    v["diff"]["after"]["properties"]["seq"] = json!(seq);
-    serde_json::to_vec(&v).unwrap()
+    common::changelog(seq, entity)
 }
 
 fn rules(dests: &str, rules: &str) -> String {

@@ -21,17 +21,37 @@ const CODER_TOKEN: &str = "fleet-coder-token";
 
 /// A distinct changelog body per `seq`, for entity `entity`.
 fn event(seq: usize, entity: &str) -> Vec<u8> {
-    let mut v: Value =
-        serde_json::from_slice(&fixture("port/changelog-update-cpu-spike.json")).unwrap();
-    v["context"]["entity"] = json!(entity);
-    v["diff"]["after"]["identifier"] = json!(entity);
-    v["diff"]["after"]["properties"]["seq"] = json!(seq);
-    serde_json::to_vec(&v).unwrap()
+    common::changelog(seq, entity)
 }
 
 fn sources() -> &'static str {
     "sources:\n  port: { port: { client_secret: \"${PORT_CLIENT_SECRET}\" } }\n  coder: { coder: { token: \"${CODER_WEBHOOK_TOKEN}\" } }\n"
 }
+
+/// A Slack webhook that answers `failure` while `failing` is set, and 200 once it is not.
+async fn switchable_slack(failing: &Arc<AtomicBool>, failure: (u16, &'static str)) -> Fake {
+    let f = failing.clone();
+    Fake::start(move |_, _| {
+        if f.load(Ordering::Relaxed) {
+            (failure.0, vec![], failure.1.into())
+        } else {
+            (200, vec![], "ok".into())
+        }
+    })
+    .await
+}
+
+/// Rules sending `m <seq>` for every entity update to the webhook destination `alerts` at
+/// `url`, with `settings` (YAML lines) on the destination.
+fn message_rules(url: &str, settings: &str) -> String {
+    format!(
+        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{url}\" }}\n    rate_per_second: 1000\n{settings}rules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
+        sources()
+    )
+}
+
+const FAST_RETRIES: &str =
+    "    retry_initial: 50ms\n    retry_max: 300ms\n    max_attempts: 100000\n";
 
 /// Starts `n` replicas on `rules` sharing `db`, all at once (their migrations race, under the
 /// advisory lock).
@@ -103,20 +123,8 @@ async fn three_replicas_deliver_every_accepted_event_after_one_is_killed_while_s
         return;
     };
     let failing = Arc::new(AtomicBool::new(true));
-    let f = failing.clone();
-    let slack = Fake::start(move |_, _| {
-        if f.load(Ordering::Relaxed) {
-            (503, vec![], "unavailable".into())
-        } else {
-            (200, vec![], "ok".into())
-        }
-    })
-    .await;
-    let rules = format!(
-        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    retry_initial: 50ms\n    retry_max: 300ms\n    rate_per_second: 1000\n    max_attempts: 100000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
-        sources(),
-        slack.url(HOOK)
-    );
+    let slack = switchable_slack(&failing, (503, "unavailable")).await;
+    let rules = message_rules(&slack.url(HOOK), FAST_RETRIES);
     let mut engines = fleet(&db, 3, &rules, &[]).await;
     let status = engines[0].get_json("/status").await;
     assert_eq!(status["store"]["kind"], "postgres", "{status}");
@@ -190,10 +198,9 @@ async fn a_message_delivered_during_a_kill_is_sent_at_most_once_more() {
         return;
     };
     let slack = Fake::start(|_, _| (200, vec![], "ok".into())).await;
-    let rules = format!(
-        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    retry_initial: 50ms\n    retry_max: 300ms\n    rate_per_second: 1000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
-        sources(),
-        slack.url(HOOK)
+    let rules = message_rules(
+        &slack.url(HOOK),
+        "    retry_initial: 50ms\n    retry_max: 300ms\n",
     );
     let mut engines = fleet(&db, 3, &rules, &[]).await;
     let mut accepted = 0;
@@ -506,20 +513,8 @@ async fn postgres_unreachable_answers_503_with_retry_after_and_delivery_resumes(
         );
     assert_ne!(via_proxy, db.url, "the URL goes through the proxy");
     let failing = Arc::new(AtomicBool::new(true));
-    let f = failing.clone();
-    let slack = Fake::start(move |_, _| {
-        if f.load(Ordering::Relaxed) {
-            (503, vec![], "unavailable".into())
-        } else {
-            (200, vec![], "ok".into())
-        }
-    })
-    .await;
-    let rules = format!(
-        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    retry_initial: 50ms\n    retry_max: 200ms\n    rate_per_second: 1000\n    max_attempts: 100000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
-        sources(),
-        slack.url(HOOK)
-    );
+    let slack = switchable_slack(&failing, (503, "unavailable")).await;
+    let rules = message_rules(&slack.url(HOOK), FAST_RETRIES);
     let (tmp, dir) = Engine::workspace(&[("rules.yaml", rules.as_str())], false);
     let mut e = Engine::start(
         tmp,
@@ -595,19 +590,10 @@ async fn a_replica_stopped_with_sigterm_gives_its_messages_back_at_once() {
         return;
     };
     let failing = Arc::new(AtomicBool::new(true));
-    let f = failing.clone();
-    let slack = Fake::start(move |_, _| {
-        if f.load(Ordering::Relaxed) {
-            (503, vec![], "unavailable".into())
-        } else {
-            (200, vec![], "ok".into())
-        }
-    })
-    .await;
-    let rules = format!(
-        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    retry_initial: 50ms\n    retry_max: 300ms\n    rate_per_second: 1000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
-        sources(),
-        slack.url(HOOK)
+    let slack = switchable_slack(&failing, (503, "unavailable")).await;
+    let rules = message_rules(
+        &slack.url(HOOK),
+        "    retry_initial: 50ms\n    retry_max: 300ms\n",
     );
     // A lease of a minute: only the hand-back can move the messages within the test.
     let mut engines = fleet(&db, 2, &rules, &[("SWITCHYARD_LEASE", "60s")]).await;
@@ -667,20 +653,8 @@ async fn the_cli_replays_a_fleets_dead_letters_and_silences_every_replica() {
         return;
     };
     let broken = Arc::new(AtomicBool::new(true));
-    let b = broken.clone();
-    let slack = Fake::start(move |_, _| {
-        if b.load(Ordering::Relaxed) {
-            (404, vec![], "no_service".into())
-        } else {
-            (200, vec![], "ok".into())
-        }
-    })
-    .await;
-    let rules = format!(
-        "{}destinations:\n  alerts:\n    slack_webhook: {{ url: \"{}\" }}\n    rate_per_second: 1000\nrules:\n  - id: any\n    on: port/entity.updated\n    send: [{{ to: alerts, text: \"m {{{{after.properties.seq}}}}\" }}]\n",
-        sources(),
-        slack.url(HOOK)
-    );
+    let slack = switchable_slack(&broken, (404, "no_service")).await;
+    let rules = message_rules(&slack.url(HOOK), "");
     let mut engines = fleet(&db, 2, &rules, &[]).await;
     let (s, r) = engines[0].post_port("port", SECRET, &event(1, "svc")).await;
     assert_eq!(s, 202, "{r}");

@@ -182,16 +182,7 @@ fn go(action: DeadLetterAction) -> Result<(), String> {
                 let outbox = Outbox::open(&args.data_dir, usize::MAX)?;
                 let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
                 let done = rt.block_on(outbox.replay(ids))?;
-                let requeued: Vec<(i64, String)> = done
-                    .requeued
-                    .iter()
-                    .map(|(d, j)| (*d, j.to_string()))
-                    .collect();
-                print_replay(
-                    &requeued,
-                    &done.skipped,
-                    "they go out when the engine starts",
-                );
+                print_replayed(&done, "they go out when the engine starts");
             }
         },
         DeadLetterAction::Purge { args } => match &args.server {
@@ -239,22 +230,23 @@ async fn fleet(outbox: &Outbox, action: DeadLetterAction) -> Result<(), String> 
                 ids
             };
             let done = outbox.replay(ids).await?;
-            let requeued: Vec<(i64, String)> = done
-                .requeued
-                .iter()
-                .map(|(d, j)| (*d, j.to_string()))
-                .collect();
-            print_replay(
-                &requeued,
-                &done.skipped,
-                "a running replica takes them at its next heartbeat",
-            );
+            print_replayed(&done, "a running replica takes them at its next heartbeat");
         }
         DeadLetterAction::Purge { args } => {
             println!("purged {}", outbox.purge(filter(&args)?).await?);
         }
     }
     Ok(())
+}
+
+/// Prints what a replay of the outbox itself did.
+fn print_replayed(done: &switchyard::outbox::Replayed, when: &str) {
+    let requeued: Vec<(i64, String)> = done
+        .requeued
+        .iter()
+        .map(|(d, j)| (*d, j.to_string()))
+        .collect();
+    print_replay(&requeued, &done.skipped, when);
 }
 
 /// Prints what a replay did: each dead letter and the job it became, and what was skipped.

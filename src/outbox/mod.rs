@@ -586,6 +586,27 @@ impl Outbox {
     }
 }
 
+/// The message kept in a dead letter of a secret event (a One-Time Passcode), as stored JSON.
+pub(crate) fn redacted_json() -> String {
+    Value::String("[secret: One-Time Passcode notification, not kept]".into()).to_string()
+}
+
+/// An attempt log (stored JSON) with one more attempt, bounded: the first ten and the last
+/// forty. A log that does not parse starts again.
+pub(crate) fn append_attempt(log: Option<&str>, at: i64, error: &str) -> String {
+    let mut v: Vec<Attempt> = log
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
+    v.push(Attempt {
+        at,
+        error: error.to_string(),
+    });
+    if v.len() > 50 {
+        v.drain(10..v.len() - 40);
+    }
+    serde_json::to_string(&v).unwrap_or_else(|_| "[]".into())
+}
+
 /// The 128-bit digest a dedup key is stored as (SHA-256, truncated): the same for every store,
 /// whatever the key's length.
 pub(crate) fn key_digest(key: &str) -> [u8; 16] {

@@ -422,6 +422,17 @@ impl Drop for Engine {
     }
 }
 
+/// A distinct Port changelog body per `seq` (so dedup does not merge them), for entity
+/// `entity`: the bundled CPU-spike update with `seq` among its properties.
+pub fn changelog(seq: usize, entity: &str) -> Vec<u8> {
+    let mut v: Value =
+        serde_json::from_slice(&fixture("port/changelog-update-cpu-spike.json")).unwrap();
+    v["context"]["entity"] = serde_json::json!(entity);
+    v["diff"]["after"]["identifier"] = serde_json::json!(entity);
+    v["diff"]["after"]["properties"]["seq"] = serde_json::json!(seq);
+    serde_json::to_vec(&v).unwrap()
+}
+
 /// Polls `f` until it returns `Some`, or panics after `secs`.
 pub async fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);

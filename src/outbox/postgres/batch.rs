@@ -11,7 +11,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -207,18 +206,7 @@ async fn accept_batch(pool: &Pool, owner: Option<&str>, batch: Vec<Accept>) {
             .into_iter()
             .map(|j| {
                 let (id, text) = rows.next().unwrap_or_default();
-                Job {
-                    id,
-                    destination: j.destination,
-                    rule: j.rule,
-                    event_id: j.event_id,
-                    target: j.target,
-                    payload: j.payload,
-                    text: Bytes::from(text),
-                    secret: j.secret,
-                    created_at: now,
-                    attempts: 0,
-                }
+                j.stored(id, text, now)
             })
             .collect();
         let _ = a.reply.send(Ok(Enqueued::Committed(jobs, 0)));

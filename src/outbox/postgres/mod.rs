@@ -33,9 +33,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::{
-    now_ms, Attempt, BoxFut, DeadLetter, DeadLetterFilter, EnqueueError, Enqueued, Fleet, Job,
-    KeyChange, KeyEffect, KeyState, NewJob, NewTracker, OpenKey, Outcome, PendingGroup, Replayed,
-    Store, StoreError, Summary,
+    now_ms, redacted_json, BoxFut, DeadLetter, DeadLetterFilter, EnqueueError, Enqueued, Fleet,
+    Job, KeyChange, KeyEffect, KeyState, NewJob, NewTracker, OpenKey, Outcome, PendingGroup,
+    Replayed, Store, StoreError, Summary,
 };
 use crate::config::secret::Secret;
 use crate::job::{Payload, ReportSpec, RunReport, Tally, Target};
@@ -50,13 +50,6 @@ const POOL_WAIT: Duration = Duration::from_secs(5);
 /// The longest one call may take, end to end. Past it the call fails; an enqueue that did
 /// commit meanwhile is found by the dedup window when the sender retries.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The message kept in a dead letter of a secret event (as the SQLite store keeps it).
-const REDACTED: &str = "[secret: One-Time Passcode notification, not kept]";
-
-fn redacted_json() -> String {
-    Value::String(REDACTED.into()).to_string()
-}
 
 /// The PostgreSQL outbox of one replica.
 pub struct PgStore {
@@ -536,18 +529,7 @@ impl PgStore {
             .await
             .map_err(pg)?
             .get(0);
-        Ok(Job {
-            id,
-            destination: j.destination,
-            rule: j.rule,
-            event_id: j.event_id,
-            target: j.target,
-            payload: j.payload,
-            text: Bytes::from(text),
-            secret: j.secret,
-            created_at: now,
-            attempts: 0,
-        })
+        Ok(j.stored(id, text, now))
     }
 
     /// Records an outcome; `Ok(None)` when the short path does not apply.
@@ -640,7 +622,7 @@ impl PgStore {
                 }
             }
             Outcome::Retry { error } => {
-                let log = append_log(&log, now, error);
+                let log = super::append_attempt(Some(&log), now, error);
                 tx.execute(
                     "UPDATE outbox SET attempts = attempts + 1, attempt_log = $1, last_error = $2 WHERE id = $3",
                     &[&log, error, &id],
@@ -649,7 +631,7 @@ impl PgStore {
                 .map_err(pg)?;
             }
             Outcome::Dead { error } => {
-                let log = append_log(&log, now, error);
+                let log = super::append_attempt(Some(&log), now, error);
                 // A replayed message that dies again is its dead letter again.
                 tx.execute(
                     "INSERT INTO dead_letters (id, destination, rule, event_id, target, message, created_at, dead_at, attempt_log, last_error, kind)
@@ -882,11 +864,7 @@ async fn insert_dead(
     error: &str,
     now: i64,
 ) -> Result<(), String> {
-    let log = serde_json::to_string(&[Attempt {
-        at: now,
-        error: error.to_string(),
-    }])
-    .unwrap_or_default();
+    let log = super::append_attempt(None, now, error);
     let msg = if j.secret {
         redacted_json()
     } else {
@@ -963,19 +941,6 @@ async fn track(
     .await
     .map_err(pg)?;
     Ok(())
-}
-
-/// The attempt log with one more attempt, bounded: the first ten and the last forty.
-fn append_log(log: &str, now: i64, error: &str) -> String {
-    let mut v: Vec<Attempt> = serde_json::from_str(log).unwrap_or_default();
-    v.push(Attempt {
-        at: now,
-        error: error.to_string(),
-    });
-    if v.len() > 50 {
-        v.drain(10..v.len() - 40);
-    }
-    serde_json::to_string(&v).unwrap_or_else(|_| "[]".into())
 }
 
 /// The columns of a job, in [`job_row`]'s order.

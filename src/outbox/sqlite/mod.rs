@@ -184,13 +184,7 @@ fn migrate_kinds(c: &Connection) -> rusqlite::Result<()> {
     c.execute_batch("PRAGMA user_version = 1")
 }
 
-/// The message kept in a dead letter of a secret event.
-const REDACTED: &str = "[secret: One-Time Passcode notification, not kept]";
-
-/// `REDACTED` as the JSON text stored in the `message` column.
-fn redacted_json() -> String {
-    Value::String(REDACTED.into()).to_string()
-}
+use super::redacted_json;
 
 /// Takes the exclusive lock on `<data_dir>/switchyard.lock` (an OS file lock: it goes away
 /// with the process, even after kill -9, so there is never a stale lock to clean up) and writes

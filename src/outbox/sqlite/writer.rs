@@ -3,7 +3,7 @@
 use super::dedup::Dedup;
 use super::*;
 use crate::job::{ReportSpec, RunReport, Tally, Target};
-use crate::outbox::{Attempt, KeyChange, KeyEffect};
+use crate::outbox::{KeyChange, KeyEffect};
 
 // One command per message passes through the channel; `Enqueue` is the usual one, so boxing
 // it would cost an allocation per event to save a few bytes on the rarer ones.
@@ -567,18 +567,7 @@ fn insert_job(tx: &rusqlite::Transaction<'_>, j: NewJob, now: i64) -> Result<Job
         params![j.destination, j.rule, j.event_id, serde_json::to_string(&j.target).unwrap_or_default(), text, j.secret as i64, now, stored_kind(&j.payload)],
     )
     .map_err(|e| e.to_string())?;
-    Ok(Job {
-        id: tx.last_insert_rowid(),
-        destination: j.destination,
-        rule: j.rule,
-        event_id: j.event_id,
-        target: j.target,
-        payload: j.payload,
-        text: Bytes::from(text),
-        secret: j.secret,
-        created_at: now,
-        attempts: 0,
-    })
+    Ok(j.stored(tx.last_insert_rowid(), text, now))
 }
 
 /// Records what a delivered keyed job did to its key, in the job's own transaction: the key's
@@ -609,11 +598,7 @@ fn insert_dead(
     error: &str,
     now: i64,
 ) -> Result<(), String> {
-    let log = serde_json::to_string(&[Attempt {
-        at: now,
-        error: error.to_string(),
-    }])
-    .unwrap_or_default();
+    let log = crate::outbox::append_attempt(None, now, error);
     let msg = if j.secret {
         redacted_json()
     } else {
@@ -750,16 +735,5 @@ fn append_log(
         })
         .optional()
         .map_err(|e| e.to_string())?;
-    let mut v: Vec<Attempt> = log
-        .and_then(|l| serde_json::from_str(&l).ok())
-        .unwrap_or_default();
-    v.push(Attempt {
-        at: now,
-        error: error.to_string(),
-    });
-    // Keep the log bounded: the first attempts and the most recent ones.
-    if v.len() > 50 {
-        v.drain(10..v.len() - 40);
-    }
-    serde_json::to_string(&v).map_err(|e| e.to_string())
+    Ok(crate::outbox::append_attempt(log.as_deref(), now, error))
 }
