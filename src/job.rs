@@ -501,12 +501,56 @@ impl Job {
     pub fn message(&self) -> Option<&Value> {
         self.payload.message()
     }
+
+    /// Drops a message's parsed tree while the job waits, keeping its stored text (the bytes
+    /// it is sent as): a backlog of thousands of messages holds bytes, not JSON trees, which
+    /// took several times the memory. [`Job::expand`] restores it before an attempt.
+    pub fn compact(&mut self) {
+        if let Payload::Message(v) = &mut self.payload {
+            if !self.text.is_empty() {
+                *v = Value::Null;
+            }
+        }
+    }
+
+    /// Parses a compacted message again (no-op otherwise).
+    pub fn expand(&mut self) {
+        if matches!(self.payload, Payload::Message(Value::Null)) && !self.text.is_empty() {
+            self.payload =
+                Payload::Message(serde_json::from_slice(&self.text).unwrap_or(Value::Null));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_compacted_message_expands_to_the_same_message() {
+        let msg = json!({"text": "hi", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "*x*"}}]});
+        let mut job = NewJob {
+            destination: "d".into(),
+            rule: "r".into(),
+            event_id: "e".into(),
+            target: Target::default(),
+            payload: Payload::Message(msg.clone()),
+            secret: false,
+            throttle: None,
+            error: None,
+        }
+        .stored(1, msg.to_string(), 0);
+        job.compact();
+        assert_eq!(job.message(), Some(&Value::Null));
+        assert_eq!(
+            job.body(),
+            Bytes::from(msg.to_string()),
+            "the bytes sent are kept"
+        );
+        job.expand();
+        assert_eq!(job.message(), Some(&msg));
+    }
 
     #[test]
     fn a_payload_survives_storage() {

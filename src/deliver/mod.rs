@@ -223,8 +223,18 @@ impl Deliverer {
                 .get(&job.destination)
                 .cloned();
             let inner = self.inner.clone();
+            let mut job = job;
             if let Some(w) = &worker {
-                w.stats().queued += 1;
+                let queued = {
+                    let mut st = w.stats();
+                    st.queued += 1;
+                    st.queued
+                };
+                // Past what the destination can have in flight, the job will wait: it waits as
+                // its bytes (`Job::compact`), and is parsed again when its turn comes.
+                if queued > COMPACT_AFTER.max(2 * u64::from(w.cfg.concurrency)) {
+                    job.compact();
+                }
             }
             let turn = KeyTurns::name(&job);
             if let Some(k) = &turn {
@@ -561,9 +571,13 @@ async fn fleet_slot(
     Some(at)
 }
 
+/// Jobs a destination holds before the next ones wait compacted (at least twice its
+/// concurrency).
+const COMPACT_AFTER: u64 = 256;
+
 /// Delivers `job` to its end: delivered, dead, or left pending at shutdown. `turn` is its key's
 /// name in [`KeyTurns`] (keyed jobs), as `submit` registered it.
-async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job, turn: Option<String>) {
+async fn run(inner: Arc<Inner>, w: Arc<Worker>, mut job: Job, turn: Option<String>) {
     if let Some(reason) = &w.cfg.disabled {
         tracing::warn!(destination = %w.name, rule = %job.rule, event_id = %job.event_id, "{reason}; kept as a dead letter");
         // Every dead letter counts in both series, attempted or not, so that they agree.
@@ -633,6 +647,8 @@ async fn run(inner: Arc<Inner>, w: Arc<Worker>, job: Job, turn: Option<String>) 
         let Some(Ok(permit)) = or_stop(&mut stop, w.permits.acquire()).await else {
             return;
         };
+        // Its turn: the message as a tree again, if it waited compacted.
+        job.expand();
         let attempt = Counted::in_flight(&w);
         let started = Instant::now();
         let mut result = match &job.target.identity {
