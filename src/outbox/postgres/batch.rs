@@ -14,7 +14,7 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::{pg, stored_kind, Job, NewJob, Payload};
+use super::{connection, pg, stored_kind, Job, NewJob, Payload};
 use crate::outbox::{key_digest, now_ms, Enqueued};
 
 /// Most requests in one batch.
@@ -114,7 +114,7 @@ async fn gather<T>(rx: &Mutex<mpsc::UnboundedReceiver<T>>) -> Option<Vec<T>> {
 async fn done_batch(pool: &Pool, batch: Vec<Done>) {
     let ids: Vec<i64> = batch.iter().map(|d| d.id).collect();
     let result = async {
-        let c = pool.get().await.map_err(pg)?;
+        let c = connection(pool).await?;
         let st = c
             .prepare_cached("DELETE FROM outbox WHERE id = ANY($1) AND NOT tracked RETURNING id")
             .await
@@ -223,7 +223,7 @@ async fn write_accepts(
     first: &[bool],
     now: i64,
 ) -> Result<(HashSet<[u8; 16]>, Vec<i64>, Vec<String>), String> {
-    let mut c = pool.get().await.map_err(pg)?;
+    let mut c = connection(pool).await?;
     let tx = c.transaction().await.map_err(pg)?;
     let mut keys: Vec<([u8; 16], i64)> = batch
         .iter()

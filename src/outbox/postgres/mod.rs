@@ -84,6 +84,18 @@ fn pg(e: impl std::error::Error) -> String {
     text
 }
 
+/// A connection from `pool`, or why there is none (a wait past [`POOL_WAIT`] said plainly).
+async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, String> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => pg(e),
+        deadpool_postgres::PoolError::Timeout(_) => format!(
+            "no database connection within {}s (is PostgreSQL reachable?)",
+            POOL_WAIT.as_secs()
+        ),
+        other => pg(other),
+    })
+}
+
 /// Runs `f` within [`CALL_TIMEOUT`].
 async fn bounded<T>(
     f: impl std::future::Future<Output = Result<T, String>>,
@@ -257,10 +269,12 @@ impl PgStore {
             .keepalives_idle(Duration::from_secs(30))
             .application_name("switchyard");
         let location = describe(&cfg);
+        // One TLS configuration (the roots read once) for both pools.
+        let tls = tls(verify)?;
         let pool = |cfg: tokio_postgres::Config, size: usize| {
             let mgr = Manager::from_config(
                 cfg,
-                tls(verify)?,
+                tls.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -307,7 +321,7 @@ impl PgStore {
 
     /// Creates or upgrades the schema in one transaction under the migration lock.
     async fn migrate(&self) -> Result<(), String> {
-        let mut c = self.pool.get().await.map_err(pg)?;
+        let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
@@ -340,27 +354,14 @@ impl PgStore {
         tx.commit().await.map_err(pg)
     }
 
+    /// A connection of [`PgStore::pool`].
     async fn client(&self) -> Result<deadpool_postgres::Object, String> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => pg(e),
-            deadpool_postgres::PoolError::Timeout(_) => format!(
-                "no database connection within {}s (is PostgreSQL reachable?)",
-                POOL_WAIT.as_secs()
-            ),
-            other => pg(other),
-        })
+        connection(&self.pool).await
     }
 
     /// A connection of [`PgStore::lazy`].
     async fn lazy_client(&self) -> Result<deadpool_postgres::Object, String> {
-        self.lazy.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => pg(e),
-            deadpool_postgres::PoolError::Timeout(_) => format!(
-                "no database connection within {}s (is PostgreSQL reachable?)",
-                POOL_WAIT.as_secs()
-            ),
-            other => pg(other),
-        })
+        connection(&self.lazy).await
     }
 
     fn add_pending(&self, n: isize) {
