@@ -464,6 +464,7 @@ impl NewJob {
             secret: self.secret,
             created_at,
             attempts: 0,
+            as_stored: false,
         }
     }
 }
@@ -485,6 +486,10 @@ pub struct Job {
     /// Unix milliseconds when accepted.
     pub created_at: i64,
     pub attempts: u32,
+    /// Its destination sends [`Job::text`] as it is (decided once, at submit, while the tree
+    /// was there: see `Destination::sends_stored`), so the job waits without its tree and is
+    /// never parsed again. False for a job fresh from the store.
+    pub as_stored: bool,
 }
 
 impl Job {

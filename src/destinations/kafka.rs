@@ -47,8 +47,10 @@ impl Destination for KafkaDest {
             let producer = self.producer.as_ref().map_err(|e| {
                 DeliveryError::Permanent(format!("cannot create the Kafka producer: {e}"))
             })?;
-            let payload = super::message_of(job)?.to_string();
-            let mut record = FutureRecord::to(&self.topic).payload(&payload);
+            super::message_of(job)?;
+            // The stored text is the message's compact JSON, what `to_string` would write.
+            let payload = job.body();
+            let mut record = FutureRecord::to(&self.topic).payload(&payload[..]);
             if let Some(k) = &job.target.key {
                 record = record.key(k);
             }
@@ -72,6 +74,10 @@ impl Destination for KafkaDest {
                 }
             }
         })
+    }
+
+    fn sends_stored(&self, job: &Job) -> bool {
+        job.message().is_some()
     }
 
     fn pace_key(&self, _job: &Job) -> Option<String> {

@@ -75,6 +75,13 @@ pub trait Destination: Send + Sync {
             ))
         })
     }
+    /// True when this destination sends `job`'s stored text ([`Job::body`]) as it is and
+    /// never reads its message as a tree. Asked once, when the job is submitted and its tree is
+    /// still there; such a job then waits and goes out without the tree ([`Job::as_stored`]):
+    /// a backlog holds bytes, and nothing is parsed twice.
+    fn sends_stored(&self, _job: &Job) -> bool {
+        false
+    }
     /// True when the destination's rate limit holds per target ([`Destination::pace_key`])
     /// rather than for the destination as a whole (the Slack Web API: 1 message/s per channel).
     fn paced_per_target(&self) -> bool {

@@ -29,16 +29,36 @@ impl Destination for SlackWebhook {
             let req = self
                 .endpoint
                 .json_request(&self.client, reqwest::Method::POST, self.timeout);
+            if job.as_stored {
+                return self.post(req.body(job.body())).await;
+            }
             let req = match prepare_message(job)? {
                 // Unchanged: the text written when the job was stored, not a new serialisation.
                 Cow::Borrowed(_) => req.body(job.body()),
                 Cow::Owned(m) => req.body(m.to_string()),
             };
-            let resp = req.send().await.map_err(|e| classify_transport(&e))?;
-            let a = super::read_answer(resp, super::ANSWER_LIMIT).await?;
-            classify_status(a.status, &a.headers, &a.body)?;
-            webhook_answer(&a.body, a.truncated).map(|()| Vec::new())
+            self.post(req).await
         })
+    }
+
+    /// A message without a thread that fits Slack's limits goes out as its stored text.
+    fn sends_stored(&self, job: &Job) -> bool {
+        job.target.thread_ts.is_none()
+            && job.target.identity.is_none()
+            && job.message().is_some_and(crate::render::blockkit::fits)
+    }
+}
+
+impl SlackWebhook {
+    /// Sends one prepared request and classifies Slack's answer.
+    async fn post(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Vec<crate::outbox::NewJob>, DeliveryError> {
+        let resp = req.send().await.map_err(|e| classify_transport(&e))?;
+        let a = super::read_answer(resp, super::ANSWER_LIMIT).await?;
+        classify_status(a.status, &a.headers, &a.body)?;
+        webhook_answer(&a.body, a.truncated).map(|()| Vec::new())
     }
 }
 

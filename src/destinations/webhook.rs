@@ -47,4 +47,9 @@ impl Destination for Webhook {
             classify_status(a.status, &a.headers, &a.body).map(|()| Vec::new())
         })
     }
+
+    /// The body is the stored text; only header templates read the message.
+    fn sends_stored(&self, job: &Job) -> bool {
+        self.headers.is_empty() && job.message().is_some()
+    }
 }

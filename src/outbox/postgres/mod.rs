@@ -778,6 +778,7 @@ impl PgStore {
                 secret: false,
                 created_at: now,
                 attempts: 0,
+                as_stored: false,
             });
         }
         tx.commit().await.map_err(pg)?;
@@ -962,6 +963,7 @@ fn job_row(r: &Row) -> Job {
         secret: r.get(6),
         created_at: r.get(7),
         attempts: r.get::<_, i32>(8).max(0) as u32,
+        as_stored: false,
     }
 }
 

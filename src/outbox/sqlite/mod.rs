@@ -411,6 +411,7 @@ impl Store for SqliteStore {
                     secret: r.get::<_, i64>(6)? != 0,
                     created_at: r.get(7)?,
                     attempts: r.get::<_, i64>(8)? as u32,
+                    as_stored: false,
                 })
             })?;
             rows.collect()

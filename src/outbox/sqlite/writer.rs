@@ -430,6 +430,7 @@ fn apply_tx(
                         secret: false,
                         created_at: now,
                         attempts: 0,
+                        as_stored: false,
                     });
                 }
                 added += done.jobs.len() as isize;
