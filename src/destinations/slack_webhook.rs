@@ -95,3 +95,45 @@ pub(super) fn webhook_answer(body: &str, truncated: bool) -> Result<(), Delivery
         retry_after: None,
     })
 }
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+    use crate::job::{NewJob, Payload, Target};
+    use serde_json::json;
+
+    fn job(message: serde_json::Value, thread_ts: Option<&str>) -> Job {
+        NewJob {
+            destination: "d".into(),
+            rule: "r".into(),
+            event_id: "e".into(),
+            target: Target {
+                thread_ts: thread_ts.map(str::to_string),
+                ..Target::default()
+            },
+            payload: Payload::Message(message.clone()),
+            secret: false,
+            throttle: None,
+            error: None,
+        }
+        .stored(1, message.to_string(), 0)
+    }
+
+    /// Only a message that goes out exactly as stored skips its tree: one that needs cutting to
+    /// Slack's limits, or a thread reply (which gains `thread_ts`), keeps it.
+    #[test]
+    fn sent_as_stored_only_when_nothing_changes_on_the_way() {
+        let dest = SlackWebhook {
+            endpoint: Endpoint::new(&crate::config::secret::Secret::new(
+                "http://127.0.0.1:9/hook",
+            )),
+            client: reqwest::Client::new(),
+            timeout: Duration::from_secs(1),
+        };
+        let fits = json!({"text": "hi", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "*x*"}}]});
+        assert!(dest.sends_stored(&job(fits.clone(), None)));
+        assert!(!dest.sends_stored(&job(fits, Some("1700000000.000100"))));
+        let long = json!({"text": "hi", "blocks": [{"type": "header", "text": {"type": "plain_text", "text": "H".repeat(200)}}]});
+        assert!(!dest.sends_stored(&job(long, None)));
+    }
+}
