@@ -518,8 +518,18 @@ impl Job {
         }
     }
 
-    /// Parses a compacted message again (no-op otherwise).
+    /// Drops the message's tree for good: its destination sends [`Job::text`] as it is
+    /// ([`Job::as_stored`]), so [`Job::expand`] leaves it as it is.
+    pub fn keep_as_stored(&mut self) {
+        self.as_stored = true;
+        self.compact();
+    }
+
+    /// Parses a compacted message again (no-op otherwise, and for a job kept as stored).
     pub fn expand(&mut self) {
+        if self.as_stored {
+            return;
+        }
         if matches!(self.payload, Payload::Message(Value::Null)) && !self.text.is_empty() {
             self.payload =
                 Payload::Message(serde_json::from_slice(&self.text).unwrap_or(Value::Null));

@@ -231,9 +231,7 @@ impl Deliverer {
                     st.queued
                 };
                 if !job.text.is_empty() && w.dest.sends_stored(&job) {
-                    // Sent as its stored text: the tree is not needed again.
-                    job.as_stored = true;
-                    job.compact();
+                    job.keep_as_stored();
                 } else if queued > COMPACT_AFTER.max(2 * u64::from(w.cfg.concurrency)) {
                     // Past what the destination can have in flight, the job will wait: it
                     // waits as its bytes, and is parsed again when its turn comes.
@@ -247,9 +245,8 @@ impl Deliverer {
             match worker {
                 Some(w) => {
                     let id = job.id;
-                    // Made here, not inside the task: the task then holds the job once.
-                    // Boxed as it is made, so the task holds it once (an async block would
-                    // keep the future it captured beside the one it awaits).
+                    // Made and boxed here, not inside the task: an async block would keep
+                    // the future it captured beside the one it awaits, and the job twice.
                     let attempt = Box::pin(
                         std::panic::AssertUnwindSafe(run(
                             inner.clone(),
@@ -623,9 +620,8 @@ fn run(
             .build();
         // Its turn and its window, when it has to wait for them (boxed: only such jobs carry
         // that state while they wait).
-        let keyed =
-            turn.is_some() || (inner.outbox.fleet().is_some() && job.target.identity.is_some());
-        if keyed || job.target.hold_until.is_some() {
+        // (`turn` is set for every keyed job, also the ones a fleet orders.)
+        if turn.is_some() || job.target.hold_until.is_some() {
             let wait = Box::pin(turn_and_window(
                 &inner,
                 &w,
@@ -742,11 +738,9 @@ async fn attempt(
     permit: tokio::sync::SemaphorePermit<'_>,
     attempts: &mut u32,
 ) -> Next {
-    // Its turn: the message as a tree again, if it waited compacted and is not sent as
-    // its stored text.
-    if !job.as_stored {
-        job.expand();
-    }
+    // Its turn: the message as a tree again, if it waited compacted (not when it is sent as
+    // its stored text).
+    job.expand();
     let attempt = Counted::in_flight(w);
     let started = Instant::now();
     let mut result = match &job.target.identity {
